@@ -1,0 +1,277 @@
+"""Generate the CustomResourceDefinitions in `crds/` from the pydantic models.
+
+Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: no $refs,
+no `anyOf` of types, boolean exclusive bounds, no `additionalProperties: false`. `structural_schema`
+converts one into the other; `custom_resource_definitions` adds names, printer columns and the
+status subresource.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from dptrain_api.common import API_GROUP, API_VERSION
+from dptrain_api.dataset import PrivateDataset, PrivateDatasetSpec, PrivateDatasetStatus
+from dptrain_api.job import DPTrainingJob, DPTrainingJobSpec, DPTrainingJobStatus
+
+_DROPPED_KEYS = {"title", "examples", "$defs"}
+_RULES = "x-kubernetes-validations"
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    name: str
+    json_path: str
+    type: str
+    description: str
+    priority: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        column: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "jsonPath": self.json_path,
+            "description": self.description,
+        }
+        if self.priority:
+            column["priority"] = self.priority
+        return column
+
+
+@dataclass(frozen=True)
+class ResourceDefinition:
+    """What Kubernetes needs to serve one kind, besides its schema."""
+
+    model: type[BaseModel]
+    spec_model: type[BaseModel]
+    status_model: type[BaseModel]
+    plural: str
+    short_names: tuple[str, ...]
+    printer_columns: tuple[PrinterColumn, ...]
+    categories: tuple[str, ...] = ("dptrain",)
+    extra_required: tuple[str, ...] = field(default=())
+
+    @property
+    def kind(self) -> str:
+        return str(self.model.model_fields["kind"].default)
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{API_GROUP}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{API_GROUP}_{self.plural}.yaml"
+
+
+_AGE = PrinterColumn("Age", ".metadata.creationTimestamp", "date", "Time since creation")
+
+RESOURCES: tuple[ResourceDefinition, ...] = (
+    ResourceDefinition(
+        model=DPTrainingJob,
+        spec_model=DPTrainingJobSpec,
+        status_model=DPTrainingJobStatus,
+        plural="dptrainingjobs",
+        short_names=("dptj",),
+        printer_columns=(
+            PrinterColumn("Phase", ".status.phase", "string", "Pending, Running, Succeeded, Failed or Suspended"),
+            PrinterColumn("Epsilon", ".status.privacy.epsilonSpent", "number", "Privacy spent so far (ε)"),
+            PrinterColumn("Target", ".spec.privacy.targetEpsilon", "number", "Privacy budget of the job (ε)"),
+            PrinterColumn("Progress", ".status.progress.percent", "string", "Training steps done"),
+            PrinterColumn("Loss", ".status.progress.loss", "number", "Latest training loss", priority=1),
+            PrinterColumn("Dataset", ".spec.dataset.datasetRef.name", "string", "PrivateDataset charged", priority=1),
+            _AGE,
+        ),
+    ),
+    ResourceDefinition(
+        model=PrivateDataset,
+        spec_model=PrivateDatasetSpec,
+        status_model=PrivateDatasetStatus,
+        plural="privatedatasets",
+        short_names=("pds",),
+        printer_columns=(
+            PrinterColumn("Budget", ".spec.budget.epsilon", "number", "Total privacy budget (ε)"),
+            PrinterColumn("Spent", ".status.epsilonSpent", "number", "ε committed by finished jobs"),
+            PrinterColumn("Reserved", ".status.epsilonReserved", "number", "ε held by running jobs"),
+            PrinterColumn("Remaining", ".status.epsilonRemaining", "number", "ε still available"),
+            _AGE,
+        ),
+    ),
+)
+
+
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema as a Kubernetes structural schema (every $ref inlined)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    converted: dict[str, Any] = _convert(raw, raw.get("$defs", {}))
+    return converted
+
+
+def _convert(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_convert(item, definitions) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = definitions[node.pop("$ref").rsplit("/", 1)[-1]]
+        # Sibling keys (description, default) override the referenced definition's own; rules add up.
+        rules = target.get(_RULES, []) + node.get(_RULES, [])
+        node = {**target, **node}
+        if rules:
+            node[_RULES] = rules
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = {**node.pop("allOf")[0], **node}
+        return _convert(node, definitions)
+    if "anyOf" in node:
+        node = _collapse_any_of(node, definitions)
+    result: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key == "additionalProperties":
+            if value is True:
+                result["x-kubernetes-preserve-unknown-fields"] = True
+            elif isinstance(value, dict):
+                result[key] = _convert(value, definitions)
+            continue  # `false` (extra="forbid"): the server prunes; strict field validation refuses.
+        if key == "const":
+            result["enum"] = [value]
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            result["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            result[key] = True
+            continue
+        if key == "default":
+            if value is not None:
+                # An object default is `{}`: the nested defaults fill it in, so each is stated once.
+                result[key] = {} if isinstance(value, dict) else value
+            continue
+        if key == "properties":
+            result[key] = {name: _convert(sub, definitions) for name, sub in value.items()}
+            continue
+        result[key] = _convert(value, definitions)
+    if result.get("type") == "object" and "properties" not in result and "additionalProperties" not in result:
+        result["x-kubernetes-preserve-unknown-fields"] = True
+    if "enum" in result and "type" not in result:
+        result["type"] = _json_type(result["enum"][0])
+    return result
+
+
+def _collapse_any_of(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
+    options = node.pop("anyOf")
+    non_null = [option for option in options if option.get("type") != "null"]
+    nullable = len(non_null) < len(options)
+    types = sorted(option.get("type", "") for option in non_null)
+    if len(non_null) == 1:
+        merged = {**_convert(non_null[0], definitions), **node}
+        if nullable:
+            merged["nullable"] = True
+        return merged
+    if types == ["integer", "string"]:
+        merged = {**node, "x-kubernetes-int-or-string": True}
+        if nullable:
+            merged["nullable"] = True
+        return merged
+    raise ValueError(f"cannot express anyOf {options} in a structural schema")
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "string"
+
+
+def custom_resource_definition(resource: ResourceDefinition) -> dict[str, Any]:
+    spec_schema = structural_schema(resource.spec_model)
+    status_schema = structural_schema(resource.status_model)
+    model_doc = (resource.model.__doc__ or "").strip()
+    kind = resource.kind
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": resource.crd_name,
+            "labels": {"app.kubernetes.io/part-of": "dptrain"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": resource.plural,
+                "singular": kind.lower(),
+                "shortNames": list(resource.short_names),
+                "categories": list(resource.categories),
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [column.to_wire() for column in resource.printer_columns],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": model_doc,
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "dptrain.io/v1alpha1"},
+                                "kind": {"type": "string", "description": kind},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `dptrain-crdgen` from api/src/dptrain_api. Do not edit: change the models and regenerate.\n"
+
+
+def render(resource: ResourceDefinition) -> str:
+    body = yaml.safe_dump(custom_resource_definition(resource), sort_keys=False, allow_unicode=True, width=120)
+    return HEADER + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the dptrain CRDs generated from the API models.")
+    parser.add_argument("--out", type=Path, default=Path("crds"), help="output folder (default: crds)")
+    parser.add_argument("--check", action="store_true", help="fail if the files on disk differ (drift check)")
+    args = parser.parse_args(argv)
+    stale = []
+    for resource in RESOURCES:
+        path = args.out / resource.file_name
+        text = render(resource)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    if stale:
+        print(f"out of date (run `make crds`): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

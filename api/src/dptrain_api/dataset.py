@@ -1,0 +1,172 @@
+"""PrivateDataset: a sensitive dataset, its public metadata and its total privacy budget."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
+from dptrain_api.common import GROUP_VERSION, BuiltinDataset, Condition, ObjectMeta, ResourceName
+
+
+class FeatureColumn(ApiModel):
+    """A feature column and its PUBLIC bounds: values are clipped to [min, max] and scaled to [0, 1].
+
+    Bounds must come from public knowledge (a clinical range), never from the data itself,
+    or the preprocessing would leak outside the privacy budget.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [kubernetes_rule("self.min < self.max", "min must be below max")]
+        }
+    )
+
+    name: Annotated[str, Field(min_length=1)]
+    """Column name in the file."""
+    min: float
+    """Public lower bound."""
+    max: float
+    """Public upper bound."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FeatureColumn:
+        if not self.min < self.max:
+            raise ValueError(f"feature {self.name!r}: min must be below max")
+        return self
+
+
+class FileSource(ApiModel):
+    """A CSV or Parquet file on a PersistentVolumeClaim."""
+
+    claim_name: ResourceName
+    """PersistentVolumeClaim holding the file (mounted read-only into trainer pods)."""
+    path: Annotated[str, Field(min_length=1, pattern=r"^[^/].*$")]
+    """Path of the file inside the claim (relative). With `dptrain run`, relative to the manifest's folder."""
+    format: Literal["csv", "parquet"] = "csv"
+    """File format."""
+    label_column: Annotated[str, Field(min_length=1)]
+    """Column holding the integer class label (0 .. numClasses-1)."""
+    features: Annotated[list[FeatureColumn], Field(min_length=1)]
+    """Feature columns with their public bounds; other columns are ignored."""
+    num_classes: Annotated[int, Field(ge=2, le=10000)] = 2
+    """Number of classes of the label."""
+
+
+class DatasetSource(ApiModel):
+    """Where the data lives: exactly one of `builtin` or `file`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "has(self.builtin) != has(self.file)", "set exactly one of source.builtin or source.file"
+                )
+            ]
+        }
+    )
+
+    builtin: BuiltinDataset | None = None
+    """A built-in dataset that ships with the trainer."""
+    file: FileSource | None = None
+    """A CSV or Parquet file on a PersistentVolumeClaim."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DatasetSource:
+        if (self.builtin is None) == (self.file is None):
+            raise ValueError("set exactly one of source.builtin or source.file")
+        return self
+
+
+class PrivacyBudget(ApiModel):
+    """The total privacy loss the custodian allows for all jobs on this dataset together."""
+
+    epsilon: Annotated[float, Field(gt=0, le=100)]
+    """Total ε for all jobs together, composed tightly (PLD), not summed."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    """Total δ at which the composed ε is measured."""
+
+
+class PrivateDatasetSpec(ApiModel):
+    """A sensitive dataset and its privacy budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "!has(self.source.file) || has(self.numExamples)",
+                    "numExamples is required for file sources (public metadata the plan depends on)",
+                    field_path=".numExamples",
+                )
+            ]
+        }
+    )
+
+    source: Annotated[DatasetSource, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    """Where the data lives (immutable)."""
+    num_examples: Annotated[int, Field(ge=1)] | None = None
+    """PUBLIC number of records (before the eval split). The plan uses it; the trainer refuses data of another size.
+    Required for file sources."""
+    budget: PrivacyBudget
+    """Total privacy budget."""
+
+    @model_validator(mode="after")
+    def _file_needs_size(self) -> PrivateDatasetSpec:
+        if self.source.file is not None and self.num_examples is None:
+            raise ValueError("numExamples is required for file sources (public metadata the plan depends on)")
+        return self
+
+
+class LedgerEntry(ApiModel):
+    """One job's charge against the dataset: a Poisson-subsampled Gaussian mechanism."""
+
+    job_name: str
+    """DPTrainingJob name."""
+    job_uid: str
+    """DPTrainingJob UID."""
+    noise_multiplier: float
+    """σ."""
+    sample_rate: float
+    """q."""
+    steps: int
+    """Steps charged (reserved: planned; committed: proven to have run, crashed attempts included)."""
+    state: Literal["Reserved", "Committed"]
+    """Reserved while the job may still run; Committed once final."""
+    epsilon: float | None = None
+    """This entry alone, at the budget's δ (for reading; the total is composed tightly)."""
+    time: datetime | None = None
+    """When the entry was last changed."""
+
+
+class PrivateDatasetStatus(ApiModel):
+    """The privacy ledger, written by the operator."""
+
+    epsilon_spent: float | None = None
+    """ε of all committed entries composed."""
+    epsilon_reserved: float | None = None
+    """ε of committed plus reserved entries composed, minus epsilonSpent."""
+    epsilon_remaining: float | None = None
+    """budget.epsilon minus the composed ε of all entries."""
+    ledger: list[LedgerEntry] = Field(default_factory=list)
+    """Every job ever charged. Entries are never removed."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Standard conditions."""
+    observed_generation: int | None = None
+    """The .metadata.generation last reconciled."""
+
+
+class PrivateDataset(ApiModel):
+    """A sensitive dataset registered with a total privacy budget; jobs that would exceed it are refused."""
+
+    KIND: ClassVar[str] = "PrivateDataset"
+
+    api_version: Literal["dptrain.io/v1alpha1"] = GROUP_VERSION  # type: ignore[assignment]
+    kind: Literal["PrivateDataset"] = "PrivateDataset"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: PrivateDatasetSpec
+    status: PrivateDatasetStatus | None = None

@@ -1,0 +1,306 @@
+"""DPTrainingJob: one differentially private training run (DP-SGD with Poisson sampling)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
+from dptrain_api.common import (
+    GROUP_VERSION,
+    BuiltinDataset,
+    Condition,
+    LocalObjectReference,
+    ObjectMeta,
+    Quantity,
+    Toleration,
+)
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Accountant(StrEnum):
+    """Privacy accountants that give a valid upper bound on ε. GDP is refused: it can under-report."""
+
+    PLD = "pld"
+    PRV = "prv"
+    RDP = "rdp"
+
+
+class JobPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class DatasetSpec(ApiModel):
+    """Which data to train on: exactly one of `builtin` or `datasetRef`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "has(self.builtin) != has(self.datasetRef)",
+                    "set exactly one of dataset.builtin or dataset.datasetRef",
+                )
+            ]
+        }
+    )
+
+    builtin: BuiltinDataset | None = None
+    """A built-in dataset that ships with the trainer: flchain, breast-cancer or digits."""
+    dataset_ref: LocalObjectReference | None = None
+    """A PrivateDataset in the same namespace; its privacy budget is charged for this job."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DatasetSpec:
+        if (self.builtin is None) == (self.dataset_ref is None):
+            raise ValueError("set exactly one of dataset.builtin or dataset.datasetRef")
+        return self
+
+
+class ModelSpec(ApiModel):
+    """The network to train."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "(has(self.architecture) && self.architecture == 'custom') == has(self.factory)",
+                    "model.factory is required when architecture is custom, and only then",
+                    field_path=".factory",
+                )
+            ]
+        }
+    )
+
+    architecture: Literal["logistic", "mlp", "cnn", "custom"] = "mlp"
+    """logistic (linear), mlp, cnn (for image datasets such as digits) or custom (see factory)."""
+    hidden_sizes: Annotated[list[PositiveInt], Field(max_length=8)] = Field(default=[64])
+    """mlp only: width of each hidden layer."""
+    channels: Annotated[list[PositiveInt], Field(min_length=1, max_length=6)] = Field(default=[16, 32])
+    """cnn only: output channels of each convolution block."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Hidden activation. tanh is the usual choice under DP-SGD (bounded activations clip better)."""
+    factory: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
+    """custom only: `module:function` returning a torch.nn.Module, called with
+    (num_features, num_classes, input_shape, **factoryArgs)."""
+    factory_args: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """custom only: keyword arguments passed to the factory."""
+    pretrained_weights: Annotated[str, Field(min_length=1)] | None = None
+    """Path (or file:// URI) of PUBLIC pretrained weights (a torch state_dict) to start from. Never private data."""
+
+    @model_validator(mode="after")
+    def _factory_iff_custom(self) -> ModelSpec:
+        if (self.architecture == "custom") != (self.factory is not None):
+            raise ValueError("model.factory is required when architecture is custom, and only then")
+        return self
+
+
+class PrivacySpec(ApiModel):
+    """The differential-privacy guarantee to enforce. Immutable after creation."""
+
+    target_epsilon: Annotated[float, Field(gt=0, le=100)]
+    """Privacy budget ε for the whole job; the smallest noise that keeps the final ε at or below it is used."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    """δ of the (ε, δ) guarantee. Must be below 1/number of training examples."""
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Per-example gradient clipping bound C (L2 norm)."""
+    accountant: Accountant = Accountant.PLD
+    """pld (tightest, Google dp_accounting), prv (Opacus) or rdp (looser). All give valid upper bounds."""
+    noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    """Fix σ instead of calibrating it; the job is refused if the planned ε would exceed targetEpsilon."""
+
+
+class TrainingSpec(ApiModel):
+    """The optimisation plan. Immutable after creation: it fixes the sample rate and step count."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "!has(self.maxPhysicalBatchSize) || self.maxPhysicalBatchSize <= self.batchSize",
+                    "maxPhysicalBatchSize must be at most batchSize",
+                    field_path=".maxPhysicalBatchSize",
+                )
+            ]
+        }
+    )
+
+    epochs: Annotated[float, Field(gt=0, le=10000)] = 10.0
+    """Passes over the training data (fractions allowed); steps = ceil(epochs / sampleRate)."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Expected logical batch size. Batches are Poisson-sampled with rate batchSize / training examples."""
+    max_physical_batch_size: Annotated[int, Field(ge=1)] | None = None
+    """Largest micro-batch held in memory at once; logical batches are split to fit. Defaults to batchSize."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Optimizer applied to the noised gradients."""
+    learning_rate: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """Learning rate."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """sgd only: momentum."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """L2 weight decay."""
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """Share of the examples held out for evaluation (not trained on; eval metrics are not DP)."""
+    seed: Annotated[int, Field(ge=0)] | None = None
+    """Random seed for the split and initialisation. Noise always comes from a fresh system source."""
+
+    @model_validator(mode="after")
+    def _physical_fits_logical(self) -> TrainingSpec:
+        if self.max_physical_batch_size is not None and self.max_physical_batch_size > self.batch_size:
+            raise ValueError("maxPhysicalBatchSize must be at most batchSize")
+        return self
+
+    @property
+    def physical_batch_size(self) -> int:
+        return self.max_physical_batch_size or self.batch_size
+
+
+class ResourcesSpec(ApiModel):
+    """Compute for each trainer pod."""
+
+    cpu: Quantity = "1"
+    """CPU request and limit. The trainer uses exactly this many threads (oversubscription is very slow)."""
+    memory: Quantity = "2Gi"
+    """Memory request and limit."""
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """NVIDIA GPUs (nvidia.com/gpu limit)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the trainer pod must match."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the trainer pod tolerates."""
+    priority_class_name: str | None = None
+    """PriorityClass of the trainer pod."""
+
+
+class CheckpointSpec(ApiModel):
+    """Where checkpoints and the write-ahead privacy journal live."""
+
+    volume: Literal["persistentVolumeClaim", "emptyDir"] = "persistentVolumeClaim"
+    """persistentVolumeClaim survives pod restarts (resume, and crashed steps stay charged). emptyDir does not."""
+    size: Quantity = "1Gi"
+    """Size of the claim."""
+    storage_class_name: str | None = None
+    """StorageClass of the claim; the cluster default when empty."""
+    every_steps: Annotated[int, Field(ge=1, le=100000)] = 50
+    """Steps between checkpoints. The journal charges a whole chunk before it runs."""
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines, clean-up and suspension (Kueue-compatible)."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Retries after a trainer pod fails; each retry resumes from the last checkpoint."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the job (DeadlineExceeded) after this long running."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the finished DPTrainingJob this long after it succeeds or fails."""
+    suspend: bool = False
+    """true deletes the trainer pod and keeps the checkpoint; false resumes."""
+
+
+class DPTrainingJobSpec(ApiModel):
+    """What to train, with which privacy guarantee, on which resources."""
+
+    dataset: Annotated[DatasetSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    """The data to train on (immutable)."""
+    model: Annotated[ModelSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = ModelSpec()
+    """The network to train (immutable)."""
+    privacy: Annotated[PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    """The (ε, δ) guarantee and DP-SGD parameters (immutable)."""
+    training: Annotated[TrainingSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = TrainingSpec()
+    """Epochs, batch sizes, optimizer (immutable)."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """CPU, memory, GPUs and placement of trainer pods."""
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    """Checkpoint and privacy-journal storage."""
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """Trainer image override; the operator's default otherwise."""
+    run_policy: RunPolicy = RunPolicy()
+    """Retries, deadline, TTL and suspension."""
+
+
+class PrivacyStatus(ApiModel):
+    """The privacy spent so far, a valid upper bound for every step that ran (crashed attempts included)."""
+
+    epsilon_spent: float | None = None
+    """ε spent so far at delta, by the job's accountant."""
+    target_epsilon: float | None = None
+    """The job's ε budget."""
+    delta: float | None = None
+    """δ of the guarantee."""
+    noise_multiplier: float | None = None
+    """σ: Gaussian noise standard deviation relative to maxGradNorm."""
+    sample_rate: float | None = None
+    """Poisson sampling rate q = batchSize / training examples."""
+    steps: int | None = None
+    """Steps charged so far."""
+    planned_steps: int | None = None
+    """Steps in the plan."""
+    accountant: Accountant | None = None
+    """Accountant that computed epsilonSpent."""
+
+
+class ProgressStatus(ApiModel):
+    """Training progress, refreshed from the trainer's metrics while it runs."""
+
+    step: int | None = None
+    """Steps completed."""
+    total_steps: int | None = None
+    """Steps in the plan."""
+    epoch: float | None = None
+    """Epochs completed (fractional)."""
+    loss: float | None = None
+    """Latest training loss (not differentially private)."""
+    eval_metric: str | None = None
+    """Name of the evaluation metric (accuracy or auc)."""
+    eval_value: float | None = None
+    """Latest evaluation metric on the held-out split (not differentially private)."""
+    percent: str | None = None
+    """Progress as a percentage string, for kubectl get."""
+    last_update_time: datetime | None = None
+    """When progress was last refreshed."""
+
+
+class DPTrainingJobStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    phase: JobPhase | None = None
+    """Pending, Running, Succeeded, Failed or Suspended."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Standard conditions (Admitted, Running, Succeeded, Failed, Suspended)."""
+    privacy: PrivacyStatus | None = None
+    """Privacy spent so far."""
+    progress: ProgressStatus | None = None
+    """Training progress."""
+    attempts: int | None = None
+    """Trainer pods started so far (1 + retries)."""
+    start_time: datetime | None = None
+    """When the first trainer pod was created."""
+    completion_time: datetime | None = None
+    """When the job succeeded or failed."""
+    observed_generation: int | None = None
+    """The .metadata.generation last reconciled."""
+
+
+class DPTrainingJob(ApiModel):
+    """A differentially private training job: DP-SGD on sensitive data with an (ε, δ) guarantee."""
+
+    KIND: ClassVar[str] = "DPTrainingJob"
+
+    api_version: Literal["dptrain.io/v1alpha1"] = GROUP_VERSION  # type: ignore[assignment]
+    kind: Literal["DPTrainingJob"] = "DPTrainingJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: DPTrainingJobSpec
+    status: DPTrainingJobStatus | None = None
