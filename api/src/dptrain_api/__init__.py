@@ -3,6 +3,7 @@
 from dptrain_api.common import (
     API_GROUP,
     API_VERSION,
+    BUILTIN_DATASET_SIZES,
     GROUP_VERSION,
     BuiltinDataset,
     Condition,
@@ -49,6 +50,7 @@ from dptrain_api.manifests import (
 __all__ = [
     "API_GROUP",
     "API_VERSION",
+    "BUILTIN_DATASET_SIZES",
     "GROUP_VERSION",
     "Accountant",
     "BuiltinDataset",

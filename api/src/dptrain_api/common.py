@@ -61,6 +61,15 @@ class BuiltinDataset(StrEnum):
     DIGITS = "digits"
 
 
+# Public facts the privacy plan depends on: the operator plans (and reserves budget) from them without
+# loading any data, and the trainer refuses to start if the data it loads has another size.
+BUILTIN_DATASET_SIZES: dict[BuiltinDataset, int] = {
+    BuiltinDataset.FLCHAIN: 7874,
+    BuiltinDataset.BREAST_CANCER: 569,
+    BuiltinDataset.DIGITS: 1797,
+}
+
+
 class ObjectMeta(ApiModel):
     """The subset of Kubernetes object metadata dptrain reads; other metadata fields pass through."""
 

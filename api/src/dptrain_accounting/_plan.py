@@ -1,0 +1,98 @@
+"""The privacy plan of a training job, computed identically by the operator (to reserve budget) and
+the trainer (to run): training-set size, Poisson sample rate, step count and noise multiplier."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._accountants import compute_epsilon
+from ._calibration import calibrate_noise_multiplier
+from ._errors import AccountingError
+from ._mechanism import MechanismSegment, plan_steps
+
+__all__ = ["MechanismPlan", "PlanError", "plan_mechanism", "training_set_size"]
+
+
+class PlanError(AccountingError, ValueError):
+    """The job cannot be planned as written (its message says what to change)."""
+
+
+def training_set_size(num_examples: int, eval_fraction: float) -> int:
+    """Examples left for training after holding out ``floor(num_examples * eval_fraction)`` for evaluation.
+
+    A pure function of public numbers: the sample rate (hence ε) must not depend on the data.
+    """
+    if num_examples <= 0:
+        raise PlanError(f"the dataset must have at least one example, got {num_examples}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise PlanError(f"evalFraction must be in [0, 1), got {eval_fraction}")
+    return num_examples - math.floor(num_examples * eval_fraction)
+
+
+@dataclass(frozen=True)
+class MechanismPlan:
+    """What a job will spend: ``steps`` Poisson-subsampled Gaussian steps at (σ, q), and its ε at δ."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    train_size: int
+    delta: float
+    target_epsilon: float
+    accountant: str
+    epsilon: float
+
+    @property
+    def segment(self) -> MechanismSegment:
+        return MechanismSegment(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def plan_mechanism(
+    *,
+    num_examples: int,
+    eval_fraction: float,
+    batch_size: int,
+    epochs: float,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "pld",
+    noise_multiplier: float | None = None,
+) -> MechanismPlan:
+    """Plan a job: q = batch / training examples, T = ceil(epochs / q), σ minimal with ε(σ, q, T, δ) ≤ target.
+
+    With a fixed ``noise_multiplier`` the plan is refused when its ε would exceed the target.
+    """
+    train_size = training_set_size(num_examples, eval_fraction)
+    if batch_size > train_size:
+        raise PlanError(
+            f"batchSize {batch_size} exceeds the {train_size} training examples; lower training.batchSize"
+        )
+    if delta >= 1.0 / train_size:
+        raise PlanError(
+            f"delta {delta:g} must be below 1/training examples = {1.0 / train_size:.3g} "
+            "(a larger δ allows leaking a whole record); lower privacy.delta"
+        )
+    sample_rate, steps = plan_steps(dataset_size=train_size, batch_size=batch_size, epochs=epochs)
+    if noise_multiplier is None:
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
+    else:
+        sigma = noise_multiplier
+    epsilon = compute_epsilon([MechanismSegment(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+    if epsilon > target_epsilon:
+        raise PlanError(
+            f"noiseMultiplier {sigma:g} gives ε = {epsilon:.4g} over {steps} steps, above targetEpsilon "
+            f"{target_epsilon:g}; raise privacy.noiseMultiplier or remove it to calibrate"
+        )
+    return MechanismPlan(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        train_size=train_size,
+        delta=delta,
+        target_epsilon=target_epsilon,
+        accountant=accountant,
+        epsilon=epsilon,
+    )

@@ -1,0 +1,1 @@
+"""dptrain operator: turns DPTrainingJobs into trainer pods and keeps each PrivateDataset's privacy ledger."""

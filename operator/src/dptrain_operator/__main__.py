@@ -1,0 +1,3 @@
+from dptrain_operator.main import run
+
+run()

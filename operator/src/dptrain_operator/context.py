@@ -1,0 +1,16 @@
+"""What every handler needs: settings, the API wrapper, the metrics. Built once in main.run()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dptrain_operator.kube import Kube
+from dptrain_operator.metrics import OperatorMetrics
+from dptrain_operator.settings import Settings
+
+
+@dataclass(frozen=True)
+class OperatorContext:
+    settings: Settings
+    kube: Kube
+    metrics: OperatorMetrics

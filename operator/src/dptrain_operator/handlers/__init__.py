@@ -1,0 +1,58 @@
+"""kopf handlers: thin adapters from kopf's callbacks to the reconcile functions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from dptrain_api import API_GROUP, API_VERSION
+from dptrain_operator.context import OperatorContext
+from dptrain_operator.handlers.datasets import forget_dataset, reconcile_dataset
+from dptrain_operator.handlers.jobs import delete_children, reconcile_job
+
+JOBS = "dptrainingjobs"
+DATASETS = "privatedatasets"
+_log = logging.getLogger(__name__)
+
+
+def _reconcile_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    ctx: OperatorContext = memo["ctx"]
+    try:
+        state = reconcile_job(dict(body), ctx, logger)
+    except Exception:
+        ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob").inc()
+        raise
+    if state.status != (body.get("status") or {}):
+        ctx.kube.patch_job_status(state.namespace, state.name, state.status)
+    for event_type, reason, message in state.events:
+        kopf.event(body, type=event_type, reason=reason, message=message[:1024])
+    ctx.metrics.observe_job(state.uid, state.status.get("phase"))
+
+
+def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """Every handler, registered on `registry` (main.py calls this; nothing registers at import)."""
+    interval = ctx.settings.scrape_interval
+
+    def on_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        _reconcile_job(body, memo, logger)
+
+    def on_job_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        delete_children(dict(body), memo["ctx"])
+
+    def on_dataset(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        reconcile_dataset(dict(body), memo["ctx"])
+
+    def on_dataset_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        forget_dataset(dict(body), memo["ctx"])
+
+    errors = kopf.ErrorsMode.TEMPORARY
+    for decorate in (kopf.on.create, kopf.on.resume):
+        decorate(API_GROUP, API_VERSION, JOBS, registry=registry, errors=errors, backoff=2)(on_job)
+    kopf.on.update(API_GROUP, API_VERSION, JOBS, field="spec", registry=registry, errors=errors, backoff=2)(on_job)
+    kopf.timer(API_GROUP, API_VERSION, JOBS, interval=interval, registry=registry, errors=errors)(on_job)
+    kopf.on.delete(API_GROUP, API_VERSION, JOBS, registry=registry, errors=errors, backoff=2)(on_job_delete)
+    for decorate in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorate(API_GROUP, API_VERSION, DATASETS, registry=registry, errors=errors, backoff=2)(on_dataset)
+    kopf.on.delete(API_GROUP, API_VERSION, DATASETS, registry=registry, optional=True)(on_dataset_delete)

@@ -1,0 +1,184 @@
+"""Pure builders of the objects a DPTrainingJob runs as: ConfigMap, checkpoint PVC, trainer Pod.
+
+They return plain manifests (dicts), so unit tests validate them against the real Kubernetes
+schemas without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from dptrain_accounting import MechanismSegment
+from dptrain_api import DPTrainingJob, PrivateDataset
+from dptrain_operator.render.labels import (
+    ATTEMPT_LABEL,
+    checkpoint_claim_name,
+    child_metadata,
+    config_map_name,
+    pod_name,
+)
+from dptrain_operator.settings import Settings
+
+JOB_FILE = "job.yaml"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TRAINER_CONTAINER = "trainer"
+
+
+def job_config_map(job: DPTrainingJob, dataset: PrivateDataset | None) -> dict[str, Any]:
+    """The manifest the trainer runs: the job, plus the PrivateDataset its datasetRef names."""
+    documents = [_spec_only(job.to_wire())]
+    if dataset is not None:
+        documents.append(_spec_only(dataset.to_wire()))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(job, config_map_name(job.metadata.name or "")),
+        "data": {JOB_FILE: yaml.safe_dump_all(documents, sort_keys=False)},
+    }
+
+
+def _spec_only(document: dict[str, Any]) -> dict[str, Any]:
+    metadata = document.get("metadata", {})
+    return {
+        "apiVersion": document["apiVersion"],
+        "kind": document["kind"],
+        "metadata": {key: metadata[key] for key in ("name", "namespace", "uid") if key in metadata},
+        "spec": document["spec"],
+    }
+
+
+def checkpoint_claim(job: DPTrainingJob) -> dict[str, Any]:
+    """ReadWriteOnce claim for checkpoints and the privacy journal; it outlives pods (resume after failure)."""
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(job.spec.checkpoint.size)}},
+    }
+    if job.spec.checkpoint.storage_class_name:
+        spec["storageClassName"] = job.spec.checkpoint.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": child_metadata(job, checkpoint_claim_name(job.metadata.name or "")),
+        "spec": spec,
+    }
+
+
+def trainer_pod(
+    job: DPTrainingJob,
+    *,
+    attempt: int,
+    mechanism: MechanismSegment,
+    dataset: PrivateDataset | None,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The trainer pod of one attempt. Locked down: it reads patient data, so it gets no API token,
+    no root, no writable root filesystem, no capabilities and no privilege escalation."""
+    name = job.metadata.name or ""
+    resources = job.spec.resources
+    limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
+    if resources.gpus > 0:
+        limits["nvidia.com/gpu"] = str(resources.gpus)
+    volumes: list[dict[str, Any]] = [
+        {"name": "job-config", "configMap": {"name": config_map_name(name)}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
+        _checkpoint_volume(job),
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "job-config", "mountPath": settings.job_config_mount_path, "readOnly": True},
+        {"name": "scratch", "mountPath": settings.scratch_mount_path},
+        {"name": "checkpoint", "mountPath": settings.checkpoint_mount_path},
+    ]
+    if dataset is not None and dataset.spec.source.file is not None:
+        claim = dataset.spec.source.file.claim_name
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": settings.data_mount_path, "readOnly": True})
+    cpu_limit = {"resourceFieldRef": {"containerName": TRAINER_CONTAINER, "resource": "limits.cpu", "divisor": "1"}}
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # The metrics server binds to the pod IP only (not 0.0.0.0): nothing else in the pod listens.
+        {"name": "DPTRAIN_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # Threads = CPU limit, never more: oversubscribed OpenMP made small DP steps ~50x slower.
+        {"name": "OMP_NUM_THREADS", "valueFrom": cpu_limit},
+        {"name": "DPTRAIN_CPU_LIMIT", "valueFrom": cpu_limit},
+        {"name": "DPTRAIN_JOB_NAME", "value": name},
+        {"name": "DPTRAIN_JOB_NAMESPACE", "value": job.metadata.namespace or "default"},
+        {"name": "DPTRAIN_JOB_UID", "value": job.metadata.uid or ""},
+        {"name": "DPTRAIN_ATTEMPT", "value": str(attempt)},
+        {"name": "DPTRAIN_RESERVED_MECHANISM", "value": json.dumps(mechanism.to_dict())},
+        {"name": "HOME", "value": settings.scratch_mount_path},
+        {"name": "MPLCONFIGDIR", "value": settings.scratch_mount_path},
+    ]
+    command = [
+        "dptrain",
+        "run",
+        f"{settings.job_config_mount_path}/{JOB_FILE}",
+        "--output",
+        settings.checkpoint_mount_path,
+        "--data-dir",
+        settings.data_mount_path,
+        "--metrics-port",
+        str(settings.trainer_metrics_port),
+        "--termination-message-path",
+        TERMINATION_MESSAGE_PATH,
+        "--quiet",
+    ]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.trainer_service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.trainer_run_as_user,
+            "runAsGroup": settings.trainer_run_as_user,
+            "fsGroup": settings.trainer_run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": TRAINER_CONTAINER,
+                "image": job.spec.image or settings.trainer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": command,
+                "env": env,
+                "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
+                "resources": {"requests": dict(limits), "limits": limits},
+                "volumeMounts": mounts,
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "privileged": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if resources.node_selector:
+        pod_spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        pod_spec["tolerations"] = [toleration.to_wire() for toleration in resources.tolerations]
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+    metadata = child_metadata(job, pod_name(name, attempt), extra_labels={ATTEMPT_LABEL: str(attempt)})
+    metadata["annotations"] = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(settings.trainer_metrics_port),
+    }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _checkpoint_volume(job: DPTrainingJob) -> dict[str, Any]:
+    if job.spec.checkpoint.volume == "emptyDir":
+        return {"name": "checkpoint", "emptyDir": {"sizeLimit": str(job.spec.checkpoint.size)}}
+    return {
+        "name": "checkpoint",
+        "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job.metadata.name or "")},
+    }

@@ -1,0 +1,65 @@
+"""Names and labels of the objects the operator creates for a job (pure functions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dptrain_api import DPTrainingJob
+
+MANAGED_BY = "dptrain-operator"
+JOB_UID_LABEL = "dptrain.io/job-uid"
+JOB_NAME_LABEL = "dptrain.io/job-name"
+ATTEMPT_LABEL = "dptrain.io/attempt"
+# Labels copied from the job onto its pods so queueing systems (Kueue) and policies can select them.
+PASS_THROUGH_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+_MAX_LABEL_VALUE = 63
+
+
+def job_labels(job: DPTrainingJob) -> dict[str, str]:
+    """Labels on every child object of the job."""
+    name = job.metadata.name or ""
+    labels = {
+        "app.kubernetes.io/name": "dptrain-trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": "dptrain",
+        JOB_UID_LABEL: job.metadata.uid or "",
+    }
+    if len(name) <= _MAX_LABEL_VALUE:
+        labels[JOB_NAME_LABEL] = name
+    for key in PASS_THROUGH_LABELS:
+        if key in job.metadata.labels:
+            labels[key] = job.metadata.labels[key]
+    return labels
+
+
+def owner_reference(job: DPTrainingJob) -> dict[str, Any]:
+    return {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(job: DPTrainingJob, name: str, *, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": {**job_labels(job), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"[:253]
+
+
+def checkpoint_claim_name(job_name: str) -> str:
+    return f"{job_name}-checkpoint"[:253]
+
+
+def pod_name(job_name: str, attempt: int) -> str:
+    suffix = f"-attempt-{attempt}"
+    return job_name[: 253 - len(suffix)] + suffix

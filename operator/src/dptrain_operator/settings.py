@@ -1,0 +1,65 @@
+"""The operator's one settings object, loaded from environment variables (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_PREFIX = "DPTRAIN_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the operator. Environment variable = DPTRAIN_ + the field name in upper case."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch (comma-separated); empty = the whole cluster."""
+    trainer_image: str = "ghcr.io/dptrain/trainer:0.1.0"
+    """Default trainer image for jobs that set no spec.image."""
+    image_pull_policy: str = "IfNotPresent"
+    """imagePullPolicy of trainer containers."""
+    metrics_port: int = 8000
+    """Port of the operator's own Prometheus endpoint (0 = off)."""
+    liveness_port: int = 8080
+    """Port of kopf's liveness endpoint, /healthz (0 = off)."""
+    trainer_metrics_port: int = 9090
+    """Port the trainer pods serve metrics on (the operator scrapes it; Prometheus can too)."""
+    scrape_interval: float = 5.0
+    """Seconds between reconciliations of a running job (metrics scrape, pod check)."""
+    trainer_service_account: str = "default"
+    """ServiceAccount of trainer pods (its token is never mounted)."""
+    trainer_run_as_user: int = 65532
+    """UID trainer containers run as (non-root)."""
+    checkpoint_mount_path: str = "/var/lib/dptrain/checkpoint"
+    """Where the checkpoint volume is mounted in trainer pods."""
+    data_mount_path: str = "/var/lib/dptrain/data"
+    """Where a PrivateDataset's claim is mounted (read-only) in trainer pods."""
+    job_config_mount_path: str = "/etc/dptrain/job"
+    """Where the job ConfigMap is mounted in trainer pods."""
+    scratch_mount_path: str = "/tmp"
+    """Writable scratch emptyDir (the root filesystem is read-only)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, spec in cls.__dataclass_fields__.items():
+            raw = env.get(_PREFIX + name.upper())
+            if raw is None or raw == "":
+                continue
+            default = spec.default
+            try:
+                if isinstance(default, tuple):
+                    values[name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+                elif isinstance(default, bool):
+                    values[name] = raw.lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    values[name] = int(raw)
+                elif isinstance(default, float):
+                    values[name] = float(raw)
+                else:
+                    values[name] = raw
+            except ValueError:
+                raise ValueError(f"{_PREFIX}{name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
+        return cls(**values)  # type: ignore[arg-type]

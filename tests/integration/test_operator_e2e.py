@@ -1,0 +1,312 @@
+"""End to end: the real operator, the live API server, the fake node running real `dptrain run` pods."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from dptrain_accounting import MechanismSegment, compute_epsilon
+from tests.support.cluster import Cluster
+from tests.support.node import FakeNode
+from tests.support.operator import OperatorProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+T = TypeVar("T")
+
+
+@pytest.fixture
+def node(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[FakeNode]:
+    fake = FakeNode(cluster.api, namespace, work_dir=tmp_path / "node")
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator")
+    process.start()
+    yield process
+    process.stop()
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, diagnose: Callable[[], str] = str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnose()}")
+
+
+def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "dataset": {"builtin": "breast-cancer"},
+        "model": {"architecture": "logistic"},
+        "privacy": {"targetEpsilon": 2.0, "delta": 1e-5},
+        "training": {"epochs": 2, "batchSize": 64, "learningRate": 0.5, "seed": 1},
+        "checkpoint": {"everySteps": 5},
+        "resources": {"cpu": "1"},
+    }
+    for key, value in spec.items():
+        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob", "metadata": {"name": name}, "spec": body}
+
+
+def dataset_manifest(name: str, *, epsilon: float, builtin: str = "breast-cancer") -> dict[str, Any]:
+    return {
+        "apiVersion": "dptrain.io/v1alpha1",
+        "kind": "PrivateDataset",
+        "metadata": {"name": name},
+        "spec": {"source": {"builtin": builtin}, "budget": {"epsilon": epsilon, "delta": 1e-5}},
+    }
+
+
+def apply(cluster: Cluster, namespace: str, *documents: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in documents))
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def phase_is(cluster: Cluster, namespace: str, name: str, *phases: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        job = get(cluster, namespace, "dptj", name)
+        return job if job.get("status", {}).get("phase") in phases else None
+
+    return check
+
+
+def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    return list(json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"])
+
+
+def condition(job: dict[str, Any], type: str) -> dict[str, Any]:
+    return next(c for c in job["status"]["conditions"] if c["type"] == type)
+
+
+def diagnose(cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess) -> Callable[[], str]:
+    def text() -> str:
+        jobs = cluster.kubectl("get", "dptj,pds,pods", "-n", namespace, "-o", "yaml", check=False).stdout
+        logs = "\n".join(
+            f"--- {pod['metadata']['name']}\n{node.logs(namespace, pod['metadata']['name'])[-3000:]}"
+            for pod in pods(cluster, namespace)
+        )
+        return f"{jobs[-6000:]}\n{logs}\n--- operator\n{operator.logs()[-4000:]}"
+
+    return text
+
+
+def test_job_runs_to_success_and_reports_epsilon(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    started = time.monotonic()
+    apply(cluster, namespace, job_manifest("tiny"))
+    wait_for(lambda: pods(cluster, namespace), timeout=30, what="the trainer pod")
+    pod_latency = time.monotonic() - started
+    job = wait_for(
+        phase_is(cluster, namespace, "tiny", "Succeeded", "Failed"),
+        timeout=180,
+        what="job to finish",
+        diagnose=diagnose(cluster, namespace, node, operator),
+    )
+    assert job["status"]["phase"] == "Succeeded", diagnose(cluster, namespace, node, operator)()
+    privacy = job["status"]["privacy"]
+    report = json.loads((node.pvc_dir(namespace, "tiny-checkpoint") / "privacy-report.json").read_text())
+    assert privacy["epsilonSpent"] <= privacy["targetEpsilon"] == 2.0
+    # Status shows the trainer's ε, rounded up (never down) to 6 decimals.
+    assert report["epsilon"] <= privacy["epsilonSpent"] <= report["epsilon"] + 1e-6
+    assert privacy["steps"] == privacy["plannedSteps"]
+    assert job["status"]["progress"]["percent"] == "100%"
+    assert condition(job, "Succeeded")["status"] == "True"
+    assert job["status"]["attempts"] == 1
+    assert pod_latency < 30
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    reasons = {event["reason"] for event in json.loads(events)["items"]}
+    assert {"Admitted", "PodCreated", "Succeeded"} <= reasons
+    table = cluster.kubectl("get", "dptj", "tiny", "-n", namespace).stdout
+    assert "Succeeded" in table
+    assert "100%" in table
+
+
+def test_budget_refusal_creates_no_pod(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    apply(cluster, namespace, dataset_manifest("small-budget", epsilon=1.0))
+    apply(cluster, namespace, job_manifest("greedy", dataset={"datasetRef": {"name": "small-budget"}}))
+    job = wait_for(phase_is(cluster, namespace, "greedy", "Failed"), timeout=60, what="refusal")
+    failed = condition(job, "Failed")
+    assert failed["reason"] == "BudgetExceeded"
+    assert "remaining ε=1" in failed["message"]
+    assert pods(cluster, namespace) == []
+    dataset = get(cluster, namespace, "pds", "small-budget")
+    assert dataset["status"].get("ledger", []) == []
+    assert dataset["status"]["epsilonRemaining"] == 1.0
+
+
+def test_racing_jobs_never_overshoot_the_budget(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    """20 identical jobs race for one budget; exactly as many as fit are admitted, the rest refused."""
+    budget = 6.0
+    apply(cluster, namespace, dataset_manifest("shared", epsilon=budget))
+    # Suspended jobs are admitted (budget reserved) but start no pod: the race is about the ledger.
+    jobs = [
+        job_manifest(f"racer-{i}", dataset={"datasetRef": {"name": "shared"}}, runPolicy={"suspend": True})
+        for i in range(20)
+    ]
+    apply(cluster, namespace, *jobs)
+    names = [job["metadata"]["name"] for job in jobs]
+
+    def all_decided() -> list[dict[str, Any]] | None:
+        found = [get(cluster, namespace, "dptj", name) for name in names]
+        phases = [job.get("status", {}).get("phase") for job in found]
+        return found if all(phase in ("Suspended", "Failed") for phase in phases) else None
+
+    decided = wait_for(all_decided, timeout=240, what="all 20 jobs admitted or refused")
+    admitted = [job for job in decided if job["status"]["phase"] == "Suspended"]
+    refused = [job for job in decided if job["status"]["phase"] == "Failed"]
+    assert all(condition(job, "Failed")["reason"] == "BudgetExceeded" for job in refused)
+    privacy = admitted[0]["status"]["privacy"]
+    segment = MechanismSegment(privacy["noiseMultiplier"], privacy["sampleRate"], privacy["plannedSteps"])
+    fits = max(k for k in range(1, 21) if compute_epsilon([segment] * k, delta=1e-5) <= budget)
+    assert len(admitted) == fits
+    dataset = get(cluster, namespace, "pds", "shared")
+    ledger = dataset["status"]["ledger"]
+    assert sorted(entry["jobName"] for entry in ledger) == sorted(job["metadata"]["name"] for job in admitted)
+    segments = [MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"]) for e in ledger]
+    assert compute_epsilon(segments, delta=1e-5) <= budget
+    assert dataset["status"]["epsilonRemaining"] >= 0
+
+
+def test_trainer_crash_retries_and_resumes(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, dataset_manifest("cohort", epsilon=8.0))
+    apply(
+        cluster,
+        namespace,
+        job_manifest("crashy", dataset={"datasetRef": {"name": "cohort"}}, training={"epochs": 6}),
+    )
+    journal = node.pvc_dir(namespace, "crashy-checkpoint") / "privacy-journal.jsonl"
+    checkpoint = node.pvc_dir(namespace, "crashy-checkpoint") / "checkpoint.pt"
+    wait_for(lambda: checkpoint.exists(), timeout=120, what="a first checkpoint")
+    node.kill(namespace, "crashy-attempt-1")
+    job = wait_for(
+        phase_is(cluster, namespace, "crashy", "Succeeded", "Failed"),
+        timeout=240,
+        what="the retried job to finish",
+        diagnose=diagnose(cluster, namespace, node, operator),
+    )
+    assert job["status"]["phase"] == "Succeeded", diagnose(cluster, namespace, node, operator)()
+    assert job["status"]["attempts"] == 2
+    assert "resum" in node.logs(namespace, "crashy-attempt-2").lower()
+    entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    assert {entry["attempt"] for entry in entries} == {1, 2}
+    charged = sum(entry["steps"] for entry in entries)
+    privacy = job["status"]["privacy"]
+    assert charged <= privacy["plannedSteps"]
+    assert privacy["epsilonSpent"] <= privacy["targetEpsilon"]
+    dataset = get(cluster, namespace, "pds", "cohort")
+    (entry,) = dataset["status"]["ledger"]
+    assert (entry["state"], entry["steps"]) == ("Committed", charged)
+
+
+def test_operator_restart_converges_without_duplicate_pods(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, job_manifest("steady", training={"epochs": 4}))
+    wait_for(phase_is(cluster, namespace, "steady", "Running"), timeout=60, what="Running")
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+    job = wait_for(
+        phase_is(cluster, namespace, "steady", "Succeeded", "Failed"),
+        timeout=180,
+        what="the job to finish after the operator restart",
+        diagnose=diagnose(cluster, namespace, node, operator),
+    )
+    assert job["status"]["phase"] == "Succeeded"
+    assert [pod["metadata"]["name"] for pod in pods(cluster, namespace)] == ["steady-attempt-1"]
+    assert job["status"]["attempts"] == 1
+
+
+def test_suspend_and_resume(cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess) -> None:
+    apply(cluster, namespace, job_manifest("pausable", training={"epochs": 6}))
+    checkpoint = node.pvc_dir(namespace, "pausable-checkpoint") / "checkpoint.pt"
+    wait_for(lambda: checkpoint.exists(), timeout=120, what="a first checkpoint")
+    suspend = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
+    cluster.kubectl("patch", "dptj", "pausable", "-n", namespace, "--type", "merge", "-p", suspend)
+    wait_for(phase_is(cluster, namespace, "pausable", "Suspended"), timeout=60, what="Suspended")
+    wait_for(lambda: not pods(cluster, namespace) or None, timeout=30, what="the pod to be deleted")
+    assert get(cluster, namespace, "pvc", "pausable-checkpoint"), "the checkpoint claim must be kept"
+    resume = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
+    cluster.kubectl("patch", "dptj", "pausable", "-n", namespace, "--type", "merge", "-p", resume)
+    job = wait_for(
+        phase_is(cluster, namespace, "pausable", "Succeeded", "Failed"),
+        timeout=180,
+        what="the resumed job to finish",
+        diagnose=diagnose(cluster, namespace, node, operator),
+    )
+    assert job["status"]["phase"] == "Succeeded"
+    assert job["status"]["attempts"] == 2
+    assert job["status"]["privacy"]["epsilonSpent"] <= 2.0
+
+
+def test_deadline_fails_the_job_and_stops_its_pod(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    apply(
+        cluster,
+        namespace,
+        job_manifest("slowpoke", training={"epochs": 200}, runPolicy={"activeDeadlineSeconds": 3}),
+    )
+    job = wait_for(phase_is(cluster, namespace, "slowpoke", "Failed"), timeout=60, what="DeadlineExceeded")
+    assert condition(job, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(
+        lambda: all(p.get("status", {}).get("phase") in ("Failed", "Succeeded") for p in pods(cluster, namespace))
+        or not pods(cluster, namespace),
+        timeout=30,
+        what="the pod to stop",
+    )
+
+
+def test_deletion_cleans_up_and_keeps_unknown_spend_charged(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, dataset_manifest("records", epsilon=8.0))
+    apply(cluster, namespace, job_manifest("doomed", dataset={"datasetRef": {"name": "records"}}, training={"epochs": 50}))
+    wait_for(phase_is(cluster, namespace, "doomed", "Running"), timeout=60, what="Running")
+    planned = get(cluster, namespace, "dptj", "doomed")["status"]["privacy"]["plannedSteps"]
+    cluster.kubectl("delete", "dptj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+    assert pods(cluster, namespace) == []
+    assert not get(cluster, namespace, "cm", "doomed-config")
+    assert not get(cluster, namespace, "pvc", "doomed-checkpoint")
+    (entry,) = get(cluster, namespace, "pds", "records")["status"]["ledger"]
+    # It ran and did not report: what it spent is unknown, so the whole reservation stays charged.
+    assert (entry["state"], entry["steps"]) == ("Committed", planned)
+
+
+def test_unplannable_job_fails_with_a_clear_reason(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    apply(cluster, namespace, job_manifest("loose-delta", privacy={"delta": 0.01}))
+    job = wait_for(phase_is(cluster, namespace, "loose-delta", "Failed"), timeout=60, what="InvalidPlan")
+    failed = condition(job, "Failed")
+    assert failed["reason"] == "InvalidPlan"
+    assert "delta" in failed["message"]
+    assert pods(cluster, namespace) == []
+
+
+def test_operator_exports_dataset_budget_metrics(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    apply(cluster, namespace, dataset_manifest("watched", epsilon=5.0))
+    text = wait_for(
+        lambda: (lambda t: t if 'dataset="watched"' in t else None)(operator.metrics()),
+        timeout=30,
+        what="the dataset gauge",
+    )
+    line = next(row for row in text.splitlines() if row.startswith("dptrain_dataset_epsilon_remaining{"))
+    assert float(line.rsplit(" ", 1)[1]) == 5.0
+    assert "dptrain_jobs{" in text

@@ -1,0 +1,163 @@
+"""The operator's pure builders: trainer pods, ConfigMaps and claims are valid Kubernetes objects
+(checked against the real schemas of a recent Kubernetes) and locked down as documented."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from dptrain_accounting import MechanismSegment
+from dptrain_api import DPTrainingJob, PrivateDataset, load_documents, parse_resource
+from dptrain_operator.render import (
+    ATTEMPT_LABEL,
+    JOB_UID_LABEL,
+    checkpoint_claim,
+    job_config_map,
+    trainer_pod,
+)
+from dptrain_operator.settings import Settings
+from tests.support.manifests import base_manifest
+
+KUBERNETES_VERSION = "1.36.0"
+MECHANISM = MechanismSegment(1.1, 0.14, 100)
+
+
+def _job(**spec: Any) -> DPTrainingJob:
+    document = base_manifest("job")
+    document["metadata"].update(namespace="hospital", uid="0b9f6a1e-2f7c-4a53-9b07-4d2d1b5f7a10")
+    document["spec"].update(spec)
+    job = parse_resource(document)
+    assert isinstance(job, DPTrainingJob)
+    return job
+
+
+def _dataset() -> PrivateDataset:
+    document = base_manifest("dataset")
+    document["metadata"]["namespace"] = "hospital"
+    dataset = parse_resource(document)
+    assert isinstance(dataset, PrivateDataset)
+    return dataset
+
+
+def _validate(manifest: dict[str, Any]) -> None:
+    kubernetes_validate.validate(json.loads(json.dumps(manifest)), KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"resources": {"cpu": "2", "memory": "4Gi", "gpus": 1, "nodeSelector": {"pool": "gpu"}}},
+        {
+            "resources": {
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "priorityClassName": "research",
+            }
+        },
+        {"checkpoint": {"volume": "emptyDir"}, "image": "registry.example/dptrain:dev"},
+    ],
+)
+def test_trainer_pod_is_valid_kubernetes(spec: dict[str, Any]) -> None:
+    pod = trainer_pod(_job(**spec), attempt=2, mechanism=MECHANISM, dataset=None, settings=Settings())
+    _validate(pod)
+
+
+def test_children_are_valid_and_owned() -> None:
+    job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
+    for manifest in (
+        job_config_map(job, dataset),
+        checkpoint_claim(job),
+        trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=dataset, settings=Settings()),
+    ):
+        _validate(manifest)
+        owner = manifest["metadata"]["ownerReferences"][0]
+        assert owner == {
+            "apiVersion": "dptrain.io/v1alpha1",
+            "kind": "DPTrainingJob",
+            "name": "base-job",
+            "uid": job.metadata.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert manifest["metadata"]["labels"][JOB_UID_LABEL] == job.metadata.uid
+
+
+def test_trainer_pod_security_posture() -> None:
+    pod = trainer_pod(_job(), attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = spec["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    writable = {mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")}
+    assert writable == {"/tmp", "/var/lib/dptrain/checkpoint"}
+
+
+def test_trainer_pod_environment_and_resources() -> None:
+    pod = trainer_pod(
+        _job(resources={"cpu": "3", "gpus": 2}), attempt=4, mechanism=MECHANISM, dataset=None, settings=Settings()
+    )
+    container = pod["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["DPTRAIN_METRICS_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert json.loads(env["DPTRAIN_RESERVED_MECHANISM"]["value"]) == MECHANISM.to_dict()
+    assert env["DPTRAIN_ATTEMPT"]["value"] == "4"
+    assert container["resources"]["limits"] == {"cpu": "3", "memory": "2Gi", "nvidia.com/gpu": "2"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["command"][:2] == ["dptrain", "run"]
+    assert pod["metadata"]["labels"][ATTEMPT_LABEL] == "4"
+    assert pod["metadata"]["name"] == "base-job-attempt-4"
+
+
+def test_no_gpu_limit_without_gpus() -> None:
+    pod = trainer_pod(_job(), attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_dataset_claim_is_mounted_read_only() -> None:
+    job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
+    pod = trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=dataset, settings=Settings())
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "cohort-data", "readOnly": True}
+    mounts = {mount["name"]: mount for mount in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["data"]["readOnly"] is True
+
+
+def test_kueue_labels_pass_through() -> None:
+    document = base_manifest("job")
+    document["metadata"].update(uid="u-1", namespace="ns", labels={"kueue.x-k8s.io/queue-name": "research"})
+    job = parse_resource(document)
+    assert isinstance(job, DPTrainingJob)
+    pod = trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+
+
+def test_config_map_round_trips_through_the_api_models() -> None:
+    job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
+    text = job_config_map(job, dataset)["data"]["job.yaml"]
+    documents = load_documents(text)
+    assert [parse_resource(document).kind for document in documents] == ["DPTrainingJob", "PrivateDataset"]
+    assert parse_resource(documents[0]).spec == job.spec  # type: ignore[union-attr]
+    assert "status" not in yaml.safe_load_all(text).__next__()
+
+
+def test_settings_from_environment() -> None:
+    settings = Settings.from_env(
+        {"DPTRAIN_NAMESPACES": "a, b", "DPTRAIN_SCRAPE_INTERVAL": "2.5", "DPTRAIN_TRAINER_IMAGE": "img:1"}
+    )
+    assert settings.namespaces == ("a", "b")
+    assert settings.scrape_interval == 2.5
+    assert settings.trainer_image == "img:1"
+    with pytest.raises(ValueError, match="DPTRAIN_METRICS_PORT"):
+        Settings.from_env({"DPTRAIN_METRICS_PORT": "eighty"})
