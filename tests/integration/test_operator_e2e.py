@@ -194,7 +194,7 @@ def test_trainer_crash_retries_and_resumes(
     )
     journal = node.pvc_dir(namespace, "crashy-checkpoint") / "privacy-journal.jsonl"
     checkpoint = node.pvc_dir(namespace, "crashy-checkpoint") / "checkpoint.pt"
-    wait_for(lambda: checkpoint.exists(), timeout=120, what="a first checkpoint")
+    wait_for(checkpoint.exists, timeout=120, what="a first checkpoint")
     node.kill(namespace, "crashy-attempt-1")
     job = wait_for(
         phase_is(cluster, namespace, "crashy", "Succeeded", "Failed"),
@@ -238,7 +238,7 @@ def test_operator_restart_converges_without_duplicate_pods(
 def test_suspend_and_resume(cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess) -> None:
     apply(cluster, namespace, job_manifest("pausable", training={"epochs": 6}))
     checkpoint = node.pvc_dir(namespace, "pausable-checkpoint") / "checkpoint.pt"
-    wait_for(lambda: checkpoint.exists(), timeout=120, what="a first checkpoint")
+    wait_for(checkpoint.exists, timeout=120, what="a first checkpoint")
     suspend = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
     cluster.kubectl("patch", "dptj", "pausable", "-n", namespace, "--type", "merge", "-p", suspend)
     wait_for(phase_is(cluster, namespace, "pausable", "Suspended"), timeout=60, what="Suspended")
@@ -268,8 +268,10 @@ def test_deadline_fails_the_job_and_stops_its_pod(
     job = wait_for(phase_is(cluster, namespace, "slowpoke", "Failed"), timeout=60, what="DeadlineExceeded")
     assert condition(job, "Failed")["reason"] == "DeadlineExceeded"
     wait_for(
-        lambda: all(p.get("status", {}).get("phase") in ("Failed", "Succeeded") for p in pods(cluster, namespace))
-        or not pods(cluster, namespace),
+        lambda: (
+            all(p.get("status", {}).get("phase") in ("Failed", "Succeeded") for p in pods(cluster, namespace))
+            or not pods(cluster, namespace)
+        ),
         timeout=30,
         what="the pod to stop",
     )
@@ -279,7 +281,9 @@ def test_deletion_cleans_up_and_keeps_unknown_spend_charged(
     cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
 ) -> None:
     apply(cluster, namespace, dataset_manifest("records", epsilon=8.0))
-    apply(cluster, namespace, job_manifest("doomed", dataset={"datasetRef": {"name": "records"}}, training={"epochs": 50}))
+    apply(
+        cluster, namespace, job_manifest("doomed", dataset={"datasetRef": {"name": "records"}}, training={"epochs": 50})
+    )
     wait_for(phase_is(cluster, namespace, "doomed", "Running"), timeout=60, what="Running")
     planned = get(cluster, namespace, "dptj", "doomed")["status"]["privacy"]["plannedSteps"]
     cluster.kubectl("delete", "dptj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
@@ -302,11 +306,12 @@ def test_unplannable_job_fails_with_a_clear_reason(cluster: Cluster, namespace: 
 
 def test_operator_exports_dataset_budget_metrics(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
     apply(cluster, namespace, dataset_manifest("watched", epsilon=5.0))
-    text = wait_for(
-        lambda: (lambda t: t if 'dataset="watched"' in t else None)(operator.metrics()),
-        timeout=30,
-        what="the dataset gauge",
-    )
+
+    def exported() -> str | None:
+        text = operator.metrics()
+        return text if 'dataset="watched"' in text else None
+
+    text = wait_for(exported, timeout=30, what="the dataset gauge")
     line = next(row for row in text.splitlines() if row.startswith("dptrain_dataset_epsilon_remaining{"))
     assert float(line.rsplit(" ", 1)[1]) == 5.0
     assert "dptrain_jobs{" in text

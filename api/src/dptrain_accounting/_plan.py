@@ -27,7 +27,14 @@ def training_set_size(num_examples: int, eval_fraction: float) -> int:
         raise PlanError(f"the dataset must have at least one example, got {num_examples}")
     if not 0.0 <= eval_fraction < 1.0:
         raise PlanError(f"evalFraction must be in [0, 1), got {eval_fraction}")
-    return num_examples - math.floor(num_examples * eval_fraction)
+    # A product within floating-point noise of an integer counts as that integer (100 * 0.29 = 29).
+    exact = num_examples * eval_fraction
+    nearest = round(exact)
+    held_out = nearest if abs(exact - nearest) <= 1e-9 * max(1.0, exact) else math.floor(exact)
+    remaining = num_examples - held_out
+    if remaining < 1:
+        raise PlanError(f"evalFraction {eval_fraction} leaves no training examples of {num_examples}; lower it")
+    return remaining
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,7 @@ def plan_mechanism(
     """
     train_size = training_set_size(num_examples, eval_fraction)
     if batch_size > train_size:
-        raise PlanError(
-            f"batchSize {batch_size} exceeds the {train_size} training examples; lower training.batchSize"
-        )
+        raise PlanError(f"batchSize {batch_size} exceeds the {train_size} training examples; lower training.batchSize")
     if delta >= 1.0 / train_size:
         raise PlanError(
             f"delta {delta:g} must be below 1/training examples = {1.0 / train_size:.3g} "

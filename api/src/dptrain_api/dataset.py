@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
 from dptrain_api.common import GROUP_VERSION, BuiltinDataset, Condition, ObjectMeta, ResourceName
@@ -38,12 +38,34 @@ class FeatureColumn(ApiModel):
         return self
 
 
+def _inside_claim(path: str) -> str:
+    if ".." in path.split("/"):
+        raise ValueError("path must stay inside the claim (no '..' segments)")
+    return path
+
+
 class FileSource(ApiModel):
     """A CSV or Parquet file on a PersistentVolumeClaim."""
 
     claim_name: ResourceName
     """PersistentVolumeClaim holding the file (mounted read-only into trainer pods)."""
-    path: Annotated[str, Field(min_length=1, pattern=r"^[^/].*$")]
+    path: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=4096,
+            pattern=r"^[^/].*$",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    kubernetes_rule(
+                        "!(self == '..' || self.startsWith('../') || self.endsWith('/..') || self.contains('/../'))",
+                        "path must stay inside the claim (no '..' segments)",
+                    )
+                ]
+            },
+        ),
+        AfterValidator(_inside_claim),
+    ]
     """Path of the file inside the claim (relative). With `dptrain run`, relative to the manifest's folder."""
     format: Literal["csv", "parquet"] = "csv"
     """File format."""

@@ -73,16 +73,23 @@ class Kube:
         )
 
     def delete_job(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, JOBS, name))
+        _ignore(
+            404,
+            lambda: self.custom.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, JOBS, name, _preload_content=False
+            ),
+        )
 
     # --- children --------------------------------------------------------------------------
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object; False if it already exists (reconciliation is idempotent)."""
         namespace = manifest["metadata"]["namespace"]
         creators: dict[str, Callable[[], Any]] = {
-            "Pod": lambda: self.core.create_namespaced_pod(namespace, manifest),
-            "ConfigMap": lambda: self.core.create_namespaced_config_map(namespace, manifest),
-            "PersistentVolumeClaim": lambda: self.core.create_namespaced_persistent_volume_claim(namespace, manifest),
+            "Pod": lambda: self.core.create_namespaced_pod(namespace, manifest, _preload_content=False),
+            "ConfigMap": lambda: self.core.create_namespaced_config_map(namespace, manifest, _preload_content=False),
+            "PersistentVolumeClaim": lambda: self.core.create_namespaced_persistent_volume_claim(
+                namespace, manifest, _preload_content=False
+            ),
         }
         try:
             creators[manifest["kind"]]()
@@ -98,10 +105,10 @@ class Kube:
         return items
 
     def delete_pod(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.core.delete_namespaced_pod(name, namespace))
+        _ignore(404, lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False))
 
     def delete_config_map(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.core.delete_namespaced_config_map(name, namespace))
+        _ignore(404, lambda: self.core.delete_namespaced_config_map(name, namespace, _preload_content=False))
 
     def delete_claim(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace))
+        _ignore(404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))

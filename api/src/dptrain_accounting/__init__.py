@@ -1,0 +1,51 @@
+"""Privacy accounting shared by the dptrain operator and trainer.
+
+DP-SGD training is described as a sequence of :class:`MechanismSegment` (runs of Poisson-subsampled
+Gaussian steps).  :func:`compute_epsilon` composes them with a registered accountant ("pld" by
+default, tight; "rdp", looser; the trainer registers Opacus' "prv"), and
+:func:`calibrate_noise_multiplier` finds the smallest noise that meets a target without ever
+overshooting it.  "gdp" is refused: it can under-report epsilon.
+
+Only the standard library, numpy, scipy and Google's ``dp_accounting`` are used (the latter lazily).
+"""
+
+from __future__ import annotations
+
+from ._accountants import (
+    PLD_DISCRETIZATION,
+    RDP_ORDERS,
+    EpsilonFunction,
+    available_accountants,
+    compute_delta,
+    compute_epsilon,
+    get_accountant,
+    register_accountant,
+)
+from ._calibration import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
+from ._errors import AccountingError, CalibrationError, UnsupportedAccountantError
+from ._mechanism import MechanismSegment, compact, plan_steps
+from ._plan import MechanismPlan, PlanError, plan_mechanism, training_set_size
+
+__all__ = [
+    "MAX_NOISE_MULTIPLIER",
+    "MIN_NOISE_MULTIPLIER",
+    "PLD_DISCRETIZATION",
+    "RDP_ORDERS",
+    "AccountingError",
+    "CalibrationError",
+    "EpsilonFunction",
+    "MechanismPlan",
+    "MechanismSegment",
+    "PlanError",
+    "UnsupportedAccountantError",
+    "available_accountants",
+    "calibrate_noise_multiplier",
+    "compact",
+    "compute_delta",
+    "compute_epsilon",
+    "get_accountant",
+    "plan_mechanism",
+    "plan_steps",
+    "register_accountant",
+    "training_set_size",
+]

@@ -1,0 +1,27 @@
+"""Fixtures of the integration tests: one API server per session, one namespace per test."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.cluster import Cluster, cluster_or_skip, purge_namespace, raw_request
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from cluster_or_skip(tmp_path_factory)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace; what the test created in it is deleted afterwards (finalizers stripped)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].rstrip("-")
+    name = f"t-{stem}-{uuid.uuid4().hex[:6]}"
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    raw_request(cluster.api, "POST", "/api/v1/namespaces", body)
+    yield name
+    purge_namespace(cluster, name)

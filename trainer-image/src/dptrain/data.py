@@ -1,0 +1,466 @@
+"""Datasets: the built-in ones that ship inside pip packages, and CSV/Parquet files of a PrivateDataset.
+
+Every transformation here uses PUBLIC constants only (clinical bounds declared in code or in the
+PrivateDataset manifest). Nothing is fitted to the data: a mean, a median or a min/max taken from
+the private records would leak outside the privacy budget, which covers the DP-SGD steps only.
+Error messages name files, columns, row numbers and counts, but never echo a cell's value, because
+they end up in pod logs and Kubernetes status conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import TensorDataset
+
+from dptrain.errors import ConfigurationError, DataError
+from dptrain_accounting import PlanError, training_set_size
+from dptrain_api.dataset import FileSource, PrivateDataset
+from dptrain_api.job import DatasetSpec
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DatasetInfo",
+    "FeatureBounds",
+    "PreparedData",
+    "load_builtin",
+    "load_data",
+    "load_file",
+    "train_eval_split",
+    "train_size",
+]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class FeatureBounds:
+    """A feature and its PUBLIC range: values are clipped to [min, max], then scaled to [0, 1]."""
+
+    name: str
+    min: float
+    max: float
+
+    def __post_init__(self) -> None:
+        if not self.min < self.max:
+            raise ValueError(f"feature {self.name!r}: min ({self.min}) must be below max ({self.max})")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Public metadata of a built-in dataset, declared in code (never measured from the data)."""
+
+    name: str
+    description: str
+    num_examples: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    eval_metric: Literal["accuracy", "auc"]
+    features: tuple[FeatureBounds, ...]
+    """Tabular features with their public bounds; empty for images (see pixel_range)."""
+    source: str
+    """Citation of the data."""
+    pixel_range: tuple[float, float] | None = None
+    """Images only: the sensor's value range, public by construction."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Features ready for training: float32 in [0, 1] (clipped and scaled with public bounds)."""
+
+    name: str
+    features: torch.Tensor
+    """float32, shape (N, *input_shape)."""
+    labels: torch.Tensor
+    """int64, shape (N,), values in [0, num_classes)."""
+    num_classes: int
+    input_shape: tuple[int, ...]
+    eval_metric: str
+    feature_names: tuple[str, ...] = field(default=())
+    """Names of tabular features, in column order; empty for images."""
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# --- built-in datasets -------------------------------------------------------------------------
+
+# Serum free light chain study (Olmsted County residents aged 50 and over). Bounds are clinical:
+# kappa/lambda caps are about 10x the upper reference limits (1.94 and 2.63 mg/dL, Katzmann et al.,
+# Clin Chem 2002), so only extreme monoclonal values clip; creatinine 0.4-10 mg/dL spans normal to
+# dialysis-range kidney failure; flc.grp is a decile index 1-10 by definition.
+_FLCHAIN_FEATURES = (
+    FeatureBounds("age", 50.0, 101.0),
+    FeatureBounds("sex", 0.0, 1.0),  # 1 = male
+    FeatureBounds("kappa", 0.0, 20.0),
+    FeatureBounds("lambda", 0.0, 26.0),
+    FeatureBounds("flc.grp", 1.0, 10.0),
+    FeatureBounds("creatinine", 0.4, 10.0),
+    FeatureBounds("mgus", 0.0, 1.0),  # 1 = monoclonal gammopathy diagnosed
+)
+# Missing creatinine (17% of records) gets a normal adult value: a public constant, not the
+# data's mean or median.
+_FLCHAIN_CREATININE_FILL = 1.0
+
+# Wisconsin Diagnostic Breast Cancer. The UCI/scikit-learn documentation publishes each feature's
+# range; these bounds round those ranges outwards to round numbers so they do not pin the exact
+# extreme records. A bound that is too tight only clips (costs accuracy), never privacy.
+_BREAST_CANCER_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("radius", 5.0, 30.0),
+    ("texture", 5.0, 40.0),
+    ("perimeter", 40.0, 200.0),
+    ("area", 100.0, 2600.0),
+    ("smoothness", 0.05, 0.17),
+    ("compactness", 0.0, 0.35),
+    ("concavity", 0.0, 0.45),
+    ("concave points", 0.0, 0.21),
+    ("symmetry", 0.1, 0.31),
+    ("fractal dimension", 0.045, 0.1),
+)
+_BREAST_CANCER_ERROR_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("radius", 0.0, 3.0),
+    ("texture", 0.0, 5.0),
+    ("perimeter", 0.0, 22.0),
+    ("area", 0.0, 550.0),
+    ("smoothness", 0.0, 0.032),
+    ("compactness", 0.0, 0.14),
+    ("concavity", 0.0, 0.4),
+    ("concave points", 0.0, 0.055),
+    ("symmetry", 0.0, 0.08),
+    ("fractal dimension", 0.0, 0.03),
+)
+_BREAST_CANCER_WORST_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("radius", 5.0, 37.0),
+    ("texture", 10.0, 50.0),
+    ("perimeter", 50.0, 260.0),
+    ("area", 150.0, 4300.0),
+    ("smoothness", 0.07, 0.23),
+    ("compactness", 0.0, 1.1),
+    ("concavity", 0.0, 1.3),
+    ("concave points", 0.0, 0.3),
+    ("symmetry", 0.15, 0.67),
+    ("fractal dimension", 0.05, 0.21),
+)
+# Same names and order as sklearn's feature_names: mean x, x error, worst x.
+_BREAST_CANCER_FEATURES = (
+    tuple(FeatureBounds(f"mean {name}", lo, hi) for name, lo, hi in _BREAST_CANCER_RANGES)
+    + tuple(FeatureBounds(f"{name} error", lo, hi) for name, lo, hi in _BREAST_CANCER_ERROR_RANGES)
+    + tuple(FeatureBounds(f"worst {name}", lo, hi) for name, lo, hi in _BREAST_CANCER_WORST_RANGES)
+)
+
+_DIGITS_PIXEL_RANGE = (0.0, 16.0)  # 4x4 blocks of a 32x32 bitmap: counts 0..16 by construction
+
+BUILTIN_DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
+    {
+        "flchain": DatasetInfo(
+            name="flchain",
+            description=(
+                "Serum free light chains and death during follow-up (label 1 = died); 7 features. "
+                "Cause of death and follow-up time are dropped: they reveal the label."
+            ),
+            num_examples=7874,
+            input_shape=(len(_FLCHAIN_FEATURES),),
+            num_classes=2,
+            eval_metric="auc",
+            features=_FLCHAIN_FEATURES,
+            source=(
+                "Dispenzieri A. et al., Use of nonclonal serum immunoglobulin free light chains to predict "
+                "overall survival in the general population, Mayo Clin Proc 87(6):517-523, 2012; "
+                "via scikit-survival load_flchain (R survival package)."
+            ),
+        ),
+        "breast-cancer": DatasetInfo(
+            name="breast-cancer",
+            description="Wisconsin Diagnostic Breast Cancer: 30 cell-nucleus features; label 1 = benign, 0 = malignant",
+            num_examples=569,
+            input_shape=(len(_BREAST_CANCER_FEATURES),),
+            num_classes=2,
+            eval_metric="accuracy",
+            features=_BREAST_CANCER_FEATURES,
+            source=(
+                "Street W.N., Wolberg W.H., Mangasarian O.L., Nuclear feature extraction for breast tumor "
+                "diagnosis, IS&T/SPIE 1993; UCI ML Repository; via scikit-learn load_breast_cancer."
+            ),
+        ),
+        "digits": DatasetInfo(
+            name="digits",
+            description="Handwritten digits 0-9 as 8x8 grey-level images (1 channel).",
+            num_examples=1797,
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            eval_metric="accuracy",
+            features=(),
+            source=(
+                "Alpaydin E., Kaynak C., Optical Recognition of Handwritten Digits, UCI ML Repository, 1998; "
+                "via scikit-learn load_digits."
+            ),
+            pixel_range=_DIGITS_PIXEL_RANGE,
+        ),
+    }
+)
+
+
+def _scale(values: FloatArray, bounds: Sequence[FeatureBounds]) -> FloatArray:
+    low = np.array([b.min for b in bounds], dtype=np.float64)
+    high = np.array([b.max for b in bounds], dtype=np.float64)
+    scaled: FloatArray = (np.clip(values, low, high) - low) / (high - low)
+    return scaled
+
+
+def _load_flchain_arrays() -> tuple[FloatArray, IntArray]:
+    from sksurv.datasets import load_flchain
+
+    frame, outcome = load_flchain()
+    # `chapter` (cause of death) and `futime` (follow-up time, in the outcome) are never read: both
+    # encode the label. `sample.yr` is left out too: later samples had shorter follow-up, so it
+    # predicts censoring, a study artefact rather than a patient property.
+    columns = {
+        "age": frame["age"].astype(float),
+        "sex": frame["sex"].astype(str).map({"F": 0.0, "M": 1.0}),
+        "kappa": frame["kappa"].astype(float),
+        "lambda": frame["lambda"].astype(float),
+        "flc.grp": frame["flc.grp"].astype(str).astype(float),
+        "creatinine": frame["creatinine"].astype(float).fillna(_FLCHAIN_CREATININE_FILL),
+        "mgus": frame["mgus"].astype(str).map({"no": 0.0, "yes": 1.0}),
+    }
+    values = np.column_stack([np.asarray(columns[b.name], dtype=np.float64) for b in _FLCHAIN_FEATURES])
+    if np.isnan(values).any():
+        # Only an unexpected scikit-survival release (new category codes) can get here.
+        missing = [b.name for i, b in enumerate(_FLCHAIN_FEATURES) if np.isnan(values[:, i]).any()]
+        raise DataError(f"builtin flchain: unexpected missing or unknown values in {missing}")
+    labels = np.asarray(outcome["death"], dtype=np.int64)
+    return _scale(values, _FLCHAIN_FEATURES), labels
+
+
+def _load_breast_cancer_arrays() -> tuple[FloatArray, IntArray]:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    names = tuple(str(n) for n in bunch.feature_names)
+    expected = tuple(b.name for b in _BREAST_CANCER_FEATURES)
+    if names != expected:
+        raise DataError(f"builtin breast-cancer: scikit-learn's feature names changed: {names}")
+    values = np.asarray(bunch.data, dtype=np.float64)
+    return _scale(values, _BREAST_CANCER_FEATURES), np.asarray(bunch.target, dtype=np.int64)
+
+
+def _load_digits_arrays() -> tuple[FloatArray, IntArray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    low, high = _DIGITS_PIXEL_RANGE
+    images = np.asarray(bunch.images, dtype=np.float64)[:, None, :, :]  # (N, 1, 8, 8): one channel
+    scaled: FloatArray = (np.clip(images, low, high) - low) / (high - low)
+    return scaled, np.asarray(bunch.target, dtype=np.int64)
+
+
+_BUILTIN_LOADERS: Mapping[str, Callable[[], tuple[FloatArray, IntArray]]] = MappingProxyType(
+    {
+        "flchain": _load_flchain_arrays,
+        "breast-cancer": _load_breast_cancer_arrays,
+        "digits": _load_digits_arrays,
+    }
+)
+
+
+def load_builtin(name: str) -> PreparedData:
+    """Load a built-in dataset (offline: the data ships inside scikit-learn / scikit-survival)."""
+    key = str(name)
+    info = BUILTIN_DATASETS.get(key)
+    if info is None:
+        known = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigurationError(f"unknown builtin dataset {key!r}; choose one of: {known}")
+    values, labels = _BUILTIN_LOADERS[key]()
+    if values.shape != (info.num_examples, *info.input_shape):
+        # The privacy plan uses the declared size, so a changed package release must stop the run.
+        raise DataError(
+            f"builtin {key}: expected shape {(info.num_examples, *info.input_shape)}, "
+            f"the installed package gave {values.shape}"
+        )
+    return PreparedData(
+        name=key,
+        features=torch.from_numpy(values.astype(np.float32)),
+        labels=torch.from_numpy(labels),
+        num_classes=info.num_classes,
+        input_shape=info.input_shape,
+        eval_metric=info.eval_metric,
+        feature_names=tuple(b.name for b in info.features),
+    )
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _read_columns(path: Path, file_format: str, wanted: Sequence[str]) -> Any:
+    """Read the wanted columns as a DataFrame; DataError for unreadable, empty or column-less files."""
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data file {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
+    try:
+        if file_format == "parquet":
+            import pyarrow.parquet as pq
+
+            available = list(pq.read_schema(path).names)
+        else:
+            # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename column 1.
+            available = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {path} is empty (no header row)") from None
+    except Exception as error:  # pandas/pyarrow raise many types for malformed files
+        raise DataError(f"cannot read {path} as {file_format}: {type(error).__name__}: {error}") from error
+
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise DataError(f"data file {path} lacks column(s) {missing} (it has {len(available)} columns)")
+    try:
+        if file_format == "parquet":
+            frame = pd.read_parquet(path, columns=list(wanted))
+        else:
+            # Strings keep every cell as written, so non-numeric values are found and reported below.
+            frame = pd.read_csv(path, usecols=list(wanted), dtype=str, keep_default_na=True, encoding="utf-8-sig")
+    except Exception as error:
+        raise DataError(f"cannot read {path} as {file_format}: {type(error).__name__}: {error}") from error
+    if len(frame) == 0:
+        raise DataError(f"data file {path} has no data rows (only a header)")
+    return frame
+
+
+def _numeric_column(path: Path, frame: Any, column: str, role: str) -> FloatArray:
+    """One column as float64; DataError naming the column and the first non-numeric row."""
+    import pandas as pd
+
+    raw = frame[column]
+    if pd.api.types.is_numeric_dtype(raw):  # Parquet numbers and booleans (nullable ones included)
+        values = np.asarray(raw.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
+    else:  # CSV strings, or Parquet text/mixed/categorical columns
+        objects = raw.astype(object)
+        numeric = pd.to_numeric(objects, errors="coerce")
+        bad = numeric.isna() & objects.notna()
+        if bad.any():
+            positions = np.flatnonzero(bad.to_numpy())
+            raise DataError(
+                f"data file {path}: {role} column {column!r} has {len(positions)} non-numeric value(s), "
+                f"first at data row {int(positions[0]) + 1} (rows counted from 1, header excluded)"
+            )
+        values = np.asarray(numeric.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
+    missing = int(np.isnan(values).sum())
+    if missing:
+        raise DataError(f"data file {path}: {role} column {column!r} has {missing} missing (NaN) value(s)")
+    infinite = int(np.isinf(values).sum())
+    if infinite:
+        raise DataError(f"data file {path}: {role} column {column!r} has {infinite} infinite value(s)")
+    return values
+
+
+def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
+    """Load a CSV or Parquet file at ``base_dir / source.path``: clip to the declared bounds, scale to [0, 1]."""
+    path = Path(base_dir) / source.path
+    bounds = tuple(FeatureBounds(f.name, f.min, f.max) for f in source.features)
+    names = [b.name for b in bounds]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"{source.path}: a feature column is listed twice in {names}")
+    if source.label_column in names:
+        raise ConfigurationError(f"{source.path}: label column {source.label_column!r} is also listed as a feature")
+    frame = _read_columns(path, source.format, [*names, source.label_column])
+
+    values = np.column_stack([_numeric_column(path, frame, name, "feature") for name in names])
+    raw_labels = _numeric_column(path, frame, source.label_column, "label")
+    fractional = np.flatnonzero(raw_labels != np.round(raw_labels))
+    if fractional.size:
+        raise DataError(
+            f"data file {path}: label column {source.label_column!r} has {fractional.size} non-integer value(s), "
+            f"first at data row {int(fractional[0]) + 1}"
+        )
+    outside = np.flatnonzero((raw_labels < 0) | (raw_labels >= source.num_classes))
+    if outside.size:
+        raise DataError(
+            f"data file {path}: label column {source.label_column!r} has {outside.size} value(s) outside "
+            f"[0, {source.num_classes}) (numClasses={source.num_classes}), first at data row {int(outside[0]) + 1}"
+        )
+    # A class that never occurs is fine: the class set is public metadata, its frequency is not.
+    scaled = _scale(values, bounds)
+    return PreparedData(
+        name=source.path,
+        features=torch.from_numpy(scaled.astype(np.float32)),
+        labels=torch.from_numpy(raw_labels.astype(np.int64)),
+        num_classes=source.num_classes,
+        input_shape=(len(bounds),),
+        # AUC for binary outcomes: clinical outcomes are usually rare, and accuracy hides that.
+        eval_metric="auc" if source.num_classes == 2 else "accuracy",
+        feature_names=tuple(names),
+    )
+
+
+def load_data(
+    spec: DatasetSpec, *, private_dataset: PrivateDataset | None = None, base_dir: Path = Path(".")
+) -> PreparedData:
+    """The job's data: a builtin, or the source of the PrivateDataset that ``spec.dataset_ref`` names."""
+    if spec.builtin is not None:
+        return load_builtin(spec.builtin)
+    if spec.dataset_ref is None:
+        raise ConfigurationError("dataset: set exactly one of builtin or datasetRef")
+    wanted = spec.dataset_ref.name
+    if private_dataset is None:
+        raise ConfigurationError(f"dataset.datasetRef names PrivateDataset {wanted!r}, but no PrivateDataset was given")
+    actual = private_dataset.metadata.name
+    if actual != wanted:
+        raise ConfigurationError(f"dataset.datasetRef names PrivateDataset {wanted!r}, but the one given is {actual!r}")
+
+    source = private_dataset.spec.source
+    if source.builtin is not None:
+        data = load_builtin(source.builtin)
+        where = f"builtin {source.builtin}"
+    elif source.file is not None:
+        data = load_file(source.file, base_dir=base_dir)
+        where = str(Path(base_dir) / source.file.path)
+    else:
+        raise ConfigurationError(f"PrivateDataset {wanted!r}: set exactly one of source.builtin or source.file")
+
+    declared = private_dataset.spec.num_examples
+    if declared is not None and declared != data.num_examples:
+        # The sampling rate, hence ε, was planned from the declared public size.
+        raise DataError(
+            # The true count is itself private (add/remove-one neighbours): say that it differs, not what it is.
+            f"PrivateDataset {wanted!r} declares numExamples={declared}, but {where} holds a different number "
+            "of rows; the privacy plan was made for the declared size: fix numExamples or the data"
+        )
+    return replace(data, name=wanted)
+
+
+# --- split ---------------------------------------------------------------------------------------
+
+
+def train_size(num_examples: int, eval_fraction: float) -> int:
+    """Training examples left after the eval hold-out: the shared planning function, so the operator's
+    reservation and the trainer's sampling rate agree exactly."""
+    try:
+        return training_set_size(num_examples, eval_fraction)
+    except PlanError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+def train_eval_split(data: PreparedData, *, eval_fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """A seeded random split into (train, eval) TensorDatasets of (features, labels)."""
+    total = data.num_examples
+    n_train = train_size(total, eval_fraction)
+    # A private generator: the split must not depend on (or disturb) the global RNG.
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=generator)
+    eval_idx, train_idx = order[: total - n_train], order[total - n_train :]
+    train = TensorDataset(data.features[train_idx], data.labels[train_idx])
+    evaluation = TensorDataset(data.features[eval_idx], data.labels[eval_idx])
+    return train, evaluation

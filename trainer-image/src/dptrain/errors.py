@@ -1,0 +1,63 @@
+"""The trainer's one exception tree. The CLI prints ``str(error)`` and exits with ``error.exit_code``.
+
+Distinct exit codes let the operator tell a bad manifest from bad data or a bad model without
+parsing messages, and keep all of them apart from a crash (Python's own exit code 1 paths).
+"""
+
+from __future__ import annotations
+
+
+class DptrainError(Exception):
+    """Root of every error the trainer reports to the user."""
+
+    exit_code: int = 1
+
+
+class ConfigurationError(DptrainError):
+    """The manifest or the training plan is inconsistent (for example a datasetRef with no dataset)."""
+
+    exit_code = 2
+
+
+class DataError(DptrainError):
+    """The data cannot be used as declared; the message names the file, column and problem."""
+
+    exit_code = 3
+
+
+class ModelError(DptrainError):
+    """The model spec, the custom factory or the pretrained weights are unusable."""
+
+    exit_code = 4
+
+
+class PlanMismatchError(ConfigurationError):
+    """The data or the plan disagrees with the mechanism the operator reserved in the dataset ledger."""
+
+
+class CheckpointError(DptrainError):
+    """The output directory's checkpoint or privacy journal cannot be used (another job's, or damaged)."""
+
+    exit_code = 5
+
+
+class JournalError(CheckpointError):
+    """The write-ahead privacy journal is damaged or inconsistent; training is refused (ε would be unknown)."""
+
+
+class PrivacyBudgetError(DptrainError):
+    """Running would charge more than the plan (or the dataset's reservation) allows."""
+
+    exit_code = 6
+
+
+class TrainingInterrupted(DptrainError):
+    """A signal asked the trainer to stop: it finished the current step and checkpointed.
+
+    ``exit_code`` is 128 + the signal number (143 for SIGTERM), as a shell reports a signalled process.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 143, step: int = 0) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.step = step
