@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dptrain_api import parse_resource
-from tests.support.manifests import BadCase, bad_cases, base_manifest, example_documents
+from tests.support.manifests import REPO, BadCase, bad_cases, base_manifest, example_documents
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def test_kubectl_explain_reads_well(cluster: Any) -> None:
 
 
 def test_crds_apply_idempotently(cluster: Any) -> None:
-    result = cluster.kubectl("apply", "-f", str(cluster.repo / "crds"))
+    result = cluster.kubectl("apply", "-f", str(REPO / "crds"))
     assert "unchanged" in result.stdout
     crd = yaml.safe_load(cluster.kubectl("get", "crd", "dptrainingjobs.dptrain.io", "-o", "yaml").stdout)
     assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from dptrain_accounting import MechanismSegment, compute_epsilon
 from tests.support.cluster import Cluster
@@ -55,7 +56,8 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "resources": {"cpu": "1"},
     }
     for key, value in spec.items():
-        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and key != "dataset"  # a dataset source replaces the default one
+        body[key] = {**body.get(key, {}), **value} if merge else value
     return {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob", "metadata": {"name": name}, "spec": body}
 
 
@@ -69,7 +71,7 @@ def dataset_manifest(name: str, *, epsilon: float, builtin: str = "breast-cancer
 
 
 def apply(cluster: Cluster, namespace: str, *documents: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in documents))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
 
 
 def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def test_job_runs_to_success_and_reports_epsilon(
     report = json.loads((node.pvc_dir(namespace, "tiny-checkpoint") / "privacy-report.json").read_text())
     assert privacy["epsilonSpent"] <= privacy["targetEpsilon"] == 2.0
     # Status shows the trainer's ε, rounded up (never down) to 6 decimals.
-    assert report["epsilon"] <= privacy["epsilonSpent"] <= report["epsilon"] + 1e-6
+    epsilon = report["guarantee"]["epsilon"]
+    assert epsilon <= privacy["epsilonSpent"] <= epsilon + 1e-6
     assert privacy["steps"] == privacy["plannedSteps"]
     assert job["status"]["progress"]["percent"] == "100%"
     assert condition(job, "Succeeded")["status"] == "True"
@@ -206,8 +209,9 @@ def test_trainer_crash_retries_and_resumes(
     assert job["status"]["attempts"] == 2
     assert "resum" in node.logs(namespace, "crashy-attempt-2").lower()
     entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    assert {entry["attempt"] for entry in entries} == {1, 2}
-    charged = sum(entry["steps"] for entry in entries)
+    intents = [entry for entry in entries if entry.get("type") == "intent"]
+    assert {entry["attempt"] for entry in intents} == {1, 2}
+    charged = sum(entry["steps"] for entry in intents)
     privacy = job["status"]["privacy"]
     assert charged <= privacy["plannedSteps"]
     assert privacy["epsilonSpent"] <= privacy["targetEpsilon"]

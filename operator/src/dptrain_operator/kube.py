@@ -111,4 +111,6 @@ class Kube:
         _ignore(404, lambda: self.core.delete_namespaced_config_map(name, namespace, _preload_content=False))
 
     def delete_claim(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
+        _ignore(
+            404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
+        )

@@ -456,12 +456,15 @@ def _charged_steps(summary: dict[str, Any] | None) -> int | None:
     """Steps the privacy journal charged (all attempts), from the trainer's termination message."""
     if not summary:
         return None
+    if isinstance(summary.get("chargedSteps"), int):
+        return int(summary["chargedSteps"])
     journal = summary.get("journal")
     if isinstance(journal, dict) and isinstance(journal.get("chargedSteps"), int):
         return int(journal["chargedSteps"])
-    if isinstance(journal, list):
+    segments = journal.get("segments") if isinstance(journal, dict) else journal
+    if isinstance(segments, list):
         try:
-            return sum(int(segment["steps"]) for segment in journal)
+            return sum(int(segment["steps"]) for segment in segments)
         except (KeyError, TypeError, ValueError):
             return None
     return None
@@ -475,16 +478,12 @@ def _apply_summary(summary: dict[str, Any], state: JobState) -> None:
     charged = _charged_steps(summary)
     if charged is not None:
         privacy["steps"] = charged
-    if isinstance(summary.get("steps"), int):
-        progress["step"] = summary["steps"]
-    metrics = summary.get("metrics") or {}
-    if isinstance(metrics, dict):
-        for name in ("auc", "accuracy"):
-            if isinstance(metrics.get(name), (int, float)):
-                progress["evalMetric"], progress["evalValue"] = name, float(metrics[name])
-                break
-        if isinstance(metrics.get("loss"), (int, float)):
-            progress["loss"] = float(metrics["loss"])
+    if isinstance(summary.get("stepsRun"), int):
+        progress["step"] = summary["stepsRun"]
+    metrics = summary.get("evalMetrics") or {}
+    name = summary.get("evalMetric")
+    if isinstance(metrics, dict) and isinstance(metrics.get(name), (int, float)):
+        progress["evalMetric"], progress["evalValue"] = name, float(metrics[name])
     progress["lastUpdateTime"] = now_iso()
 
 
