@@ -3,6 +3,7 @@ the trainer (to run): training-set size, Poisson sample rate, step count and noi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class MechanismPlan:
         return MechanismSegment(self.noise_multiplier, self.sample_rate, self.steps)
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_mechanism(
     *,
     num_examples: int,
@@ -69,6 +71,7 @@ def plan_mechanism(
     """Plan a job: q = batch / training examples, T = ceil(epochs / q), σ minimal with ε(σ, q, T, δ) ≤ target.
 
     With a fixed ``noise_multiplier`` the plan is refused when its ε would exceed the target.
+    Cached: a pure function of public numbers, and calibration costs about a second.
     """
     train_size = training_set_size(num_examples, eval_fraction)
     if batch_size > train_size:

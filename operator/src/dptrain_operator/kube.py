@@ -51,6 +51,12 @@ class Kube:
         )
         return found
 
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, JOBS, name)
+        )
+        return found
+
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """Write status only if nobody changed the dataset since `body` was read (resourceVersion precondition)."""
         metadata = body["metadata"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -17,15 +18,31 @@ DATASETS = "privatedatasets"
 _log = logging.getLogger(__name__)
 
 
+_job_locks: dict[str, threading.Lock] = {}
+_job_locks_guard = threading.Lock()
+
+
+def _job_lock(uid: str) -> threading.Lock:
+    with _job_locks_guard:
+        return _job_locks.setdefault(uid, threading.Lock())
+
+
 def _reconcile_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    """kopf runs timers beside event handlers: a per-job lock plus a fresh read of the job makes every
+    reconciliation see the status the previous one wrote (no stale overwrite, no duplicate events)."""
     ctx: OperatorContext = memo["ctx"]
-    try:
-        state = reconcile_job(dict(body), ctx, logger)
-    except Exception:
-        ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob").inc()
-        raise
-    if state.status != (body.get("status") or {}):
-        ctx.kube.patch_job_status(state.namespace, state.name, state.status)
+    metadata = body["metadata"]
+    with _job_lock(metadata["uid"]):
+        fresh = ctx.kube.get_job(metadata["namespace"], metadata["name"])
+        if fresh is None or fresh["metadata"]["uid"] != metadata["uid"]:
+            return
+        try:
+            state = reconcile_job(fresh, ctx, logger)
+        except Exception:
+            ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob").inc()
+            raise
+        if state.status != (fresh.get("status") or {}):
+            ctx.kube.patch_job_status(state.namespace, state.name, state.status)
     for event_type, reason, message in state.events:
         kopf.event(body, type=event_type, reason=reason, message=message[:1024])
     ctx.metrics.observe_job(state.uid, state.status.get("phase"))
@@ -39,7 +56,10 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         _reconcile_job(body, memo, logger)
 
     def on_job_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        delete_children(dict(body), memo["ctx"])
+        with _job_lock(body["metadata"]["uid"]):
+            delete_children(dict(body), memo["ctx"])
+        with _job_locks_guard:
+            _job_locks.pop(body["metadata"]["uid"], None)
 
     def on_dataset(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile_dataset(dict(body), memo["ctx"])
@@ -51,7 +71,10 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     for decorate in (kopf.on.create, kopf.on.resume):
         decorate(API_GROUP, API_VERSION, JOBS, registry=registry, errors=errors, backoff=2)(on_job)
     kopf.on.update(API_GROUP, API_VERSION, JOBS, field="spec", registry=registry, errors=errors, backoff=2)(on_job)
-    kopf.timer(API_GROUP, API_VERSION, JOBS, interval=interval, registry=registry, errors=errors)(on_job)
+    # The first timer run waits one interval: creation is handled by on.create.
+    kopf.timer(
+        API_GROUP, API_VERSION, JOBS, interval=interval, initial_delay=interval, registry=registry, errors=errors
+    )(on_job)
     kopf.on.delete(API_GROUP, API_VERSION, JOBS, registry=registry, errors=errors, backoff=2)(on_job_delete)
     for decorate in (kopf.on.create, kopf.on.resume, kopf.on.update):
         decorate(API_GROUP, API_VERSION, DATASETS, registry=registry, errors=errors, backoff=2)(on_dataset)

@@ -308,7 +308,7 @@ def _job_pods(state: JobState, ctx: OperatorContext) -> list[dict[str, Any]]:
 
 def _stop_pods(state: JobState, ctx: OperatorContext) -> None:
     for pod in _job_pods(state, ctx):
-        if pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+        if not _finished(pod):
             ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
 
 
@@ -347,6 +347,8 @@ def _run(  # noqa: PLR0917
     if job.spec.checkpoint.volume == "persistentVolumeClaim":
         ctx.kube.create_if_absent(checkpoint_claim(job))
     pods = _job_pods(state, ctx)
+    if any(pod["metadata"].get("deletionTimestamp") and not _finished(pod) for pod in pods):
+        return  # an old trainer is still stopping (it holds the checkpoint): start none beside it
     live = [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
     current = live[-1] if live else None
     # Pods are the truth: a status write lost in an operator crash is recovered from their labels.
@@ -396,6 +398,10 @@ def _run(  # noqa: PLR0917
     logger.warning(f"attempt {attempts} failed ({error}); retrying from the last checkpoint")
     state.events.append(("Warning", "AttemptFailed", f"attempt {attempts} failed: {error}; retrying"))
     _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempts + 1)
+
+
+def _finished(pod: dict[str, Any]) -> bool:
+    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
 
 
 def _pod_attempt(pod: dict[str, Any]) -> int:
