@@ -34,6 +34,7 @@ test: lint
 
 crds: $(STAMP)
 	$(VENV)/bin/dptrain-crdgen --out crds
+	charts/dptrain/sync-crds.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -22,13 +23,24 @@ def _free_port() -> int:
 class OperatorProcess:
     """Starts the operator watching `namespace`; `kill()` simulates a crash, `start()` again restarts it."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_dir: Path, *, scrape_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_dir: Path,
+        *,
+        scrape_interval: float = 1.0,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        """extra_env (e.g. the env of the Helm chart's Deployment) is applied last, over the settings above; its
+        DPTRAIN_METRICS_PORT / DPTRAIN_LIVENESS_PORT, when set, are the ports metrics() and start() use."""
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_dir = log_dir
         self.scrape_interval = scrape_interval
-        self.metrics_port = _free_port()
-        self.liveness_port = _free_port()
+        self.extra_env = dict(extra_env or {})
+        self.metrics_port = int(self.extra_env.get("DPTRAIN_METRICS_PORT") or _free_port())
+        self.liveness_port = int(self.extra_env.get("DPTRAIN_LIVENESS_PORT") or _free_port())
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -46,6 +58,7 @@ class OperatorProcess:
             "DPTRAIN_SCRAPE_INTERVAL": str(self.scrape_interval),
             "DPTRAIN_METRICS_PORT": str(self.metrics_port),
             "DPTRAIN_LIVENESS_PORT": str(self.liveness_port),
+            **self.extra_env,
         }
         script = Path(sys.executable).parent / "dptrain-operator"
         with self.log_path.open("wb") as log:
