@@ -257,7 +257,7 @@ def test_suspend_and_resume(cluster: Cluster, namespace: str, node: FakeNode, op
         diagnose=diagnose(cluster, namespace, node, operator),
     )
     assert job["status"]["phase"] == "Succeeded"
-    assert job["status"]["attempts"] == 2
+    assert job["status"]["attempts"] == 2, diagnose(cluster, namespace, node, operator)()
     assert job["status"]["privacy"]["epsilonSpent"] <= 2.0
 
 
@@ -319,3 +319,4 @@ def test_operator_exports_dataset_budget_metrics(cluster: Cluster, namespace: st
     line = next(row for row in text.splitlines() if row.startswith("dptrain_dataset_epsilon_remaining{"))
     assert float(line.rsplit(" ", 1)[1]) == 5.0
     assert "dptrain_jobs{" in text
+
