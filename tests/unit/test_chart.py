@@ -853,7 +853,7 @@ def test_alerts(helm: str) -> None:
         "dptrain_dataset_epsilon_spent / (dptrain_dataset_epsilon_budget > 0) >= 0.9"
         in rules["DptrainDatasetBudgetNearlySpent"]["expr"]
     )
-    assert 'dptrain_jobs{phase="Failed"}' in rules["DptrainJobFailed"]["expr"]
+    assert "increase(dptrain_job_failures_total" in rules["DptrainJobFailed"]["expr"]
     assert rules["DptrainTrainerNotReporting"]["expr"].strip() == 'up{job="dptrain-trainer"} == 0'
     assert rules["DptrainEpsilonAboveTarget"]["expr"].strip() == "dptrain_epsilon_spent > dptrain_epsilon_target"
     exported = exported_metric_names() | {"up"}

@@ -16,6 +16,9 @@ class OperatorMetrics:
         self.reconcile_errors = Counter(
             "dptrain_reconcile_errors", "Reconciliations that raised an error", ["kind"], registry=self.registry
         )
+        self.job_failures = Counter(
+            "dptrain_job_failures", "DPTrainingJobs that ended Failed, by reason", ["reason"], registry=self.registry
+        )
         self.dataset_epsilon_remaining = Gauge(
             "dptrain_dataset_epsilon_remaining",
             "Privacy budget (ε) a PrivateDataset has left",

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 
 from dptrain_api import API_GROUP, API_VERSION
+from dptrain_operator.conditions import get_condition
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import forget_dataset, reconcile_dataset
 from dptrain_operator.handlers.jobs import delete_children, reconcile_job
@@ -43,6 +44,9 @@ def _reconcile_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> Non
             raise
         if state.status != (fresh.get("status") or {}):
             ctx.kube.patch_job_status(state.namespace, state.name, state.status)
+        if state.phase == "Failed" and (fresh.get("status") or {}).get("phase") != "Failed":
+            failed = get_condition(state.status.get("conditions"), "Failed") or {}
+            ctx.metrics.job_failures.labels(reason=failed.get("reason", "Unknown")).inc()
     for event_type, reason, message in state.events:
         kopf.event(body, type=event_type, reason=reason, message=message[:1024])
     ctx.metrics.observe_job(state.uid, state.status.get("phase"))
