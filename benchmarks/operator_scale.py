@@ -22,8 +22,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.cluster import start_cluster, stop_cluster  # noqa: E402
-from tests.support.operator import OperatorProcess  # noqa: E402
+from tests.support.cluster import start_cluster, stop_cluster
+from tests.support.operator import OperatorProcess
 
 
 def job(name: str) -> dict[str, Any]:
