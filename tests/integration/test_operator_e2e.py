@@ -319,4 +319,3 @@ def test_operator_exports_dataset_budget_metrics(cluster: Cluster, namespace: st
     line = next(row for row in text.splitlines() if row.startswith("dptrain_dataset_epsilon_remaining{"))
     assert float(line.rsplit(" ", 1)[1]) == 5.0
     assert "dptrain_jobs{" in text
-

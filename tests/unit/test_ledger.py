@@ -11,8 +11,8 @@ from dptrain_api import PrivacyBudget, PrivateDatasetStatus
 from dptrain_operator import ledger
 
 BUDGET = PrivacyBudget(epsilon=4.0, delta=1e-5)
-JOB_A = MechanismSegment(1.2, 0.05, 200)
-JOB_B = MechanismSegment(0.9, 0.2, 30)
+JOB_A = MechanismSegment(1.5, 0.02, 200)  # ε ≈ 0.86 alone
+JOB_B = MechanismSegment(1.2, 0.1, 30)  # ε ≈ 2.96 alone; together ≈ 3.08 (tight), not 3.82 (summed)
 
 
 def _direct_pld(segments: list[MechanismSegment], delta: float) -> float:
@@ -71,7 +71,9 @@ def test_commit_charges_what_the_journal_proves() -> None:
     assert entry is not None
     assert entry.state == "Committed"
     assert entry.steps == 120
-    expected_spent = compute_epsilon([MechanismSegment(1.2, 0.05, 120)], delta=BUDGET.delta)
+    expected_spent = compute_epsilon(
+        [MechanismSegment(JOB_A.noise_multiplier, JOB_A.sample_rate, 120)], delta=BUDGET.delta
+    )
     assert status.epsilon_spent == pytest.approx(expected_spent, abs=2e-6)
     assert status.epsilon_spent is not None
     assert status.epsilon_spent >= expected_spent  # shown values round up, never down

@@ -51,7 +51,7 @@ class PrivacyBudgetError(DptrainError):
     exit_code = 6
 
 
-class TrainingInterrupted(DptrainError):
+class TrainingInterrupted(DptrainError):  # noqa: N818 - a requested stop, not an error
     """A signal asked the trainer to stop: it finished the current step and checkpointed.
 
     ``exit_code`` is 128 + the signal number (143 for SIGTERM), as a shell reports a signalled process.

@@ -38,7 +38,13 @@ from dptrain_operator.scrape import exit_code, scrape, termination_message
 
 FINISHED = (JobPhase.SUCCEEDED.value, JobPhase.FAILED.value)
 # Trainer exit codes that retrying cannot fix (bad manifest, bad data, bad model): fail at once.
-PERMANENT_EXIT_CODES = {2: "InvalidConfiguration", 3: "InvalidData", 4: "InvalidModel"}
+PERMANENT_EXIT_CODES = {
+    2: "InvalidConfiguration",
+    3: "InvalidData",
+    4: "InvalidModel",
+    5: "CheckpointUnusable",  # a damaged journal or another job's checkpoint: retrying cannot help
+    6: "PrivacyBudgetExhausted",
+}
 _LEDGER_RETRIES = 50
 
 

@@ -1,0 +1,521 @@
+"""``dptrain``: train a DPTrainingJob locally or in a trainer pod, plan one, or compute ε / σ.
+
+Exit codes: 0 success, 1 unexpected crash, 2 bad manifest or configuration, 3 bad data, 4 bad model,
+5 unusable checkpoint/journal, 6 privacy budget refused, 128+N stopped by signal N (143 = SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from dptrain.errors import ConfigurationError, DptrainError, TrainingInterrupted
+from dptrain.report import format_up
+from dptrain_api import DPTrainingJob, ManifestError, PrivateDataset, load_documents, load_manifest_file, parse_resource
+
+if TYPE_CHECKING:
+    from dptrain.events import Progress, TrainingResult
+    from dptrain.plan import TrainingPlan
+
+__all__ = ["LoadedManifest", "build_parser", "load_job_manifest", "main"]
+
+logger = logging.getLogger("dptrain")
+
+
+# --- manifests -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedManifest:
+    job: DPTrainingJob
+    dataset: PrivateDataset | None
+    base_dir: Path
+    source: str
+
+
+def _select(resources: Sequence[DPTrainingJob | PrivateDataset], *, source: str, base_dir: Path) -> LoadedManifest:
+    jobs = [r for r in resources if isinstance(r, DPTrainingJob)]
+    if len(jobs) != 1:
+        raise ManifestError(f"{source}: expected exactly one DPTrainingJob, found {len(jobs)}")
+    job = jobs[0]
+    dataset: PrivateDataset | None = None
+    reference = job.spec.dataset.dataset_ref
+    if reference is not None:
+        matches = [r for r in resources if isinstance(r, PrivateDataset) and r.metadata.name == reference.name]
+        if not matches:
+            names = [r.metadata.name for r in resources if isinstance(r, PrivateDataset)]
+            raise ConfigurationError(
+                f"{source}: dataset.datasetRef names PrivateDataset {reference.name!r}, but the manifest holds "
+                f"{'PrivateDatasets ' + repr(names) if names else 'no PrivateDataset'}; add it to the manifest"
+            )
+        dataset = matches[0]
+    return LoadedManifest(job=job, dataset=dataset, base_dir=base_dir, source=source)
+
+
+def _parse_text(text: str, *, source: str) -> list[DPTrainingJob | PrivateDataset]:
+    return [parse_resource(doc, source=f"{source}[{i}]") for i, doc in enumerate(load_documents(text, source=source))]
+
+
+def load_job_manifest(
+    manifest: str | None, *, from_env: str | None = None, data_dir: Path | None = None
+) -> LoadedManifest:
+    """The DPTrainingJob (and the PrivateDataset it names) from a file, ``-`` (stdin) or an env var."""
+    if from_env is not None:
+        text = os.environ.get(from_env)
+        if text is None or not text.strip():
+            raise ConfigurationError(f"--from-env {from_env}: the environment variable is not set or empty")
+        source = f"${from_env}"
+        loaded = _select(_parse_text(text, source=source), source=source, base_dir=Path.cwd())
+    elif manifest is None:
+        raise ConfigurationError("give a MANIFEST file, - for stdin, or --from-env VAR")
+    elif manifest == "-":
+        loaded = _select(_parse_text(sys.stdin.read(), source="<stdin>"), source="<stdin>", base_dir=Path.cwd())
+    else:
+        path = Path(manifest)
+        loaded = _select(load_manifest_file(path), source=str(path), base_dir=path.resolve().parent)
+    if data_dir is not None:
+        loaded.base_dir = Path(data_dir)
+    return loaded
+
+
+def _example_count_source(loaded: LoadedManifest) -> str:
+    if loaded.dataset is not None and loaded.dataset.spec.num_examples is not None:
+        return (
+            f"PrivateDataset {loaded.dataset.metadata.name!r} spec.numExamples={loaded.dataset.spec.num_examples} "
+            "(public metadata; the trainer refuses data of another size)"
+        )
+    builtin = loaded.job.spec.dataset.builtin or (loaded.dataset.spec.source.builtin if loaded.dataset else None)
+    if builtin is not None:
+        return f"size of the built-in dataset {builtin!s} (public)"
+    return "number of records in the data file"
+
+
+# --- console output ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+class ConsoleProgress:
+    """A rich progress bar on a TTY; otherwise one plain line per checkpoint."""
+
+    def __init__(self, *, stream: TextIO, rich_bar: bool, quiet: bool) -> None:
+        self.stream = stream
+        self.rich_bar = rich_bar and not quiet
+        self.quiet = quiet
+        self.plan: TrainingPlan | None = None
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None:
+        self.plan = plan
+        if attempt > 1 or resumed_from_step > 0:
+            self._line(f"dptrain: resumed from step {resumed_from_step} (attempt {attempt})")
+        self._line(
+            f"dptrain: plan σ={format_up(plan.noise_multiplier)} q={plan.sample_rate:.4g} steps={plan.steps} "
+            f"δ={plan.delta:g} planned ε={format_up(plan.planned_epsilon, 5)} "
+            f"(target {plan.target_epsilon:g}, {plan.accountant})"
+        )
+        if self.rich_bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("ε {task.fields[eps]}/{task.fields[target]}"),
+                TextColumn("{task.fields[metric]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                "training",
+                total=plan.steps,
+                completed=resumed_from_step,
+                loss="—",
+                eps="—",
+                target=f"{plan.target_epsilon:g}",
+                metric="",
+            )
+
+    def on_step(self, progress: Progress) -> None:
+        metric = f"{progress.eval_metric} {_fmt(progress.eval_value)}" if progress.eval_value is not None else ""
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                completed=progress.step,
+                loss=_fmt(progress.loss),
+                eps=format_up(progress.epsilon_spent),
+                metric=metric,
+            )
+            return
+        if progress.checkpointed:
+            self._line(
+                f"step {progress.step}/{progress.total_steps} epoch {progress.epoch:.2f} loss {_fmt(progress.loss)} "
+                f"ε {format_up(progress.epsilon_spent, 5)}/{self.plan.target_epsilon if self.plan else '?'} {metric} "
+                f"{progress.examples_per_second:.0f} ex/s"
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def on_finish(self, result: TrainingResult) -> None:
+        self.close()
+
+    def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
+        self.close()
+
+
+def _summary(result: TrainingResult, *, output_dir: Path, files: Sequence[Path], console_file: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = result.plan
+    table = Table(title=f"dptrain: {result.dataset}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    if result.resumed_from_step or result.attempts > 1:
+        table.add_row("resumed", f"from step {result.resumed_from_step} (attempts: {result.attempts})")
+    table.add_row(
+        "ε spent",
+        f"{format_up(result.epsilon, 5)} (target {plan.target_epsilon:g}, "
+        f"planned {format_up(plan.planned_epsilon, 5)})",
+    )
+    table.add_row("δ", f"{plan.delta:g}")
+    table.add_row("σ (noise multiplier)", format_up(plan.noise_multiplier, 5))
+    table.add_row("q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size})")
+    table.add_row("steps", f"{result.steps_run} run, {result.charged_steps} charged, {plan.steps} planned")
+    table.add_row("accountant", plan.accountant)
+    for name, value in sorted(result.eval_metrics.items()):
+        marker = " (headline)" if name == result.eval_metric else ""
+        table.add_row(f"eval {name}{marker}", f"{value:.4f} (held-out, not DP)")
+    table.add_row("clipping", f"{result.clipping_mode}, C={plan.max_grad_norm:g}")
+    table.add_row("device", f"{result.device}, {result.threads} thread(s)")
+    table.add_row("time", f"{result.elapsed_seconds:.1f} s")
+    table.add_row("output", "\n".join(str(path) for path in files if path.exists()))
+    Console(file=console_file).print(table)
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _graceful_signals(stop: threading.Event, received: list[int]) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` (the engine finishes the step and checkpoints); a second SIGINT aborts."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
+    from dptrain.data import load_data
+    from dptrain.engine import train
+    from dptrain.journal import JOURNAL_NAME
+    from dptrain.metrics import PrometheusExporter, metric_labels
+    from dptrain.plan import make_plan, reserved_from_env
+    from dptrain.report import CURVES_NAME, REPORT_NAME, ReportWriter, default_termination_path
+
+    termination = Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
+    loaded: LoadedManifest | None = None
+    report: ReportWriter | None = None
+    exporter: PrometheusExporter | None = None
+    console: ConsoleProgress | None = None
+    output_dir: Path | None = Path(args.output) if args.output else None
+    stop = threading.Event()
+    received: list[int] = []
+    try:
+        loaded = load_job_manifest(
+            args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
+        )
+        job = loaded.job
+        if output_dir is None:
+            output_dir = Path("runs") / (job.metadata.name or "job")
+        report = ReportWriter(
+            output_dir=output_dir,
+            termination_path=termination,
+            job=job,
+            example_count_source=_example_count_source(loaded),
+        )
+        reserved = reserved_from_env()
+        data = load_data(job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir)
+        plan = make_plan(job, num_examples=data.num_examples, reserved=reserved)
+        report.plan = plan
+        exporter = PrometheusExporter(labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address)
+        port = exporter.start()
+        if port:
+            print(f"dptrain: metrics on http://{args.metrics_address}:{port}/metrics", file=sys.stderr)
+        console = ConsoleProgress(stream=sys.stderr, rich_bar=sys.stderr.isatty(), quiet=args.quiet)
+        with _graceful_signals(stop, received):
+            result = train(
+                job,
+                data,
+                plan,
+                workdir=output_dir,
+                observers=[console, exporter, report],
+                stop_event=stop,
+                stop_exit_code=128 + signal.SIGTERM,
+                base_dir=loaded.base_dir,
+            )
+        files = [
+            output_dir / MODEL_NAME,
+            output_dir / REPORT_NAME,
+            output_dir / CURVES_NAME,
+            output_dir / JOURNAL_NAME,
+            output_dir / CHECKPOINT_NAME,
+        ]
+        _summary(result, output_dir=output_dir, files=files, console_file=sys.stdout)
+        return 0
+    except BaseException as error:
+        if console is not None:
+            console.close()
+        if report is None and output_dir is not None:
+            report = ReportWriter(
+                output_dir=output_dir, termination_path=termination, job=loaded.job if loaded else None
+            )
+        if report is None:
+            report = ReportWriter(output_dir=Path(os.devnull), termination_path=termination)
+        if not report.failure_written:
+            try:
+                report.write_failure(error)
+            except Exception:  # pragma: no cover - never mask the original error
+                logger.exception("cannot write the failure termination message")
+        if isinstance(error, TrainingInterrupted):
+            if received:
+                error.exit_code = 128 + received[0]
+            print(f"dptrain: {error}", file=sys.stderr)
+            return int(error.exit_code)
+        raise
+    finally:
+        if exporter is not None:
+            exporter.close()
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dptrain.plan import make_plan, reserved_from_env
+
+    loaded = load_job_manifest(
+        args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
+    )
+    num_examples: int | None = None
+    if loaded.dataset is not None:
+        num_examples = loaded.dataset.spec.num_examples
+    if num_examples is None:
+        from dptrain.data import load_data
+
+        num_examples = load_data(
+            loaded.job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir
+        ).num_examples
+    plan = make_plan(loaded.job, num_examples=num_examples, reserved=reserved_from_env())
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "epochs": plan.epochs, "examples": num_examples}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan for {loaded.job.metadata.name or 'job'}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("examples", f"{num_examples} ({plan.train_size} train, {plan.eval_size} held out)")
+    table.add_row("q (sample rate)", f"{plan.sample_rate:.6g} (batch {plan.batch_size})")
+    table.add_row("steps", f"{plan.steps} ({plan.epochs:.3g} epochs)")
+    source = "reserved" if plan.reserved else ("fixed" if loaded.job.spec.privacy.noise_multiplier else "calibrated")
+    table.add_row("σ (noise multiplier)", f"{format_up(plan.noise_multiplier, 6)} ({source})")
+    table.add_row(
+        "planned ε", f"{format_up(plan.planned_epsilon, 5)} at δ={plan.delta:g} (target {plan.target_epsilon:g})"
+    )
+    table.add_row("accountant", plan.accountant)
+    table.add_row("clipping norm C", f"{plan.max_grad_norm:g}")
+    Console().print(table)
+    return 0
+
+
+def _cmd_epsilon(args: argparse.Namespace) -> int:
+    from dptrain import prv
+    from dptrain_accounting import (
+        AccountingError,
+        MechanismSegment,
+        calibrate_noise_multiplier,
+        compute_epsilon,
+        plan_steps,
+    )
+
+    prv.register()
+    if args.sample_rate is not None and args.steps is not None:
+        sample_rate, steps = float(args.sample_rate), int(args.steps)
+    elif None not in (args.dataset_size, args.batch_size, args.epochs):
+        try:
+            sample_rate, steps = plan_steps(
+                dataset_size=args.dataset_size, batch_size=args.batch_size, epochs=args.epochs
+            )
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
+    else:
+        raise ConfigurationError("give --sample-rate and --steps, or --dataset-size, --batch-size and --epochs")
+    try:
+        if args.target_epsilon is not None:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=args.target_epsilon,
+                delta=args.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=args.accountant,
+            )
+            epsilon = compute_epsilon(
+                [MechanismSegment(sigma, sample_rate, steps)], delta=args.delta, accountant=args.accountant
+            )
+            output: dict[str, Any] = {"noiseMultiplier": sigma, "epsilon": epsilon}
+            text = format_up(sigma, 6)
+        else:
+            if args.noise_multiplier is None:
+                raise ConfigurationError("give --noise-multiplier (to compute ε) or --target-epsilon (to calibrate σ)")
+            sigma = float(args.noise_multiplier)
+            epsilon = compute_epsilon(
+                [MechanismSegment(sigma, sample_rate, steps)], delta=args.delta, accountant=args.accountant
+            )
+            output = {"epsilon": epsilon, "noiseMultiplier": sigma}
+            text = format_up(epsilon, 6)
+    except (AccountingError, ValueError) as error:
+        raise ConfigurationError(str(error)) from None
+    output.update({"sampleRate": sample_rate, "steps": steps, "delta": args.delta, "accountant": args.accountant})
+    print(json.dumps(output) if args.json else text)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------------------
+
+
+def _add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "manifest",
+        nargs="?",
+        metavar="MANIFEST",
+        help="YAML/JSON file with the DPTrainingJob (and the PrivateDataset it names); - reads stdin",
+    )
+    parser.add_argument("--from-env", metavar="VAR", help="read the manifest from environment variable VAR instead")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder that file dataset paths are relative to (default: the manifest's folder)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dptrain", description="Differentially private training (DP-SGD, Opacus).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train a DPTrainingJob (resumes from --output's checkpoint)")
+    _add_manifest_arguments(run)
+    run.add_argument("--output", metavar="DIR", help="checkpoint and output folder (default: runs/<job name>)")
+    run.add_argument("--metrics-port", type=int, default=0, metavar="N", help="serve Prometheus metrics (0: off)")
+    run.add_argument(
+        "--metrics-address",
+        default=os.environ.get("DPTRAIN_METRICS_ADDRESS") or "0.0.0.0",
+        metavar="ADDR",
+        help="address to serve metrics on (default: $DPTRAIN_METRICS_ADDRESS, else 0.0.0.0)",
+    )
+    run.add_argument(
+        "--termination-message-path",
+        metavar="P",
+        help="where to write the termination message "
+        "(default: $DPTRAIN_TERMINATION_MESSAGE_PATH, or /dev/termination-log in a pod)",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar: plain lines at checkpoints only")
+    run.set_defaults(func=_cmd_run)
+
+    plan = commands.add_parser("plan", help="print the privacy plan (q, steps, σ, planned ε) without training")
+    _add_manifest_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_cmd_plan)
+
+    epsilon = commands.add_parser("epsilon", help="ε of a DP-SGD run, or the σ that meets a target ε")
+    epsilon.add_argument("--sample-rate", type=float, metavar="Q")
+    epsilon.add_argument("--steps", type=int, metavar="T")
+    epsilon.add_argument("--dataset-size", type=int, metavar="N", help="with --batch-size and --epochs, instead of Q/T")
+    epsilon.add_argument("--batch-size", type=int, metavar="B")
+    epsilon.add_argument("--epochs", type=float, metavar="E")
+    epsilon.add_argument("--noise-multiplier", type=float, metavar="S")
+    epsilon.add_argument("--target-epsilon", type=float, metavar="E", help="calibrate σ for this ε instead")
+    epsilon.add_argument("--delta", type=float, required=True, metavar="D")
+    epsilon.add_argument("--accountant", default="pld", choices=["pld", "prv", "rdp"])
+    epsilon.add_argument("--json", action="store_true", help="machine-readable output")
+    epsilon.set_defaults(func=_cmd_epsilon)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="dptrain: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("absl", "numexpr", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dptrain`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    _configure_logging(getattr(args, "quiet", False))
+    func: Callable[[argparse.Namespace], int] = args.func
+    started = time.monotonic()
+    try:
+        return func(args)
+    except ManifestError as error:
+        print(f"dptrain: error: {error}", file=sys.stderr)
+        return 2
+    except DptrainError as error:
+        print(f"dptrain: error: {error}", file=sys.stderr)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        print(f"dptrain: interrupted after {time.monotonic() - started:.0f} s", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

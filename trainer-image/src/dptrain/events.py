@@ -1,0 +1,95 @@
+"""What the engine tells observers (progress bar, Prometheus exporter, reports) while it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from dptrain.plan import TrainingPlan
+
+__all__ = ["FailureObserver", "Progress", "TrainingObserver", "TrainingResult"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One completed DP-SGD step."""
+
+    step: int
+    """Steps completed (global, across attempts)."""
+    total_steps: int
+    """Steps in the plan."""
+    epoch: float
+    """Expected epochs completed: step × sample rate."""
+    loss: float
+    """Training loss of this step's batch (NOT differentially private; NaN for an empty Poisson batch)."""
+    epsilon_spent: float
+    """ε charged by the journal so far, including the whole current chunk (a valid upper bound)."""
+    eval_metric: str
+    """Name of the headline eval metric (accuracy or auc)."""
+    eval_value: float | None
+    """Latest value of the eval metric on the held-out split (NOT DP); None before the first evaluation."""
+    examples_per_second: float
+    """Expected examples (batchSize per step) per second over the current chunk; data-independent."""
+    charged_steps: int = 0
+    """Steps the journal has charged (at least ``step``)."""
+    attempt: int = 1
+    """This attempt's number (1 + earlier attempts that charged steps)."""
+    checkpointed: bool = False
+    """True when this step ended a chunk and a checkpoint (with a fresh evaluation) was saved."""
+    eval_metrics: Mapping[str, float] = field(default_factory=dict)
+    """All latest held-out metrics (accuracy, loss, auc for binary tasks). NOT DP."""
+
+
+@dataclass
+class TrainingResult:
+    """A finished training run."""
+
+    plan: TrainingPlan
+    steps_run: int
+    """Steps behind the final model (fewer than the plan's when crashed chunks were charged but rolled back)."""
+    epsilon: float
+    """ε of everything the journal charged, composed by the plan's accountant at the plan's δ."""
+    journal: list[dict[str, Any]]
+    """The journal's entries (one per charged chunk, across attempts)."""
+    eval_metrics: dict[str, float]
+    """Final metrics on the held-out split (accuracy; auc for binary tasks; loss). NOT DP."""
+    history: list[dict[str, float]]
+    """Per step: step, epsilon (charged), loss."""
+    clipping_mode: str
+    """Opacus grad_sample_mode: "ghost" or "hooks"."""
+    elapsed_seconds: float
+    """Wall time of this attempt."""
+    attempts: int
+    """Attempts that charged steps (this one included)."""
+    model_path: Path
+    charged_steps: int = 0
+    resumed_from_step: int = 0
+    eval_metric: str = "accuracy"
+    dataset: str = ""
+    device: str = "cpu"
+    threads: int = 1
+    warnings: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+
+    @property
+    def eval_value(self) -> float | None:
+        return self.eval_metrics.get(self.eval_metric)
+
+
+@runtime_checkable
+class TrainingObserver(Protocol):
+    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None: ...
+
+    def on_step(self, progress: Progress) -> None: ...
+
+    def on_finish(self, result: TrainingResult) -> None: ...
+
+
+@runtime_checkable
+class FailureObserver(Protocol):
+    """Optional: observers with ``on_failure`` hear about an exception that ends training."""
+
+    def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None: ...

@@ -1,0 +1,139 @@
+"""Prometheus exporter for a training run (an observer of the engine), on its own registry.
+
+Every series carries ``job`` and ``namespace`` labels. ε, δ, σ, q and the step counts are privacy
+parameters (public); loss, eval metrics and throughput are NOT differentially private and should
+be treated like any other model output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from dptrain.events import Progress, TrainingResult
+
+if TYPE_CHECKING:
+    from dptrain.plan import TrainingPlan
+    from dptrain_api.job import DPTrainingJob
+
+__all__ = ["JOB_NAMESPACE_ENV", "JOB_NAME_ENV", "PrometheusExporter", "metric_labels"]
+
+JOB_NAME_ENV: Final = "DPTRAIN_JOB_NAME"
+JOB_NAMESPACE_ENV: Final = "DPTRAIN_JOB_NAMESPACE"
+_LABELS: Final = ("job", "namespace")
+
+
+def metric_labels(job: DPTrainingJob | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``job``/``namespace`` from DPTRAIN_JOB_NAME/DPTRAIN_JOB_NAMESPACE, else the manifest, else local/default."""
+    env = os.environ if environ is None else environ
+    name = env.get(JOB_NAME_ENV) or (job.metadata.name if job is not None else None) or "local"
+    namespace = env.get(JOB_NAMESPACE_ENV) or (job.metadata.namespace if job is not None else None) or "default"
+    return {"job": name, "namespace": namespace}
+
+
+class PrometheusExporter:
+    """Serves the run's gauges over HTTP (``start``) and updates them as the engine reports progress."""
+
+    def __init__(self, *, labels: Mapping[str, str], port: int = 0, address: str = "0.0.0.0") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {key: str(labels[key]) for key in _LABELS}
+        self.port = port
+        self.address = address
+        self._server: Any = None
+        self._thread: Any = None
+        self._steps_seen = 0
+        names = list(_LABELS)
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, names, registry=self.registry)
+
+        self.epsilon_spent = gauge(
+            "dptrain_epsilon_spent", "Privacy loss ε charged so far by the write-ahead journal (valid upper bound)"
+        )
+        self.epsilon_target = gauge("dptrain_epsilon_target", "The job's ε budget")
+        self.delta = gauge("dptrain_delta", "δ of the (ε, δ) guarantee")
+        self.noise_multiplier = gauge("dptrain_noise_multiplier", "σ: Gaussian noise std relative to the clipping norm")
+        self.sample_rate = gauge("dptrain_sample_rate", "Poisson sampling rate q")
+        self.train_loss = gauge("dptrain_train_loss", "Latest training loss (NOT differentially private)")
+        self.eval_accuracy = gauge("dptrain_eval_accuracy", "Held-out accuracy (NOT differentially private)")
+        self.eval_auc = gauge("dptrain_eval_auc", "Held-out ROC AUC, binary tasks (NOT differentially private)")
+        self.examples_per_second = gauge("dptrain_examples_per_second", "Expected training examples per second")
+        self.progress_ratio = gauge("dptrain_progress_ratio", "Completed steps / planned steps")
+        self.planned_steps = gauge("dptrain_planned_steps", "Steps in the privacy plan")
+        self.charged_steps = gauge("dptrain_charged_steps", "Steps charged by the privacy journal (crashed ones too)")
+        self.attempt = gauge("dptrain_attempt", "Attempt number of this trainer process (1 + earlier attempts)")
+        self.finished = gauge("dptrain_training_finished", "1 once training has finished successfully, else 0")
+        self.steps = Counter("dptrain_steps", "DP-SGD steps completed (global step)", names, registry=self.registry)
+
+    # --- serving ------------------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start serving on ``address:port`` (no-op when port is 0); returns the bound port (0 when off)."""
+        if self.port == 0 or self._server is not None:
+            return self.bound_port
+        self._server, self._thread = start_http_server(self.port, addr=self.address, registry=self.registry)
+        return self.bound_port
+
+    @property
+    def bound_port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # --- observer ---------------------------------------------------------------------------------------
+
+    def _set(self, gauge: Gauge, value: float | None) -> None:
+        if value is not None and math.isfinite(value):
+            gauge.labels(**self.labels).set(value)
+
+    def _set_eval(self, metrics: Mapping[str, float]) -> None:
+        self._set(self.eval_accuracy, metrics.get("accuracy"))
+        if "auc" in metrics:
+            self._set(self.eval_auc, metrics["auc"])
+
+    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None:
+        self._set(self.epsilon_target, plan.target_epsilon)
+        self._set(self.delta, plan.delta)
+        self._set(self.noise_multiplier, plan.noise_multiplier)
+        self._set(self.sample_rate, plan.sample_rate)
+        self._set(self.planned_steps, plan.steps)
+        self._set(self.attempt, attempt)
+        self._set(self.progress_ratio, resumed_from_step / plan.steps)
+        self._set(self.finished, 0)
+        if resumed_from_step > self._steps_seen:
+            self.steps.labels(**self.labels).inc(resumed_from_step - self._steps_seen)
+            self._steps_seen = resumed_from_step
+        self.steps.labels(**self.labels)  # expose 0 before the first step
+
+    def on_step(self, progress: Progress) -> None:
+        self._set(self.epsilon_spent, progress.epsilon_spent)
+        self._set(self.charged_steps, progress.charged_steps)
+        self._set(self.train_loss, progress.loss)
+        self._set(self.examples_per_second, progress.examples_per_second)
+        self._set(self.progress_ratio, progress.step / progress.total_steps)
+        self._set_eval(progress.eval_metrics)
+        if progress.step > self._steps_seen:
+            self.steps.labels(**self.labels).inc(progress.step - self._steps_seen)
+            self._steps_seen = progress.step
+
+    def on_finish(self, result: TrainingResult) -> None:
+        self._set(self.epsilon_spent, result.epsilon)
+        self._set(self.charged_steps, result.charged_steps)
+        self._set(self.progress_ratio, result.steps_run / result.plan.steps)
+        self._set_eval(result.eval_metrics)
+        if result.steps_run > self._steps_seen:
+            self.steps.labels(**self.labels).inc(result.steps_run - self._steps_seen)
+            self._steps_seen = result.steps_run
+        self._set(self.finished, 1)
+
+    def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
+        self._set(self.epsilon_spent, epsilon_spent)
+        self._set(self.charged_steps, charged_steps)
