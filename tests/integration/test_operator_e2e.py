@@ -319,3 +319,13 @@ def test_operator_exports_dataset_budget_metrics(cluster: Cluster, namespace: st
     line = next(row for row in text.splitlines() if row.startswith("dptrain_dataset_epsilon_remaining{"))
     assert float(line.rsplit(" ", 1)[1]) == 5.0
     assert "dptrain_jobs{" in text
+
+
+def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
+    apply(
+        cluster,
+        namespace,
+        job_manifest("short-lived", privacy={"delta": 0.01}, runPolicy={"ttlSecondsAfterFinished": 8}),
+    )
+    wait_for(phase_is(cluster, namespace, "short-lived", "Failed"), timeout=60, what="the job to finish")
+    wait_for(lambda: not get(cluster, namespace, "dptj", "short-lived") or None, timeout=30, what="TTL deletion")
