@@ -91,7 +91,7 @@ class ModelSpec(ApiModel):
     """custom only: `module:function` returning a torch.nn.Module, called with
     (num_features, num_classes, input_shape, **factoryArgs)."""
     factory_args: dict[str, Any] = Field(
-        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+        default={}, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
     """custom only: keyword arguments passed to the factory."""
     pretrained_weights: Annotated[str, Field(min_length=1)] | None = None
@@ -173,9 +173,9 @@ class ResourcesSpec(ApiModel):
     """Memory request and limit."""
     gpus: Annotated[int, Field(ge=0, le=16)] = 0
     """NVIDIA GPUs (nvidia.com/gpu limit)."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default={})
     """Node labels the trainer pod must match."""
-    tolerations: list[Toleration] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default=[])
     """Taints the trainer pod tolerates."""
     priority_class_name: str | None = None
     """PriorityClass of the trainer pod."""
