@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
@@ -106,3 +108,19 @@ def test_recompute_after_budget_change() -> None:
     assert recomputed.epsilon_remaining is not None
     assert status.epsilon_remaining is not None
     assert recomputed.epsilon_remaining == pytest.approx(status.epsilon_remaining + 6.0, abs=2e-6)
+
+
+def test_ledger_charge_equals_the_trainers_journal_epsilon(tmp_path: Path) -> None:
+    """The same mechanism costs the same ε in the operator's ledger and in the trainer's journal."""
+    from dptrain.journal import PrivacyJournal  # the trainer, imported by the test only
+
+    journal = PrivacyJournal(tmp_path / "journal.jsonl")
+    sigma, q = JOB_A.noise_multiplier, JOB_A.sample_rate
+    journal.initialise(job_hash="h", noise_multiplier=sigma, sample_rate=q, max_steps=200)
+    for start in range(0, 200, 50):
+        journal.append_intent(MechanismSegment(sigma, q, 50), attempt=1, start_step=start)
+    reserved = ledger.reserve(None, BUDGET, job_name="a", job_uid="uid-a", mechanism=JOB_A)
+    committed = ledger.commit(reserved, BUDGET, job_uid="uid-a", steps_ran=journal.charged_steps)
+    trainer_epsilon = journal.epsilon(BUDGET.delta, "pld")
+    assert committed.epsilon_spent == ledger.round_up(trainer_epsilon)
+    assert ledger.composed_epsilon(committed.ledger, BUDGET.delta) == pytest.approx(trainer_epsilon, rel=1e-12)
