@@ -25,6 +25,11 @@ def _get(cluster: Any, namespace: str, kind: str, name: str) -> dict[str, Any]:
     return loaded
 
 
+def _patch_status(cluster: Any, namespace: str, name: str, status: dict[str, Any]) -> None:
+    patch = json.dumps(status)
+    cluster.kubectl("patch", "dptj", name, "-n", namespace, "--subresource", "status", "--type", "merge", "-p", patch)
+
+
 def test_examples_are_accepted(cluster: Any, namespace: str) -> None:
     documents = example_documents()
     assert documents
@@ -69,19 +74,7 @@ def test_printer_columns_and_short_names(cluster: Any, namespace: str) -> None:
     job = base_manifest("job")
     _apply(cluster, namespace, job)
     status = {"status": {"phase": "Running", "privacy": {"epsilonSpent": 1.25}, "progress": {"percent": "42%"}}}
-    cluster.kubectl(
-        "patch",
-        "dptj",
-        job["metadata"]["name"],
-        "-n",
-        namespace,
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
-        json.dumps(status),
-    )
+    _patch_status(cluster, namespace, job["metadata"]["name"], status)
     table = cluster.kubectl("get", "dptj", "-n", namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "EPSILON", "TARGET", "PROGRESS", "AGE"]
     row = table[1].split()
@@ -97,19 +90,7 @@ def test_status_schema_prunes_unknown_fields(cluster: Any, namespace: str) -> No
     job = base_manifest("job")
     _apply(cluster, namespace, job)
     name = job["metadata"]["name"]
-    cluster.kubectl(
-        "patch",
-        "dptj",
-        name,
-        "-n",
-        namespace,
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
-        json.dumps({"status": {"phase": "Pending", "bogus": 1}}),
-    )
+    _patch_status(cluster, namespace, name, {"status": {"phase": "Pending", "bogus": 1}})
     assert _get(cluster, namespace, "dptj", name)["status"] == {"phase": "Pending"}
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -64,20 +63,6 @@ T = TypeVar("T")
 # --- helm ----------------------------------------------------------------------------------------------------------
 
 
-def _helm_binary() -> str | None:
-    found = shutil.which("helm")
-    if found:
-        return found
-    install = cluster_support.testenv_dir() / "install.sh"
-    if not install.is_file():
-        return None
-    result = subprocess.run([str(install)], capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0 or not result.stdout.strip():
-        return None
-    candidate = Path(result.stdout.strip().splitlines()[-1]) / "helm"
-    return str(candidate) if candidate.is_file() else None
-
-
 class Helm:
     def __init__(self, binary: str, kubeconfig: Path, work_dir: Path) -> None:
         self.binary = binary
@@ -110,7 +95,7 @@ class Helm:
 
 @pytest.fixture(scope="module")
 def helm_binary() -> str:
-    binary = _helm_binary()
+    binary = cluster_support.helm_binary()
     if binary is None:
         pytest.skip(f"helm not found: not on PATH and no {cluster_support.testenv_dir() / 'install.sh'} to unpack it")
     return binary

@@ -13,9 +13,11 @@ from a fresh ``kubernetes.client.Configuration``: the global default configurati
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -275,3 +277,19 @@ def purge_namespace(cluster: Cluster, namespace: str) -> None:
     except ApiException as error:
         if error.status != 404:
             raise
+
+
+@functools.cache
+def helm_binary() -> str | None:
+    """helm from PATH, else the one ../shared/testenv/install.sh unpacks; None if neither exists."""
+    found = shutil.which("helm")
+    if found:
+        return found
+    install = testenv_dir() / "install.sh"
+    if not install.is_file():
+        return None
+    result = subprocess.run([str(install)], capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0 or not result.stdout.strip():
+        return None
+    candidate = Path(result.stdout.strip().splitlines()[-1]) / "helm"
+    return str(candidate) if candidate.is_file() else None

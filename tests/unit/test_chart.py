@@ -96,24 +96,9 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
 # --- tools ------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def helm_binary() -> str | None:
-    found = shutil.which("helm")
-    if found:
-        return found
-    install = cluster_support.testenv_dir() / "install.sh"
-    if not install.is_file():
-        return None
-    result = subprocess.run([str(install)], capture_output=True, text=True, timeout=120, check=False)
-    candidate = (
-        Path(result.stdout.strip().splitlines()[-1]) / "helm" if result.returncode == 0 and result.stdout else None
-    )
-    return str(candidate) if candidate is not None and candidate.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
-    binary = helm_binary()
+    binary = cluster_support.helm_binary()
     if binary is None:
         pytest.skip(f"helm not found: not on PATH and no {cluster_support.testenv_dir() / 'install.sh'} to unpack it")
     return binary
@@ -128,7 +113,7 @@ def promtool() -> str:
 
 
 def run_helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    binary = helm_binary()
+    binary = cluster_support.helm_binary()
     assert binary is not None
     result = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60, check=False)
     if check and result.returncode != 0:
