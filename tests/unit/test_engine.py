@@ -90,7 +90,7 @@ def test_uninterrupted_run_reports_the_journal_epsilon(
     assert [entry["startStep"] for entry in result.journal] == [0, 5, 10]
     assert result.attempts == 1
     assert result.resumed_from_step == 0
-    assert result.clipping_mode == "ghost"  # logistic regression: Linear layers only
+    assert result.clipping_mode == "bookkeeping"  # logistic regression: Linear layers only
     assert set(result.eval_metrics) == {"accuracy", "auc", "loss"}
     assert 0.5 < result.eval_metrics["accuracy"] <= 1.0
     assert [h["step"] for h in result.history] == list(range(1, plan.steps + 1))

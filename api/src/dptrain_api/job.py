@@ -90,9 +90,7 @@ class ModelSpec(ApiModel):
     factory: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
     """custom only: `module:function` returning a torch.nn.Module, called with
     (num_features, num_classes, input_shape, **factoryArgs)."""
-    factory_args: dict[str, Any] = Field(
-        default={}, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
-    )
+    factory_args: dict[str, Any] = Field(default={}, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     """custom only: keyword arguments passed to the factory."""
     pretrained_weights: Annotated[str, Field(min_length=1)] | None = None
     """Path (or file:// URI) of PUBLIC pretrained weights (a torch state_dict) to start from. Never private data."""

@@ -207,8 +207,8 @@ class PrivateTraining:
     """Opacus-wrapped model, optimizer and criterion, and a Poisson loader split into physical batches."""
 
     model: nn.Module
-    optimizer: Any  # opacus DPOptimizer (or its fast-gradient-clipping subclass)
-    criterion: Any  # nn.CrossEntropyLoss (hooks) or Opacus' DPLossFastGradientClipping (ghost)
+    optimizer: Any  # opacus DPOptimizer (or its fast-gradient-clipping or book-keeping subclass)
+    criterion: Any  # nn.CrossEntropyLoss (hooks, bookkeeping) or Opacus' DPLossFastGradientClipping (ghost)
     loader: DataLoader[Any]
     """Poisson batches with rate exactly plan.sample_rate, split into physical micro-batches."""
     clipping_mode: str
@@ -216,25 +216,25 @@ class PrivateTraining:
     """steps_taken[0] counts optimizer steps that added noise (one per logical batch)."""
 
 
-def make_private_training(
+def _auto_clipping_mode(model: nn.Module) -> str:
+    from dptrain.bookkeeping import supports_bookkeeping
+
+    if supports_bookkeeping(model):
+        return "bookkeeping"
+    return "ghost" if supports_ghost_clipping(model) else "hooks"
+
+
+def _opacus_wrap(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train_set: TensorDataset,
+    dataset: TensorDataset,
     *,
     plan: TrainingPlan,
+    mode: str,
     noise_generator: torch.Generator | None,
-    sampling_generator: torch.Generator | None,
-    clipping_mode: str | None = None,
-) -> PrivateTraining:
-    """Wrap with Opacus (Poisson sampling, per-example clipping at plan.max_grad_norm, noise plan σ)."""
+) -> tuple[nn.Module, Any, Any]:
     from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError("the model has no trainable parameters")
-    mode = clipping_mode or ("ghost" if supports_ghost_clipping(model) else "hooks")
-    dataset = _BatchTensorDataset(*train_set.tensors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure-RNG and accountant chatter: the report states the caveats
         engine = PrivacyEngine(secure_mode=False)
@@ -258,6 +258,49 @@ def make_private_training(
     else:
         private_model, private_optimizer, _ = wrapped
         criterion = nn.CrossEntropyLoss()
+    return private_model, private_optimizer, criterion
+
+
+def make_private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: TensorDataset,
+    *,
+    plan: TrainingPlan,
+    noise_generator: torch.Generator | None,
+    sampling_generator: torch.Generator | None,
+    clipping_mode: str | None = None,
+) -> PrivateTraining:
+    """Wrap with Opacus (Poisson sampling, per-example clipping at plan.max_grad_norm, noise plan σ).
+
+    ``clipping_mode``: "bookkeeping" (Linear-only models, dptrain.bookkeeping), or Opacus' "ghost" /
+    "hooks"; automatic by default (the fastest that is exact for the model, benchmarks/step_time.py).
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("the model has no trainable parameters")
+    mode = clipping_mode or _auto_clipping_mode(model)
+    dataset = _BatchTensorDataset(*train_set.tensors)
+    if mode == "bookkeeping":
+        from dptrain.bookkeeping import BookkeepingOptimizer
+
+        # Linear-only models: one backward pass, norms from activations × output gradients (bookkeeping.py).
+        private_model: nn.Module = model
+        private_optimizer: Any = BookkeepingOptimizer(
+            optimizer,
+            model=model,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.batch_size,
+            generator=noise_generator,
+        )
+        criterion: Any = nn.CrossEntropyLoss()
+    else:
+        private_model, private_optimizer, criterion = _opacus_wrap(
+            model, optimizer, dataset, plan=plan, mode=mode, noise_generator=noise_generator
+        )
     # Mean reduction divides the noised sum by the EXPECTED batch size q·n (data-independent).
     private_optimizer.expected_batch_size = plan.batch_size
     steps_taken = [0]
@@ -356,7 +399,7 @@ def train(
 
     ``stop_event`` (set by a SIGTERM handler) ends training after the current step: the model is
     checkpointed and :class:`TrainingInterrupted` raised (exit code ``stop_exit_code``).
-    ``clipping_mode`` forces Opacus' grad_sample_mode ("ghost"/"hooks"); auto by default.
+    ``clipping_mode`` forces "bookkeeping" or Opacus' grad_sample_mode ("ghost"/"hooks"); auto by default.
     ``base_dir`` resolves a relative ``model.pretrainedWeights`` path (the manifest's folder).
     """
     started = time.monotonic()

@@ -59,7 +59,7 @@ class TrainingResult:
     history: list[dict[str, float]]
     """Per step: step, epsilon (charged), loss."""
     clipping_mode: str
-    """Opacus grad_sample_mode: "ghost" or "hooks"."""
+    """"bookkeeping" (dptrain.bookkeeping), or Opacus grad_sample_mode "ghost" or "hooks"."""
     elapsed_seconds: float
     """Wall time of this attempt."""
     attempts: int
