@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -455,34 +454,6 @@ def test_schema_is_closed_everywhere() -> None:
     assert not open_objects, f"objects accepting unknown keys: {open_objects}"
 
 
-def _values_lines() -> list[str]:
-    return (CHART / "values.yaml").read_text().splitlines()
-
-
-_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[^\s#:][^:]*?|\"[^\"]+\"):(?:\s|$)")
-
-
-def iter_value_keys() -> Iterator[tuple[str, int, list[str]]]:
-    """(dotted key path, line number, the comment lines directly above it) for every key of values.yaml."""
-    lines = _values_lines()
-    stack: list[tuple[int, str]] = []
-    for number, line in enumerate(lines):
-        match = _KEY_LINE.match(line)
-        if not match or line.lstrip().startswith("- "):
-            continue
-        indent = len(match.group("indent"))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        key = match.group("key").strip('"')
-        stack.append((indent, key))
-        comment: list[str] = []
-        above = number - 1
-        while above >= 0 and lines[above].startswith(" " * indent + "#"):
-            comment.insert(0, lines[above].strip())
-            above -= 1
-        yield ".".join(part.replace(".", "\\.") for _, part in stack), number + 1, comment
-
-
 def _keys_of(values: Any, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     if isinstance(values, dict):
@@ -494,10 +465,11 @@ def _keys_of(values: Any, prefix: str = "") -> set[str]:
 
 
 def test_every_value_has_a_comment() -> None:
-    found = list(iter_value_keys())
-    parsed = _keys_of(yaml.safe_load((CHART / "values.yaml").read_text()))
-    assert {key for key, _, _ in found} == parsed  # the line parser saw every key
-    undocumented = [f"{key} (line {line})" for key, line, comment in found if not comment or comment == ["# --"]]
+    """Uses the README table generator's own parser, so the table and this check read comments alike."""
+    text = (CHART / "values.yaml").read_text()
+    comments: dict[str, str] = _load_values_table_script()._comments(text.splitlines())
+    assert set(comments) == _keys_of(yaml.safe_load(text))  # the line parser saw every key
+    undocumented = [key for key, comment in comments.items() if not comment]
     assert not undocumented, f"values without a comment: {undocumented}"
 
 
