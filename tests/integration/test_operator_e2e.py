@@ -328,4 +328,29 @@ def test_finished_job_is_deleted_after_its_ttl(cluster: Cluster, namespace: str,
         job_manifest("short-lived", privacy={"delta": 0.01}, runPolicy={"ttlSecondsAfterFinished": 8}),
     )
     wait_for(phase_is(cluster, namespace, "short-lived", "Failed"), timeout=60, what="the job to finish")
-    wait_for(lambda: not get(cluster, namespace, "dptj", "short-lived") or None, timeout=30, what="TTL deletion")
+    wait_for(
+        lambda: not get(cluster, namespace, "dptj", "short-lived") or None,
+        timeout=30,
+        what="TTL deletion",
+        diagnose=lambda: json.dumps(get(cluster, namespace, "dptj", "short-lived"), indent=1) + operator.logs()[-3000:],
+    )
+
+
+def test_replaced_checkpoint_claim_fails_the_job_and_keeps_it_charged(
+    cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
+) -> None:
+    """A retry on an empty claim would start a fresh journal and hide what earlier attempts spent."""
+    apply(cluster, namespace, dataset_manifest("ward", epsilon=8.0))
+    apply(
+        cluster,
+        namespace,
+        job_manifest("fragile", dataset={"datasetRef": {"name": "ward"}}, training={"epochs": 50}),
+    )
+    job = wait_for(phase_is(cluster, namespace, "fragile", "Running"), timeout=60, what="Running")
+    assert job["status"]["checkpointClaimUid"]
+    planned = job["status"]["privacy"]["plannedSteps"]
+    cluster.kubectl("delete", "pvc", "fragile-checkpoint", "-n", namespace)
+    job = wait_for(phase_is(cluster, namespace, "fragile", "Failed"), timeout=60, what="CheckpointLost")
+    assert condition(job, "Failed")["reason"] == "CheckpointLost"
+    (entry,) = get(cluster, namespace, "pds", "ward")["status"]["ledger"]
+    assert (entry["state"], entry["steps"]) == ("Committed", planned)

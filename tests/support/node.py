@@ -11,7 +11,8 @@ to it, as local processes, writing ``status`` the way a kubelet does::
 What it does, per pod
 ---------------------
 * binds it (``spec.nodeName``, JSON merge patch with a resourceVersion precondition, so several
-  nodes can share a cluster), gives it a unique loopback address ``127.0.0.X`` (X from 2 up, freed
+  nodes can share a cluster), gives it a unique loopback address ``127.0.0.X`` (X from 2 up, freed;
+  ``127.0.N+1.X`` under pytest-xdist worker gwN, so parallel workers never collide)
   when the pod object is gone) as ``status.podIP``/``podIPs`` (``hostIP`` is 127.0.0.1), writes
   ``Pending``, then starts the containers and writes ``Running`` with the conditions
   (PodScheduled, PodReadyToStartContainers, Initialized, ContainersReady, Ready) and
@@ -941,8 +942,12 @@ class FakeNode:
         return None
 
     def _allocate_ip(self, uid: str) -> str:
+        # Parallel test workers (pytest-xdist gwN) each run their own node: give each its own /24
+        # (127.0.N+1.x) so two trainers never bind the same address and port.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        first = 2 + 256 * (int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0)
         with self._lock:
-            for host in range(2, 65535):
+            for host in range(first, 65535):
                 if host % 256 in (0, 255) or host in self._ips:
                     continue
                 self._ips[host] = uid

@@ -284,6 +284,9 @@ class DPTrainingJobStatus(ApiModel):
     """Training progress."""
     attempts: int | None = None
     """Trainer pods started so far (1 + retries)."""
+    checkpoint_claim_uid: str | None = None
+    """UID of the checkpoint claim the first attempt used. A replaced claim means the privacy journal of
+    earlier attempts is gone: the job fails (CheckpointLost) instead of retrying, and stays charged in full."""
     start_time: datetime | None = None
     """When the first trainer pod was created."""
     completion_time: datetime | None = None

@@ -116,6 +116,13 @@ class Kube:
     def delete_config_map(self, namespace: str, name: str) -> None:
         _ignore(404, lambda: self.core.delete_namespaced_config_map(name, namespace, _preload_content=False))
 
+    def claim_uid(self, namespace: str, name: str) -> str | None:
+        response = _ignore(
+            404,
+            lambda: self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False),
+        )
+        return None if response is None else str(json.loads(response.data)["metadata"]["uid"])
+
     def delete_claim(self, namespace: str, name: str) -> None:
         _ignore(
             404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)

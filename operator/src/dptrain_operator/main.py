@@ -28,6 +28,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 20
+    # A deleted job's timer may be mid-reconciliation; re-check soon (kopf's default is 60 s) so the
+    # finalizer is released, and the job gone, within seconds.
+    settings.background.cancellation_polling = 1.0
 
 
 def run(argv: list[str] | None = None) -> None:

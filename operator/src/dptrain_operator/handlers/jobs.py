@@ -350,8 +350,8 @@ def _run(  # noqa: PLR0917
     if state.status.get("phase") == JobPhase.SUSPENDED.value:
         state.condition("Suspended", False, "Resumed", "resumed from the last checkpoint")
     ctx.kube.create_if_absent(job_config_map(job, dataset))
-    if job.spec.checkpoint.volume == "persistentVolumeClaim":
-        ctx.kube.create_if_absent(checkpoint_claim(job))
+    if job.spec.checkpoint.volume == "persistentVolumeClaim" and not _checkpoint_claim_intact(job, state, ctx):
+        return
     pods = _job_pods(state, ctx)
     if any(pod["metadata"].get("deletionTimestamp") and not _finished(pod) for pod in pods):
         return  # an old trainer is still stopping (it holds the checkpoint): start none beside it
@@ -404,6 +404,27 @@ def _run(  # noqa: PLR0917
     logger.warning(f"attempt {attempts} failed ({error}); retrying from the last checkpoint")
     state.events.append(("Warning", "AttemptFailed", f"attempt {attempts} failed: {error}; retrying"))
     _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempts + 1)
+
+
+def _checkpoint_claim_intact(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> bool:
+    """Create the claim on first use and remember its UID. Should it later be replaced (deleted and
+    re-created empty), the journal of earlier attempts is gone: a retry would start a fresh journal
+    and the ledger could no longer learn what those attempts spent, so the job fails instead."""
+    ctx.kube.create_if_absent(checkpoint_claim(job))
+    uid = ctx.kube.claim_uid(state.namespace, checkpoint_claim_name(state.name))
+    known = state.status.get("checkpointClaimUid")
+    if uid is not None and known is None:
+        state.status["checkpointClaimUid"] = uid
+    if known is None or uid == known:
+        return True
+    _stop_pods(state, ctx)
+    _commit(state, ctx, steps_ran=None)
+    state.fail(
+        "CheckpointLost",
+        f"checkpoint claim {checkpoint_claim_name(state.name)} was replaced while the job ran: the privacy journal "
+        "of earlier attempts is gone, so their spend stays charged in full; create a new job to train again",
+    )
+    return False
 
 
 def _finished(pod: dict[str, Any]) -> bool:
