@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support.cluster import Cluster, cluster_or_skip, purge_namespace, raw_request
+from tests.support.node import FakeNode
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +27,13 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     raw_request(cluster.api, "POST", "/api/v1/namespaces", body)
     yield name
     purge_namespace(cluster, name)
+
+
+@pytest.fixture
+def node(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[FakeNode]:
+    """A fake kubelet running this namespace's pods as local processes; it must log no internal error."""
+    fake = FakeNode(cluster.api, namespace, work_dir=tmp_path / "node")
+    fake.start()
+    yield fake
+    fake.stop()
+    assert fake.errors == []

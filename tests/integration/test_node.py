@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,6 @@ from tests.support.node import FakeNode, expand, parse_quantity, resource_field_
 pytestmark = pytest.mark.integration
 
 PY = sys.executable
-
-
-@pytest.fixture
-def node(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[FakeNode]:
-    fake = FakeNode(cluster.api, namespace, work_dir=tmp_path / "node")
-    fake.start()
-    yield fake
-    fake.stop()
-    assert fake.errors == []
 
 
 def _pod(name: str, command: list[str], **container: Any) -> dict[str, Any]:

@@ -21,14 +21,6 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def node(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[FakeNode]:
-    fake = FakeNode(cluster.api, namespace, work_dir=tmp_path / "node")
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     process = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator")
     process.start()

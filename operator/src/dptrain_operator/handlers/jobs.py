@@ -103,9 +103,7 @@ class JobState:
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
-def reconcile_job(
-    body: dict[str, Any], ctx: OperatorContext, logger: logging.Logger | logging.LoggerAdapter[Any]
-) -> JobState:
+def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> JobState:
     """One reconciliation step; returns the state whose status the caller writes and whose events it posts."""
     state = JobState(body=body, status=_copy_status(body), events=[])
     if state.phase in FINISHED:
