@@ -124,9 +124,13 @@ def test_job_runs_to_success_and_reports_epsilon(
     assert condition(job, "Succeeded")["status"] == "True"
     assert job["status"]["attempts"] == 1
     assert pod_latency < 30
-    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    reasons = {event["reason"] for event in json.loads(events)["items"]}
-    assert {"Admitted", "PodCreated", "Succeeded"} <= reasons
+
+    def reasons() -> set[str]:
+        events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+        return {event["reason"] for event in json.loads(events)["items"]}
+
+    # kopf posts events in the background, just after the status write.
+    wait_for(lambda: {"Admitted", "PodCreated", "Succeeded"} <= reasons(), timeout=10, what=f"events, got {reasons()}")
     table = cluster.kubectl("get", "dptj", "tiny", "-n", namespace).stdout
     assert "Succeeded" in table
     assert "100%" in table

@@ -18,8 +18,9 @@ import yaml
 
 from dptrain.cli import main
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
-from dptrain.report import CURVES_NAME, REPORT_NAME, fit_termination_message
+from dptrain.report import CURVES_NAME, REPORT_NAME
 from dptrain_accounting import MechanismSegment, compute_epsilon
+from dptrain_api import ExitCode, Mechanism, RunOutcome, TerminationMessage
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -83,11 +84,9 @@ def test_run_writes_model_report_curves_and_termination_message(
     assert message["status"] == "Succeeded"
     journal = PrivacyJournal(output / JOURNAL_NAME)
     assert message["epsilon"] == journal.epsilon(1e-5, "pld") <= 8.0
-    assert message["steps"] == message["plannedSteps"] == message["stepsRun"] == journal.charged_steps
-    assert message["chargedSteps"] == message["journal"]["chargedSteps"] == journal.charged_steps
-    assert message["journal"]["segments"] == [
-        {"noiseMultiplier": 2.0, "sampleRate": 64 / 456, "steps": journal.charged_steps}
-    ]
+    assert message["chargedSteps"] == message["plannedSteps"] == message["stepsRun"] == journal.charged_steps
+    assert message["journalEntries"] == len(journal.entries)
+    assert message["segments"] == [{"noiseMultiplier": 2.0, "sampleRate": 64 / 456, "steps": journal.charged_steps}]
     assert message["evalMetric"] == "accuracy"
     assert "auc" in message["evalMetrics"]
     report = json.loads((output / REPORT_NAME).read_text())
@@ -299,21 +298,28 @@ def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_termination_message_is_cut_to_4096_bytes() -> None:
-    message = {
-        "status": "Failed",
-        "epsilon": 1.5,
-        "journal": {
-            "entries": 5000,
-            "segments": [{"noiseMultiplier": 1.0, "sampleRate": 0.1, "steps": i} for i in range(500)],
-        },
-        "error": "x" * 10000,
-    }
-    text = fit_termination_message(message)
+    message = TerminationMessage(
+        status=RunOutcome.FAILED,
+        exit_code=ExitCode.INVALID_DATA,
+        epsilon=1.5,
+        charged_steps=120,
+        journal_entries=5000,
+        segments=[Mechanism(noise_multiplier=1.0, sample_rate=0.1, steps=i) for i in range(500)],
+        error="x" * 10000,
+    )
+    text = message.to_text()
     assert len(text.encode()) <= 4096
-    parsed = json.loads(text)
-    assert parsed["epsilon"] == 1.5
-    assert parsed["status"] == "Failed"
-    assert parsed["journal"]["segmentCount"] == 500
+    parsed = TerminationMessage.parse(text)
+    assert parsed is not None
+    assert parsed.epsilon == 1.5
+    assert parsed.charged_steps == 120
+    assert parsed.status == RunOutcome.FAILED
+    assert parsed.journal_entries == 5000
+    assert parsed.segments == []  # dropped first
+    assert parsed.error is not None
+    assert parsed.error.startswith("xxx")
+    assert TerminationMessage.parse('{"version": 99, "status": "Failed", "exitCode": 1}') is None
+    assert TerminationMessage.parse("not json") is None
 
 
 # --- subprocess tests: signals and kill -9 ----------------------------------------------------------------
@@ -384,7 +390,7 @@ def test_kill_9_then_resume(tmp_path: Path) -> None:
     journal = PrivacyJournal(output / JOURNAL_NAME)
     plan_steps = uninterrupted["plannedSteps"]
     assert journal.charged_steps <= plan_steps
-    assert final["steps"] == journal.charged_steps
+    assert final["chargedSteps"] == journal.charged_steps
     assert final["epsilon"] == journal.epsilon(1e-5, "pld")
     assert final["epsilon"] >= uninterrupted["epsilon"]
     assert final["epsilon"] <= 3.0
@@ -412,7 +418,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path) -> None:
     assert message["exitCode"] == 143
     journal = PrivacyJournal(output / JOURNAL_NAME)
     assert message["epsilon"] == journal.epsilon(1e-5, "pld")
-    assert message["steps"] == journal.charged_steps
+    assert message["chargedSteps"] == journal.charged_steps
     stopped_at = message["stepsRun"]
 
     resumed = subprocess.run(_command(manifest, output, termination), env=env, capture_output=True, text=True,
@@ -422,4 +428,4 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path) -> None:
     final = json.loads(termination.read_text())
     assert final["status"] == "Succeeded"
     assert final["epsilon"] <= 3.0
-    assert final["steps"] == final["plannedSteps"]
+    assert final["chargedSteps"] == final["plannedSteps"]

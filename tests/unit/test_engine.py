@@ -13,12 +13,14 @@ from torch.utils.data import TensorDataset
 
 from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
 from dptrain.data import PreparedData, load_data
-from dptrain.engine import cpu_thread_limit, evaluate, make_private_training, train
+from dptrain.dpsgd import PoissonSampler, make_private_training
+from dptrain.engine import evaluate, train
 from dptrain.errors import CheckpointError, JournalError, TrainingInterrupted
 from dptrain.events import Progress, TrainingResult
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan, make_plan
+from dptrain.runtime import cpu_thread_limit
 from dptrain_accounting import MechanismSegment, compact, compute_epsilon
 from dptrain_api import DPTrainingJob
 
@@ -256,23 +258,15 @@ def _private(model_spec: dict[str, Any], *, mode: str, sigma: float, data: Prepa
     torch.manual_seed(3)
     model, _ = build_model(job.spec.model, input_shape=data.input_shape, num_classes=data.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    plan = TrainingPlan(
-        noise_multiplier=sigma,
-        sample_rate=64 / data.num_examples,
-        steps=1,
-        delta=1e-5,
-        target_epsilon=10.0,
-        accountant="pld",
-        max_grad_norm=0.05,  # small: most examples are clipped
-        batch_size=64,
-        physical_batch_size=64,
-        train_size=data.num_examples,
-        eval_size=0,
-        planned_epsilon=0.0,
-    )
-    dataset = TensorDataset(data.features, data.labels)
     return make_private_training(
-        model, optimizer, dataset, plan=plan, noise_generator=None, sampling_generator=None, clipping_mode=mode
+        model,
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=0.05,  # small: most examples are clipped
+        expected_batch_size=64,
+        physical_batch_size=64,
+        noise_generator=None,
+        clipping_mode=mode,
     )
 
 
@@ -303,16 +297,32 @@ def test_an_empty_poisson_batch_still_takes_a_noise_step(breast_cancer: Prepared
         assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), mode  # noise was added
 
 
-def test_the_loader_samples_with_exactly_the_plan_rate(breast_cancer: PreparedData) -> None:
-    private = _private({"architecture": "logistic"}, mode="ghost", sigma=1.0, data=breast_cancer)
-    sampler = private.loader.batch_sampler.sampler
-    assert sampler.sample_rate == 64 / breast_cancer.num_examples  # not Opacus' 1/len(loader)
-    sizes: list[int] = []
-    for _ in range(20):
-        sizes += [len(batch) for batch in sampler]  # logical batches, before the physical split
+def test_the_sampler_draws_poisson_batches_at_exactly_the_plan_rate() -> None:
+    rate = 64 / 569
+    sampler = PoissonSampler(569, sample_rate=rate, generator=torch.Generator().manual_seed(1))
+    assert sampler.sample_rate == rate
+    batches = [sampler.next_batch() for _ in range(400)]
+    sizes = [len(batch) for batch in batches]
     mean = sum(sizes) / len(sizes)
     assert len(set(sizes)) > 5  # Poisson: variable batch sizes
     assert abs(mean - 64) < 4 * math.sqrt(64 / len(sizes)) + 1
+    assert all(len(set(batch.tolist())) == len(batch) for batch in batches)  # without replacement
+    counts = torch.bincount(torch.cat(batches), minlength=569).float()
+    assert abs(float(counts.mean()) / 400 - rate) < 0.01  # each record joins at rate q
+    tiny = PoissonSampler(3, sample_rate=1e-6, generator=torch.Generator().manual_seed(2))
+    assert len(tiny.next_batch()) == 0  # an empty batch is a valid draw
+
+
+def test_a_logical_batch_is_split_into_physical_micro_batches(breast_cancer: PreparedData) -> None:
+    whole = _private({"architecture": "logistic"}, mode="hooks", sigma=0.0, data=breast_cancer)
+    split = _private({"architecture": "logistic"}, mode="hooks", sigma=0.0, data=breast_cancer)
+    split.physical_batch_size = 7
+    features, labels = breast_cancer.features[:40], breast_cancer.labels[:40]
+    for private in (whole, split):
+        private.step(features, labels)
+        assert private.steps_taken == [1]  # one noisy step for the whole logical batch
+    for a, b in zip(whole.model.parameters(), split.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_evaluate_reports_auc_for_binary_tasks(breast_cancer: PreparedData) -> None:

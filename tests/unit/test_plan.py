@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from dptrain.errors import ConfigurationError, PlanMismatchError
-from dptrain.plan import RESERVED_MECHANISM_ENV, TrainingPlan, make_plan, reserved_from_env
+from dptrain.plan import TrainingPlan, make_plan, reserved_from_env
 from dptrain_accounting import MechanismSegment, compute_epsilon
-from dptrain_api import DPTrainingJob
+from dptrain_api import DPTrainingJob, PodEnv
 
 BREAST_CANCER = 569  # public size of the built-in dataset
 
@@ -112,15 +112,15 @@ def test_reserved_sigma_too_small_for_the_target_is_refused() -> None:
 def test_reserved_from_env() -> None:
     assert reserved_from_env({}) is None
     text = json.dumps({"noiseMultiplier": 1.5, "sampleRate": 0.1, "steps": 50})
-    assert reserved_from_env({RESERVED_MECHANISM_ENV: text}) == MechanismSegment(1.5, 0.1, 50)
+    assert reserved_from_env({PodEnv.RESERVED_MECHANISM: text}) == MechanismSegment(1.5, 0.1, 50)
     for bad in (
         "not json",
         "[1, 2]",
         json.dumps({"noiseMultiplier": 1.5}),
         json.dumps({"noiseMultiplier": -1, "sampleRate": 0.1, "steps": 1}),
     ):
-        with pytest.raises(ConfigurationError, match=RESERVED_MECHANISM_ENV):
-            reserved_from_env({RESERVED_MECHANISM_ENV: bad})
+        with pytest.raises(ConfigurationError, match=PodEnv.RESERVED_MECHANISM):
+            reserved_from_env({PodEnv.RESERVED_MECHANISM: bad})
 
 
 def test_plan_round_trips_through_a_dict() -> None:

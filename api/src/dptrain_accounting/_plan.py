@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ._accountants import compute_epsilon
 from ._calibration import calibrate_noise_multiplier
-from ._errors import AccountingError
+from ._errors import AccountingError, CalibrationError
 from ._mechanism import MechanismSegment, plan_steps
 
 __all__ = ["MechanismPlan", "PlanError", "plan_mechanism", "training_set_size"]
@@ -74,25 +74,35 @@ def plan_mechanism(
     Cached: a pure function of public numbers, and calibration costs about a second.
     """
     train_size = training_set_size(num_examples, eval_fraction)
-    if batch_size > train_size:
-        raise PlanError(f"batchSize {batch_size} exceeds the {train_size} training examples; lower training.batchSize")
     if delta >= 1.0 / train_size:
         raise PlanError(
-            f"delta {delta:g} must be below 1/training examples = {1.0 / train_size:.3g} "
-            "(a larger δ allows leaking a whole record); lower privacy.delta"
+            f"privacy.delta={delta:g} must be below 1/(training examples) = 1/{train_size} = {1.0 / train_size:.3g}: "
+            "a larger δ allows releasing some records outright; lower privacy.delta"
+        )
+    if batch_size > train_size:
+        raise PlanError(
+            f"training.batchSize={batch_size} exceeds the {train_size} training examples ({num_examples} records "
+            f"minus the evalFraction={eval_fraction:g} held out); lower training.batchSize"
         )
     sample_rate, steps = plan_steps(dataset_size=train_size, batch_size=batch_size, epochs=epochs)
     if noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-        )
+        try:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+            )
+        except CalibrationError as error:
+            raise PlanError(
+                f"cannot calibrate the noise for ε={target_epsilon:g}, δ={delta:g}, q={sample_rate:.4g}, "
+                f"{steps} steps: {error}"
+            ) from None
     else:
         sigma = noise_multiplier
     epsilon = compute_epsilon([MechanismSegment(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
     if epsilon > target_epsilon:
         raise PlanError(
-            f"noiseMultiplier {sigma:g} gives ε = {epsilon:.4g} over {steps} steps, above targetEpsilon "
-            f"{target_epsilon:g}; raise privacy.noiseMultiplier or remove it to calibrate"
+            f"privacy.noiseMultiplier={sigma:g} gives ε={epsilon:.4f} after {steps} steps (q={sample_rate:.4g}, "
+            f"δ={delta:g}, {accountant}), above targetEpsilon={target_epsilon:g}: raise noiseMultiplier, lower "
+            "epochs, or leave noiseMultiplier unset to calibrate it"
         )
     return MechanismPlan(
         noise_multiplier=sigma,

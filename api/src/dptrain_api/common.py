@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
@@ -61,13 +64,26 @@ class BuiltinDataset(StrEnum):
     DIGITS = "digits"
 
 
-# Public facts the privacy plan depends on: the operator plans (and reserves budget) from them without
-# loading any data, and the trainer refuses to start if the data it loads has another size.
-BUILTIN_DATASET_SIZES: dict[BuiltinDataset, int] = {
-    BuiltinDataset.FLCHAIN: 7874,
-    BuiltinDataset.BREAST_CANCER: 569,
-    BuiltinDataset.DIGITS: 1797,
-}
+@dataclass(frozen=True)
+class BuiltinDatasetFacts:
+    """Public facts of a built-in dataset, declared here once: the operator plans (and reserves budget) from
+    them without loading any data, and the trainer's loaders check the data they load against them."""
+
+    num_examples: int
+    input_shape: tuple[int, ...]
+    """Shape of one example (without the batch dimension)."""
+    num_classes: int
+    eval_metric: Literal["accuracy", "auc"]
+    """Headline evaluation metric: AUC for (imbalanced) binary outcomes, else accuracy."""
+
+
+BUILTIN_DATASETS: Mapping[BuiltinDataset, BuiltinDatasetFacts] = MappingProxyType(
+    {
+        BuiltinDataset.FLCHAIN: BuiltinDatasetFacts(7874, (7,), 2, "auc"),
+        BuiltinDataset.BREAST_CANCER: BuiltinDatasetFacts(569, (30,), 2, "accuracy"),
+        BuiltinDataset.DIGITS: BuiltinDatasetFacts(1797, (1, 8, 8), 10, "accuracy"),
+    }
+)
 
 
 class ObjectMeta(ApiModel):

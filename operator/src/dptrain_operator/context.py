@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dptrain_operator.kube import Kube
+from dptrain_operator.kube import KubeApi
 from dptrain_operator.metrics import OperatorMetrics
 from dptrain_operator.settings import Settings
 
@@ -12,5 +12,5 @@ from dptrain_operator.settings import Settings
 @dataclass(frozen=True)
 class OperatorContext:
     settings: Settings
-    kube: Kube
+    kube: KubeApi
     metrics: OperatorMetrics

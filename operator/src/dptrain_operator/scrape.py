@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from dptrain_api import TerminationMessage, TrainerMetric
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class TrainerSample:
     epsilon_spent: float | None = None
     steps: int | None = None
     planned_steps: int | None = None
+    charged_steps: int | None = None
     loss: float | None = None
     eval_metric: str | None = None
     eval_value: float | None = None
@@ -22,26 +24,32 @@ class TrainerSample:
 
 
 _GAUGES = {
-    "dptrain_epsilon_spent": "epsilon_spent",
-    "dptrain_steps": "steps",
-    "dptrain_planned_steps": "planned_steps",
-    "dptrain_train_loss": "loss",
-    "dptrain_examples_per_second": "examples_per_second",
+    TrainerMetric.EPSILON_SPENT: "epsilon_spent",
+    TrainerMetric.STEPS: "steps",
+    TrainerMetric.PLANNED_STEPS: "planned_steps",
+    TrainerMetric.CHARGED_STEPS: "charged_steps",
+    TrainerMetric.TRAIN_LOSS: "loss",
+    TrainerMetric.EXAMPLES_PER_SECOND: "examples_per_second",
 }
+_INTEGERS = ("steps", "planned_steps", "charged_steps")
 
 
 def parse_metrics(text: str) -> TrainerSample:
     values: dict[str, Any] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
             name = sample.name.removesuffix("_total")
-            if name in _GAUGES and not sample.name.endswith("_created"):
-                values[_GAUGES[name]] = sample.value
+            if name in _GAUGES:
+                values[_GAUGES[TrainerMetric(name)]] = sample.value
             # AUC wins when both are exported (binary tasks report it as their headline metric).
-            elif name == "dptrain_eval_auc" or (name == "dptrain_eval_accuracy" and "eval_metric" not in values):
+            elif name == TrainerMetric.EVAL_AUC or (
+                name == TrainerMetric.EVAL_ACCURACY and "eval_metric" not in values
+            ):
                 values["eval_metric"] = name.removeprefix("dptrain_eval_")
                 values["eval_value"] = sample.value
-    for key in ("steps", "planned_steps"):
+    for key in _INTEGERS:
         if key in values:
             values[key] = int(values[key])
     return TrainerSample(**values)
@@ -57,24 +65,19 @@ def scrape(pod_ip: str, port: int, *, timeout: float = 2.0) -> TrainerSample | N
     return parse_metrics(response.text)
 
 
-def termination_message(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The trainer's JSON summary from the terminated container state, if it wrote one."""
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
     for container in pod.get("status", {}).get("containerStatuses", []) or []:
-        terminated = (container.get("state") or {}).get("terminated") or {}
-        message = terminated.get("message")
-        if not message:
-            continue
-        try:
-            summary = json.loads(message)
-        except json.JSONDecodeError:
-            return None
-        return summary if isinstance(summary, dict) else None
-    return None
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            return dict(terminated)
+    return {}
+
+
+def termination_message(pod: dict[str, Any]) -> TerminationMessage | None:
+    """The trainer's summary from the terminated container state, if it wrote one of this contract."""
+    return TerminationMessage.parse(_terminated(pod).get("message"))
 
 
 def exit_code(pod: dict[str, Any]) -> int | None:
-    for container in pod.get("status", {}).get("containerStatuses", []) or []:
-        terminated = (container.get("state") or {}).get("terminated") or {}
-        if "exitCode" in terminated:
-            return int(terminated["exitCode"])
-    return None
+    code = _terminated(pod).get("exitCode")
+    return int(code) if code is not None else None

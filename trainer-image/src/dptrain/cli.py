@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,15 +19,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
+from dptrain.console import ConsoleProgress, print_summary
 from dptrain.errors import ConfigurationError, DptrainError, TrainingInterrupted
 from dptrain.report import format_up
-from dptrain_api import DPTrainingJob, ManifestError, PrivateDataset, load_documents, load_manifest_file, parse_resource
+from dptrain_api import (
+    DPTrainingJob,
+    ExitCode,
+    ManifestError,
+    PodEnv,
+    PrivateDataset,
+    load_documents,
+    load_manifest_file,
+    parse_resource,
+)
 
 if TYPE_CHECKING:
-    from dptrain.events import Progress, TrainingResult
-    from dptrain.plan import TrainingPlan
+    from dptrain.metrics import PrometheusExporter
+    from dptrain.report import ReportWriter
 
 __all__ = ["LoadedManifest", "build_parser", "load_job_manifest", "main"]
 
@@ -103,125 +112,6 @@ def _example_count_source(loaded: LoadedManifest) -> str:
     return "number of records in the data file"
 
 
-# --- console output ----------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
-
-
-class ConsoleProgress:
-    """A rich progress bar on a TTY; otherwise one plain line per checkpoint."""
-
-    def __init__(self, *, stream: TextIO, rich_bar: bool, quiet: bool) -> None:
-        self.stream = stream
-        self.rich_bar = rich_bar and not quiet
-        self.quiet = quiet
-        self.plan: TrainingPlan | None = None
-        self._bar: Any = None
-        self._task: Any = None
-        self._last_line = 0.0
-
-    def _line(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
-
-    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None:
-        self.plan = plan
-        if attempt > 1 or resumed_from_step > 0:
-            self._line(f"dptrain: resumed from step {resumed_from_step} (attempt {attempt})")
-        self._line(
-            f"dptrain: plan σ={format_up(plan.noise_multiplier)} q={plan.sample_rate:.4g} steps={plan.steps} "
-            f"δ={plan.delta:g} planned ε={format_up(plan.planned_epsilon, 5)} "
-            f"(target {plan.target_epsilon:g}, {plan.accountant})"
-        )
-        if self.rich_bar:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn("[bold]training"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("ε {task.fields[eps]}/{task.fields[target]}"),
-                TextColumn("{task.fields[metric]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(
-                "training",
-                total=plan.steps,
-                completed=resumed_from_step,
-                loss="—",
-                eps="—",
-                target=f"{plan.target_epsilon:g}",
-                metric="",
-            )
-
-    def on_step(self, progress: Progress) -> None:
-        metric = f"{progress.eval_metric} {_fmt(progress.eval_value)}" if progress.eval_value is not None else ""
-        if self._bar is not None:
-            self._bar.update(
-                self._task,
-                completed=progress.step,
-                loss=_fmt(progress.loss),
-                eps=format_up(progress.epsilon_spent),
-                metric=metric,
-            )
-            return
-        if progress.checkpointed:
-            self._line(
-                f"step {progress.step}/{progress.total_steps} epoch {progress.epoch:.2f} loss {_fmt(progress.loss)} "
-                f"ε {format_up(progress.epsilon_spent, 5)}/{self.plan.target_epsilon if self.plan else '?'} {metric} "
-                f"{progress.examples_per_second:.0f} ex/s"
-            )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-    def on_finish(self, result: TrainingResult) -> None:
-        self.close()
-
-    def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
-        self.close()
-
-
-def _summary(result: TrainingResult, *, output_dir: Path, files: Sequence[Path], console_file: TextIO) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    plan = result.plan
-    table = Table(title=f"dptrain: {result.dataset}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    if result.resumed_from_step or result.attempts > 1:
-        table.add_row("resumed", f"from step {result.resumed_from_step} (attempts: {result.attempts})")
-    table.add_row(
-        "ε spent",
-        f"{format_up(result.epsilon, 5)} (target {plan.target_epsilon:g}, "
-        f"planned {format_up(plan.planned_epsilon, 5)})",
-    )
-    table.add_row("δ", f"{plan.delta:g}")
-    table.add_row("σ (noise multiplier)", format_up(plan.noise_multiplier, 5))
-    table.add_row("q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size})")
-    table.add_row("steps", f"{result.steps_run} run, {result.charged_steps} charged, {plan.steps} planned")
-    table.add_row("accountant", plan.accountant)
-    for name, value in sorted(result.eval_metrics.items()):
-        marker = " (headline)" if name == result.eval_metric else ""
-        table.add_row(f"eval {name}{marker}", f"{value:.4f} (held-out, not DP)")
-    table.add_row("clipping", f"{result.clipping_mode}, C={plan.max_grad_norm:g}")
-    table.add_row("device", f"{result.device}, {result.threads} thread(s)")
-    table.add_row("time", f"{result.elapsed_seconds:.1f} s")
-    table.add_row("output", "\n".join(str(path) for path in files if path.exists()))
-    Console(file=console_file).print(table)
-
-
 # --- commands ------------------------------------------------------------------------------------------------
 
 
@@ -246,88 +136,110 @@ def _graceful_signals(stop: threading.Event, received: list[int]) -> Iterator[No
             signal.signal(sig, old)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
-    from dptrain.data import load_data
-    from dptrain.engine import train
-    from dptrain.journal import JOURNAL_NAME
-    from dptrain.metrics import PrometheusExporter, metric_labels
-    from dptrain.plan import make_plan, reserved_from_env
-    from dptrain.report import CURVES_NAME, REPORT_NAME, ReportWriter, default_termination_path
+class _RunCommand:
+    """`dptrain run`: load, plan, train, report; on any failure a termination message still says what was charged."""
 
-    termination = Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
-    loaded: LoadedManifest | None = None
-    report: ReportWriter | None = None
-    exporter: PrometheusExporter | None = None
-    console: ConsoleProgress | None = None
-    output_dir: Path | None = Path(args.output) if args.output else None
-    stop = threading.Event()
-    received: list[int] = []
-    try:
-        loaded = load_job_manifest(
+    def __init__(self, args: argparse.Namespace) -> None:
+        from dptrain.report import default_termination_path
+
+        self.args = args
+        self.termination = (
+            Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
+        )
+        self.output_dir: Path | None = Path(args.output) if args.output else None
+        self.loaded: LoadedManifest | None = None
+        self.report: ReportWriter | None = None
+        self.exporter: PrometheusExporter | None = None
+        self.console: ConsoleProgress | None = None
+        self.stop = threading.Event()
+        self.received: list[int] = []
+
+    def run(self) -> int:
+        from dptrain.data import load_data
+        from dptrain.engine import train
+        from dptrain.metrics import PrometheusExporter, metric_labels
+        from dptrain.plan import make_plan, reserved_from_env
+        from dptrain.report import ReportWriter
+
+        args = self.args
+        self.loaded = loaded = load_job_manifest(
             args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
         )
         job = loaded.job
-        if output_dir is None:
-            output_dir = Path("runs") / (job.metadata.name or "job")
-        report = ReportWriter(
+        output_dir = self.output_dir = self.output_dir or Path("runs") / (job.metadata.name or "job")
+        self.report = ReportWriter(
             output_dir=output_dir,
-            termination_path=termination,
+            termination_path=self.termination,
             job=job,
             example_count_source=_example_count_source(loaded),
         )
         reserved = reserved_from_env()
         data = load_data(job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir)
-        plan = make_plan(job, num_examples=data.num_examples, reserved=reserved)
-        report.plan = plan
-        exporter = PrometheusExporter(labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address)
-        port = exporter.start()
-        if port:
+        plan = self.report.plan = make_plan(job, num_examples=data.num_examples, reserved=reserved)
+        self.exporter = PrometheusExporter(
+            labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address
+        )
+        if port := self.exporter.start():
             print(f"dptrain: metrics on http://{args.metrics_address}:{port}/metrics", file=sys.stderr)
-        console = ConsoleProgress(stream=sys.stderr, rich_bar=sys.stderr.isatty(), quiet=args.quiet)
-        with _graceful_signals(stop, received):
+        self.console = ConsoleProgress(stream=sys.stderr, rich_bar=sys.stderr.isatty(), quiet=args.quiet)
+        with _graceful_signals(self.stop, self.received):
             result = train(
                 job,
                 data,
                 plan,
                 workdir=output_dir,
-                observers=[console, exporter, report],
-                stop_event=stop,
-                stop_exit_code=128 + signal.SIGTERM,
+                observers=[self.console, self.exporter, self.report],
+                stop_event=self.stop,
+                stop_exit_code=ExitCode.TERMINATED,
                 base_dir=loaded.base_dir,
             )
-        files = [
-            output_dir / MODEL_NAME,
-            output_dir / REPORT_NAME,
-            output_dir / CURVES_NAME,
-            output_dir / JOURNAL_NAME,
-            output_dir / CHECKPOINT_NAME,
-        ]
-        _summary(result, output_dir=output_dir, files=files, console_file=sys.stdout)
+        print_summary(result, output_dir=output_dir, files=_output_files(output_dir), console_file=sys.stdout)
         return 0
-    except BaseException as error:
-        if console is not None:
-            console.close()
-        if report is None and output_dir is not None:
-            report = ReportWriter(
-                output_dir=output_dir, termination_path=termination, job=loaded.job if loaded else None
-            )
-        if report is None:
-            report = ReportWriter(output_dir=Path(os.devnull), termination_path=termination)
+
+    def fail(self, error: BaseException) -> int:
+        """Write the failure termination message; the exit code of a requested stop, else re-raise."""
+        from dptrain.report import ReportWriter
+
+        if self.console is not None:
+            self.console.close()
+        report = self.report or ReportWriter(
+            output_dir=self.output_dir or Path(os.devnull),
+            termination_path=self.termination,
+            job=self.loaded.job if self.loaded else None,
+        )
         if not report.failure_written:
             try:
                 report.write_failure(error)
             except Exception:  # pragma: no cover - never mask the original error
                 logger.exception("cannot write the failure termination message")
         if isinstance(error, TrainingInterrupted):
-            if received:
-                error.exit_code = 128 + received[0]
+            if self.received:
+                error.exit_code = 128 + self.received[0]
             print(f"dptrain: {error}", file=sys.stderr)
             return int(error.exit_code)
-        raise
+        raise error
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+
+
+def _output_files(output_dir: Path) -> list[Path]:
+    from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
+    from dptrain.journal import JOURNAL_NAME
+    from dptrain.report import CURVES_NAME, REPORT_NAME
+
+    return [output_dir / name for name in (MODEL_NAME, REPORT_NAME, CURVES_NAME, JOURNAL_NAME, CHECKPOINT_NAME)]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    command = _RunCommand(args)
+    try:
+        return command.run()
+    except BaseException as error:
+        return command.fail(error)
     finally:
-        if exporter is not None:
-            exporter.close()
+        command.close()
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -449,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=0, metavar="N", help="serve Prometheus metrics (0: off)")
     run.add_argument(
         "--metrics-address",
-        default=os.environ.get("DPTRAIN_METRICS_ADDRESS") or "0.0.0.0",
+        default=os.environ.get(PodEnv.METRICS_ADDRESS) or "0.0.0.0",
         metavar="ADDR",
         help="address to serve metrics on (default: $DPTRAIN_METRICS_ADDRESS, else 0.0.0.0)",
     )
@@ -506,15 +418,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ManifestError as error:
         print(f"dptrain: error: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.INVALID_CONFIGURATION
     except DptrainError as error:
         print(f"dptrain: error: {error}", file=sys.stderr)
         return int(error.exit_code)
     except KeyboardInterrupt:
         print(f"dptrain: interrupted after {time.monotonic() - started:.0f} s", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
-        return 1
+        return ExitCode.CRASHED
 
 
 if __name__ == "__main__":  # pragma: no cover

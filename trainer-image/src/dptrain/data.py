@@ -13,15 +13,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch.utils.data import TensorDataset
 
+import dptrain_api
 from dptrain.errors import ConfigurationError, DataError
 from dptrain_accounting import PlanError, training_set_size
+from dptrain_api import BuiltinDataset, BuiltinDatasetFacts
 from dptrain_api.dataset import FileSource, PrivateDataset
 from dptrain_api.job import DatasetSpec
 
@@ -56,20 +58,37 @@ class FeatureBounds:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Public metadata of a built-in dataset, declared in code (never measured from the data)."""
+    """How a built-in dataset is read: public bounds and provenance, declared in code (never measured from the
+    data). Its size, shape, classes and metric are the API's :data:`dptrain_api.BUILTIN_DATASETS` facts."""
 
     name: str
     description: str
-    num_examples: int
-    input_shape: tuple[int, ...]
-    num_classes: int
-    eval_metric: Literal["accuracy", "auc"]
     features: tuple[FeatureBounds, ...]
     """Tabular features with their public bounds; empty for images (see pixel_range)."""
     source: str
     """Citation of the data."""
     pixel_range: tuple[float, float] | None = None
     """Images only: the sensor's value range, public by construction."""
+
+    @property
+    def facts(self) -> BuiltinDatasetFacts:
+        return dptrain_api.BUILTIN_DATASETS[BuiltinDataset(self.name)]
+
+    @property
+    def num_examples(self) -> int:
+        return self.facts.num_examples
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.facts.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.facts.num_classes
+
+    @property
+    def eval_metric(self) -> str:
+        return self.facts.eval_metric
 
 
 @dataclass(frozen=True)
@@ -167,10 +186,6 @@ BUILTIN_DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
                 "Serum free light chains and death during follow-up (label 1 = died); 7 features. "
                 "Cause of death and follow-up time are dropped: they reveal the label."
             ),
-            num_examples=7874,
-            input_shape=(len(_FLCHAIN_FEATURES),),
-            num_classes=2,
-            eval_metric="auc",
             features=_FLCHAIN_FEATURES,
             source=(
                 "Dispenzieri A. et al., Use of nonclonal serum immunoglobulin free light chains to predict "
@@ -181,10 +196,6 @@ BUILTIN_DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
         "breast-cancer": DatasetInfo(
             name="breast-cancer",
             description="Wisconsin Diagnostic Breast Cancer: 30 cell-nucleus features; label 1 = benign, 0 = malignant",
-            num_examples=569,
-            input_shape=(len(_BREAST_CANCER_FEATURES),),
-            num_classes=2,
-            eval_metric="accuracy",
             features=_BREAST_CANCER_FEATURES,
             source=(
                 "Street W.N., Wolberg W.H., Mangasarian O.L., Nuclear feature extraction for breast tumor "
@@ -194,10 +205,6 @@ BUILTIN_DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
         "digits": DatasetInfo(
             name="digits",
             description="Handwritten digits 0-9 as 8x8 grey-level images (1 channel).",
-            num_examples=1797,
-            input_shape=(1, 8, 8),
-            num_classes=10,
-            eval_metric="accuracy",
             features=(),
             source=(
                 "Alpaydin E., Kaynak C., Optical Recognition of Handwritten Digits, UCI ML Repository, 1998; "

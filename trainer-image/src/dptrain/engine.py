@@ -1,10 +1,10 @@
-"""The DP-SGD engine: Opacus with Poisson sampling, driven by step count, charged through the journal.
+"""The DP-SGD engine: a training run that is charged through the journal, chunk by chunk.
 
-Privacy invariants (each is tested):
+:class:`TrainingRun` is one attempt of a job's training, driven as prepare → start → run chunks →
+finish; the local CLI drives it through :func:`train`. Privacy invariants (each is tested):
 
 * Poisson sampling only: every logical batch includes each training example independently with
-  probability exactly ``plan.sample_rate`` (Opacus' UniformWithReplacementSampler, fed the plan's q,
-  not Opacus' 1/len(loader) approximation). Empty batches still take a (noise-only) step.
+  probability exactly ``plan.sample_rate``. Empty batches still take a (noise-only) step.
 * Write-ahead charging: steps run in chunks of ``checkpoint.everySteps``; each chunk is appended to
   the privacy journal and fsynced BEFORE its first step runs, then checkpointed after its last.
   A crash mid-chunk leaves the chunk charged; the resumed run continues from the checkpoint and
@@ -19,25 +19,24 @@ Privacy invariants (each is tested):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
-import os
 import random
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from types import TracebackType
+from typing import Final
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from dptrain import prv
 from dptrain.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
@@ -51,112 +50,21 @@ from dptrain.checkpoint import (
     unwrap_model,
 )
 from dptrain.data import PreparedData, train_eval_split
-from dptrain.errors import ConfigurationError, DataError, JournalError, ModelError, TrainingInterrupted
+from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
+from dptrain.errors import DataError, JournalError, TrainingInterrupted
 from dptrain.events import FailureObserver, Progress, TrainingObserver, TrainingResult
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal, workdir_lock
-from dptrain.models import build_model, supports_ghost_clipping
+from dptrain.models import build_model
 from dptrain.plan import TrainingPlan
+from dptrain.runtime import configure_threads, fresh_generator, select_device
 from dptrain_accounting import MechanismSegment
-from dptrain_api.job import DPTrainingJob, TrainingSpec
+from dptrain_api import DPTrainingJob, ExitCode
 
-__all__ = [
-    "CPU_LIMIT_ENV",
-    "PrivateTraining",
-    "configure_threads",
-    "cpu_thread_limit",
-    "evaluate",
-    "make_optimizer",
-    "make_private_training",
-    "resolve_seed",
-    "select_device",
-    "train",
-]
+__all__ = ["TrainingRun", "evaluate", "resolve_seed", "train"]
 
 logger = logging.getLogger(__name__)
-prv.register()
 
-CPU_LIMIT_ENV: Final = "DPTRAIN_CPU_LIMIT"
-_CGROUP_V2_CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
-_CGROUP_V1_QUOTA: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-_CGROUP_V1_PERIOD: Final = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 _EVAL_BATCH: Final = 4096
-
-
-# --- threads and device ----------------------------------------------------------------------------
-
-
-def _parse_cpus(text: str) -> float | None:
-    """A Kubernetes CPU quantity ("2", "500m", "1.5") or a thread count, in CPUs; None if unparsable."""
-    text = text.strip()
-    try:
-        value = float(text[:-1]) / 1000.0 if text.endswith("m") else float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
-
-
-def _cgroup_cpus(cpu_max: Path, v1_quota: Path, v1_period: Path) -> float | None:
-    try:
-        quota_text, period_text = cpu_max.read_text().split()[:2]
-        if quota_text == "max":
-            return None
-        return int(quota_text) / int(period_text)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(v1_quota.read_text())
-        period = int(v1_period.read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def cpu_thread_limit(
-    environ: Mapping[str, str] | None = None,
-    *,
-    cgroup_cpu_max: Path = _CGROUP_V2_CPU_MAX,
-    cgroup_v1_quota: Path = _CGROUP_V1_QUOTA,
-    cgroup_v1_period: Path = _CGROUP_V1_PERIOD,
-) -> int:
-    """Threads to use: DPTRAIN_CPU_LIMIT, else OMP_NUM_THREADS, else the cgroup CPU quota, else the CPU affinity.
-
-    Never more than any of the cgroup quota and the CPUs this process may run on either, and a
-    fractional limit rounds down (1.5 CPUs get 1 thread): oversubscribed OpenMP threads are very slow.
-    """
-    env = os.environ if environ is None else environ
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        available = os.cpu_count() or 1
-    limit: float | None = None
-    for name in (CPU_LIMIT_ENV, "OMP_NUM_THREADS"):
-        text = env.get(name, "")
-        if text.strip():
-            limit = _parse_cpus(text)
-            if limit is None:
-                logger.warning("ignoring %s=%r: not a CPU count", name, text)
-            else:
-                break
-    quota = _cgroup_cpus(cgroup_cpu_max, cgroup_v1_quota, cgroup_v1_period)
-    threads = available
-    for bound in (limit, quota):
-        if bound is not None:
-            threads = min(threads, math.floor(bound))
-    return max(1, threads)
-
-
-def configure_threads(environ: Mapping[str, str] | None = None) -> int:
-    """Set torch's intra-op threads to :func:`cpu_thread_limit`; returns the count."""
-    threads = cpu_thread_limit(environ)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def select_device(device: torch.device | str | None = None) -> torch.device:
-    """The given device, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_seed(job: DPTrainingJob) -> int:
@@ -168,165 +76,6 @@ def resolve_seed(job: DPTrainingJob) -> int:
     if seed is not None:
         return int(seed)
     return int(hashlib.sha256(job_fingerprint(job).encode()).hexdigest()[:15], 16)
-
-
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-
-
-# --- data, optimizer, Opacus --------------------------------------------------------------------------
-
-
-class _BatchTensorDataset(TensorDataset):
-    """A TensorDataset that fetches a whole batch with one index operation (DataLoader's __getitems__)."""
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.tensors[0].device)
-        return tuple(tensor[index] for tensor in self.tensors)
-
-
-def _keep_batch(batch: Any) -> Any:
-    return batch
-
-
-def make_optimizer(parameters: Any, training: TrainingSpec) -> torch.optim.Optimizer:
-    """The optimizer of ``training.optimizer`` (it only ever sees clipped, noised gradients)."""
-    if training.optimizer == "sgd":
-        return torch.optim.SGD(
-            parameters, lr=training.learning_rate, momentum=training.momentum, weight_decay=training.weight_decay
-        )
-    if training.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
-    if training.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
-    raise ConfigurationError(f"unknown optimizer {training.optimizer!r}; use sgd, adam or adamw")
-
-
-@dataclass
-class PrivateTraining:
-    """Opacus-wrapped model, optimizer and criterion, and a Poisson loader split into physical batches."""
-
-    model: nn.Module
-    optimizer: Any  # opacus DPOptimizer (or its fast-gradient-clipping or book-keeping subclass)
-    criterion: Any  # nn.CrossEntropyLoss (hooks, bookkeeping) or Opacus' DPLossFastGradientClipping (ghost)
-    loader: DataLoader[Any]
-    """Poisson batches with rate exactly plan.sample_rate, split into physical micro-batches."""
-    clipping_mode: str
-    steps_taken: list[int]
-    """steps_taken[0] counts optimizer steps that added noise (one per logical batch)."""
-
-
-def _auto_clipping_mode(model: nn.Module) -> str:
-    from dptrain.bookkeeping import supports_bookkeeping
-
-    if supports_bookkeeping(model):
-        return "bookkeeping"
-    return "ghost" if supports_ghost_clipping(model) else "hooks"
-
-
-def _opacus_wrap(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    dataset: TensorDataset,
-    *,
-    plan: TrainingPlan,
-    mode: str,
-    noise_generator: torch.Generator | None,
-) -> tuple[nn.Module, Any, Any]:
-    from opacus import PrivacyEngine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # secure-RNG and accountant chatter: the report states the caveats
-        engine = PrivacyEngine(secure_mode=False)
-        # Opacus derives q = 1/len(loader) from this loader; we discard the loader it builds and
-        # sample with exactly plan.sample_rate below. poisson_sampling=True also forbids gradient
-        # accumulation across logical batches.
-        template = DataLoader(dataset, batch_size=plan.batch_size)
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=nn.CrossEntropyLoss(),
-            data_loader=template,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=mode,
-            noise_generator=noise_generator,
-        )
-    if mode == "ghost":
-        private_model, private_optimizer, criterion, _ = wrapped
-    else:
-        private_model, private_optimizer, _ = wrapped
-        criterion = nn.CrossEntropyLoss()
-    return private_model, private_optimizer, criterion
-
-
-def make_private_training(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train_set: TensorDataset,
-    *,
-    plan: TrainingPlan,
-    noise_generator: torch.Generator | None,
-    sampling_generator: torch.Generator | None,
-    clipping_mode: str | None = None,
-) -> PrivateTraining:
-    """Wrap with Opacus (Poisson sampling, per-example clipping at plan.max_grad_norm, noise plan σ).
-
-    ``clipping_mode``: "bookkeeping" (Linear-only models, dptrain.bookkeeping), or Opacus' "ghost" /
-    "hooks"; automatic by default (the fastest that is exact for the model, benchmarks/step_time.py).
-    """
-    from opacus.data_loader import DPDataLoader
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError("the model has no trainable parameters")
-    mode = clipping_mode or _auto_clipping_mode(model)
-    dataset = _BatchTensorDataset(*train_set.tensors)
-    if mode == "bookkeeping":
-        from dptrain.bookkeeping import BookkeepingOptimizer
-
-        # Linear-only models: one backward pass, norms from activations × output gradients (bookkeeping.py).
-        private_model: nn.Module = model
-        private_optimizer: Any = BookkeepingOptimizer(
-            optimizer,
-            model=model,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.batch_size,
-            generator=noise_generator,
-        )
-        criterion: Any = nn.CrossEntropyLoss()
-    else:
-        private_model, private_optimizer, criterion = _opacus_wrap(
-            model, optimizer, dataset, plan=plan, mode=mode, noise_generator=noise_generator
-        )
-    # Mean reduction divides the noised sum by the EXPECTED batch size q·n (data-independent).
-    private_optimizer.expected_batch_size = plan.batch_size
-    steps_taken = [0]
-
-    def _count_step(_optimizer: Any) -> None:  # replaces Opacus' own accountant hook: we account via the journal
-        steps_taken[0] += 1
-
-    private_optimizer.attach_step_hook(_count_step)
-    poisson = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=sampling_generator, collate_fn=_keep_batch)
-    if poisson.sample_rate != plan.sample_rate:  # pragma: no cover - defensive
-        raise RuntimeError("Poisson loader sample rate differs from the plan")
-    with BatchMemoryManager(
-        data_loader=poisson, max_physical_batch_size=plan.physical_batch_size, optimizer=private_optimizer
-    ) as physical:
-        loader = physical
-    return PrivateTraining(
-        model=private_model,
-        optimizer=private_optimizer,
-        criterion=criterion,
-        loader=loader,
-        clipping_mode=mode,
-        steps_taken=steps_taken,
-    )
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
 
 
 def evaluate(model: nn.Module, eval_set: TensorDataset, *, num_classes: int, device: torch.device) -> dict[str, float]:
@@ -359,27 +108,333 @@ def evaluate(model: nn.Module, eval_set: TensorDataset, *, num_classes: int, dev
     return metrics
 
 
-# --- training -------------------------------------------------------------------------------------------
+class TrainingRun:
+    """One attempt of a job's training, resumable from ``workdir``'s checkpoint and charged through its journal.
+
+    Use as a context manager (it holds the output folder's lock): :meth:`open`, then :meth:`start`,
+    :meth:`run_chunk` until :attr:`done`, then :meth:`finish`. Every chunk is charged in the journal
+    before it runs and checkpointed after.
+    """
+
+    def __init__(
+        self,
+        *,
+        job: DPTrainingJob,
+        data: PreparedData,
+        plan: TrainingPlan,
+        workdir: Path,
+        journal: PrivacyJournal,
+        checkpoint: Checkpoint | None,
+        observers: Sequence[TrainingObserver],
+        device: torch.device,
+        threads: int,
+        clipping_mode: str | None,
+        base_dir: Path | None,
+    ) -> None:
+        self.job, self.data, self.plan, self.workdir, self.journal = job, data, plan, workdir, journal
+        self.observers = list(observers)
+        self.device, self.threads = device, threads
+        self.started = time.monotonic()
+        self.job_hash = job_fingerprint(job)
+        self.attempt = journal.attempts + 1
+        self.step = self.resumed_from_step = checkpoint.step if checkpoint is not None else 0
+        self.checkpointed_step = self.step
+        self.history: list[dict[str, float]] = list(checkpoint.history) if checkpoint is not None else []
+        self.eval_metrics: dict[str, float] = dict(checkpoint.eval_metrics) if checkpoint is not None else {}
+        self.train_set, self.eval_set = self._split()
+        self.private, self.model_warnings = self._build(checkpoint, clipping_mode, base_dir)
+        self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, generator=fresh_generator())
+        self._lock: contextlib.ExitStack | None = None
+
+    # --- preparing -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        job: DPTrainingJob,
+        data: PreparedData,
+        plan: TrainingPlan,
+        *,
+        workdir: Path,
+        observers: Sequence[TrainingObserver] = (),
+        device: torch.device | None = None,
+        clipping_mode: str | None = None,
+        base_dir: Path | None = None,
+    ) -> TrainingRun:
+        """Lock ``workdir``, open (or create) its journal, load its checkpoint and build the model."""
+        workdir = Path(workdir)
+        threads = configure_threads()
+        lock = contextlib.ExitStack()
+        lock.enter_context(workdir_lock(workdir))
+        try:
+            journal, checkpoint = _open_journal(job, plan, workdir)
+            run = cls(
+                job=job,
+                data=data,
+                plan=plan,
+                workdir=workdir,
+                journal=journal,
+                checkpoint=checkpoint,
+                observers=observers,
+                device=select_device(device),
+                threads=threads,
+                clipping_mode=clipping_mode,
+                base_dir=base_dir,
+            )
+        except BaseException:
+            lock.close()
+            raise
+        run._lock = lock
+        return run
+
+    def _split(self) -> tuple[TensorDataset, TensorDataset]:
+        seed = resolve_seed(self.job)
+        train_set, eval_set = train_eval_split(self.data, eval_fraction=self.job.spec.training.eval_fraction, seed=seed)
+        if len(train_set) != self.plan.train_size:
+            raise DataError(
+                f"the data has {len(train_set)} training examples but the plan was made for {self.plan.train_size}; "
+                "the sample rate would differ from the one charged"
+            )
+        if self.device.type != "cpu":
+            train_set = TensorDataset(*(t.to(self.device) for t in train_set.tensors))
+        return train_set, eval_set
+
+    def _build(
+        self, checkpoint: Checkpoint | None, clipping_mode: str | None, base_dir: Path | None
+    ) -> tuple[PrivateTraining, list[str]]:
+        spec, plan = self.job.spec, self.plan
+        seed = resolve_seed(self.job)
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2**32))
+        random.seed(seed)
+        model, model_warnings = build_model(
+            spec.model, input_shape=self.data.input_shape, num_classes=self.data.num_classes, base_dir=base_dir
+        )
+        for message in model_warnings:
+            logger.warning("%s", message)
+        if checkpoint is not None:
+            unwrap_model(model).load_state_dict(checkpoint.model_state)
+            restore_rng_state(checkpoint.rng)
+        model = model.to(self.device)
+        private = make_private_training(
+            model,
+            make_optimizer(model.parameters(), spec.training),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.batch_size,
+            physical_batch_size=plan.physical_batch_size,
+            noise_generator=fresh_generator(self.device),
+            clipping_mode=clipping_mode,
+        )
+        if checkpoint is not None:
+            private.optimizer.load_state_dict(checkpoint.optimizer_state)
+        return private, model_warnings
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if error is not None:
+            self.notify_failure(error)
+        self.close()
+
+    def close(self) -> None:
+        """Release the output folder's lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # --- training ------------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the journal has charged every planned step (nothing more may run)."""
+        return self.journal.charged_steps >= self.plan.steps
+
+    def start(self) -> None:
+        """Tell the observers where this attempt starts."""
+        if self.resumed_from_step or self.journal.charged_steps:
+            logger.debug(
+                "resumed from step %d (attempt %d; %d of %d steps already charged)",
+                self.resumed_from_step,
+                self.attempt,
+                self.journal.charged_steps,
+                self.plan.steps,
+            )
+        for observer in self.observers:
+            observer.on_start(self.plan, resumed_from_step=self.resumed_from_step, attempt=self.attempt)
+
+    def run_step(self) -> float:
+        """One DP-SGD step on a fresh Poisson batch; returns the batch's mean loss (NaN when it is empty)."""
+        index = self.sampler.next_batch().to(self.train_set.tensors[0].device)
+        features, labels = (tensor[index].to(self.device, non_blocking=True) for tensor in self.train_set.tensors)
+        taken = self.private.steps_taken[0]
+        loss_sum, count = self.private.step(features, labels)
+        if self.private.steps_taken[0] != taken + 1:  # pragma: no cover - defensive: one noise draw per step
+            raise RuntimeError("the optimizer did not take exactly one noisy step")
+        self.step += 1
+        return loss_sum / count if count else math.nan
+
+    def run_chunk(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Charge the next chunk in the journal, then run it; True if it ran to its end (else ``stop`` fired)."""
+        chunk = min(self.job.spec.checkpoint.every_steps, self.plan.steps - self.journal.charged_steps)
+        if chunk <= 0:
+            return True
+        # Write-ahead: the chunk is durably charged before any of its steps runs.
+        self.journal.append_intent(
+            MechanismSegment(self.plan.noise_multiplier, self.plan.sample_rate, chunk),
+            attempt=self.attempt,
+            start_step=self.step,
+        )
+        spent = self.journal.epsilon(self.plan.delta, self.plan.accountant)
+        chunk_started = time.monotonic()
+        for index in range(chunk):
+            if stop():  # a signal arrived between steps: run no further step
+                return False
+            loss = self.run_step()
+            self.history.append({"step": float(self.step), "epsilon": spent, "loss": loss})
+            last = index == chunk - 1 or stop()
+            if last:
+                self.evaluate()
+                self.save_checkpoint()
+            elapsed = max(time.monotonic() - chunk_started, 1e-9)
+            self._notify_step(loss, spent, examples_per_second=self.plan.batch_size * (index + 1) / elapsed, last=last)
+        return True
+
+    def evaluate(self) -> None:
+        self.eval_metrics = evaluate(
+            self.private.model, self.eval_set, num_classes=self.data.num_classes, device=self.device
+        )
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint (atomically): model, optimizer, step, RNG states and where the journal stood."""
+        save_checkpoint(
+            self.workdir / CHECKPOINT_NAME,
+            Checkpoint(
+                step=self.step,
+                model_state={k: v.detach().cpu() for k, v in unwrap_model(self.private.model).state_dict().items()},
+                optimizer_state=self.private.optimizer.state_dict(),
+                job_hash=self.job_hash,
+                plan=self.plan.to_dict(),
+                journal_entries=len(self.journal.entries),
+                charged_steps=self.journal.charged_steps,
+                attempt=self.attempt,
+                rng=capture_rng_state(),
+                eval_metrics=self.eval_metrics,
+                history=self.history,
+            ),
+        )
+        self.checkpointed_step = self.step
+        logger.debug("checkpoint at step %d (%d steps charged)", self.step, self.journal.charged_steps)
+
+    def _notify_step(self, loss: float, spent: float, *, examples_per_second: float, last: bool) -> None:
+        progress = Progress(
+            step=self.step,
+            total_steps=self.plan.steps,
+            epoch=self.step * self.plan.sample_rate,
+            loss=loss,
+            epsilon_spent=spent,
+            eval_metric=self.data.eval_metric,
+            eval_value=self.eval_metrics.get(self.data.eval_metric),
+            examples_per_second=examples_per_second,
+            charged_steps=self.journal.charged_steps,
+            attempt=self.attempt,
+            checkpointed=last,
+            eval_metrics=dict(self.eval_metrics),
+        )
+        for observer in self.observers:
+            observer.on_step(progress)
+
+    # --- ending --------------------------------------------------------------------------------------
+
+    def interrupt(self, exit_code: int) -> TrainingInterrupted:
+        """Checkpoint what ran since the last checkpoint; the error to raise for a requested stop."""
+        if self.checkpointed_step != self.step:
+            self.evaluate()
+            self.save_checkpoint()
+        return TrainingInterrupted(
+            f"stopped by a signal after step {self.step} of {self.plan.steps}; checkpointed, and the journal already "
+            f"charged {self.journal.charged_steps} steps. Run again to resume.",
+            exit_code=exit_code,
+            step=self.step,
+        )
+
+    def finish(self) -> TrainingResult:
+        """Export the model and report the result (ε of everything the journal charged)."""
+        if self.step == self.resumed_from_step and self.resumed_from_step and not self.eval_metrics:
+            self.evaluate()
+        run_warnings = list(self.model_warnings)
+        if self.step < self.plan.steps:
+            message = (
+                f"the model ran {self.step} of the plan's {self.plan.steps} steps: crashed attempts used up the rest "
+                "of the privacy budget (their steps stay charged)"
+            )
+            logger.warning("%s", message)
+            run_warnings.append(message)
+        result = TrainingResult(
+            plan=self.plan,
+            steps_run=self.step,
+            epsilon=self.journal.epsilon(self.plan.delta, self.plan.accountant),
+            journal=self.journal.entries,
+            eval_metrics=self.eval_metrics,
+            history=self.history,
+            clipping_mode=self.private.clipping_mode,
+            elapsed_seconds=time.monotonic() - self.started,
+            attempts=max(self.journal.attempts, 1),
+            model_path=export_model(self.workdir / MODEL_NAME, self.private.model),
+            charged_steps=self.journal.charged_steps,
+            resumed_from_step=self.resumed_from_step,
+            eval_metric=self.data.eval_metric,
+            dataset=self.data.name,
+            device=str(self.device),
+            threads=self.threads,
+            warnings=run_warnings,
+            workdir=self.workdir,
+        )
+        for observer in self.observers:
+            observer.on_finish(result)
+        return result
+
+    def notify_failure(self, error: BaseException) -> None:
+        """Tell observers that can hear it (``on_failure``) what the journal charged before ``error``."""
+        try:
+            spent = self.journal.epsilon(self.plan.delta, self.plan.accountant) if self.journal.exists else 0.0
+        except Exception:  # pragma: no cover - accounting must not mask the original error
+            spent = self.plan.planned_epsilon  # the most the journal can ever hold
+        for observer in self.observers:
+            if isinstance(observer, FailureObserver):
+                try:
+                    observer.on_failure(
+                        error, epsilon_spent=spent, charged_steps=self.journal.charged_steps, step=self.step
+                    )
+                except Exception:  # pragma: no cover
+                    logger.exception("observer %r failed in on_failure", observer)
 
 
-def _notify_failure(
-    observers: Sequence[TrainingObserver],
-    error: BaseException,
-    *,
-    journal: PrivacyJournal,
-    plan: TrainingPlan,
-    step: int,
-) -> None:
-    try:
-        spent = journal.epsilon(plan.delta, plan.accountant) if journal.exists else 0.0
-    except Exception:  # pragma: no cover - accounting must not mask the original error
-        spent = plan.planned_epsilon  # the most the journal can ever hold
-    for observer in observers:
-        if isinstance(observer, FailureObserver):
-            try:
-                observer.on_failure(error, epsilon_spent=spent, charged_steps=journal.charged_steps, step=step)
-            except Exception:  # pragma: no cover
-                logger.exception("observer %r failed in on_failure", observer)
+def _open_journal(job: DPTrainingJob, plan: TrainingPlan, workdir: Path) -> tuple[PrivacyJournal, Checkpoint | None]:
+    """The journal (created, or checked to belong to this job and plan) and the checkpoint it covers."""
+    journal = PrivacyJournal(workdir / JOURNAL_NAME)
+    checkpoint_path = workdir / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(checkpoint_path, job_hash=job_fingerprint(job), plan=plan.mechanism_key())
+    if checkpoint is not None and not journal.exists:
+        raise JournalError(
+            f"{checkpoint_path} is at step {checkpoint.step} but the privacy journal {journal.path} is missing: "
+            "the privacy spent by the steps that ran is unknown; refusing to train"
+        )
+    journal.initialise(
+        job_hash=job_fingerprint(job),
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        max_steps=plan.steps,
+    )
+    if checkpoint is not None and max(checkpoint.step, checkpoint.charged_steps) > journal.charged_steps:
+        raise JournalError(
+            f"{checkpoint_path} is at step {checkpoint.step} (with {checkpoint.charged_steps} steps charged) but "
+            f"the privacy journal charges only {journal.charged_steps}: journal entries were lost; refusing to train"
+        )
+    return journal, checkpoint
 
 
 def train(
@@ -391,7 +446,7 @@ def train(
     observers: Sequence[TrainingObserver] = (),
     device: torch.device | None = None,
     stop_event: threading.Event | None = None,
-    stop_exit_code: int = 143,
+    stop_exit_code: int = ExitCode.TERMINATED,
     clipping_mode: str | None = None,
     base_dir: Path | None = None,
 ) -> TrainingResult:
@@ -402,272 +457,28 @@ def train(
     ``clipping_mode`` forces "bookkeeping" or Opacus' grad_sample_mode ("ghost"/"hooks"); auto by default.
     ``base_dir`` resolves a relative ``model.pretrainedWeights`` path (the manifest's folder).
     """
-    started = time.monotonic()
-    workdir = Path(workdir)
-    threads = configure_threads()
-    device = select_device(device)
-    job_hash = job_fingerprint(job)
 
-    with workdir_lock(workdir):
-        journal = PrivacyJournal(workdir / JOURNAL_NAME)
-        checkpoint_path = workdir / CHECKPOINT_NAME
-        checkpoint = load_checkpoint(checkpoint_path, job_hash=job_hash, plan=plan.mechanism_key())
-        if checkpoint is not None and not journal.exists:
-            raise JournalError(
-                f"{checkpoint_path} is at step {checkpoint.step} but the privacy journal {journal.path} is missing: "
-                "the privacy spent by the steps that ran is unknown; refusing to train"
-            )
-        journal.initialise(
-            job_hash=job_hash,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            max_steps=plan.steps,
-        )
-        if checkpoint is not None and (
-            checkpoint.step > journal.charged_steps or checkpoint.charged_steps > journal.charged_steps
-        ):
-            raise JournalError(
-                f"{checkpoint_path} is at step {checkpoint.step} (with {checkpoint.charged_steps} steps charged) but "
-                f"the privacy journal charges only {journal.charged_steps}: journal entries were lost; "
-                "refusing to train"
-            )
-        attempt = journal.attempts + 1
-        current_step = [checkpoint.step if checkpoint is not None else 0]
-        try:
-            with warnings.catch_warnings():
-                # Opacus' ghost clipping triggers torch's "full backward hook ... no inputs require gradients"
-                # warning on every backward pass of a first layer: harmless, and it drowns the progress output.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                return _train_locked(
-                    job,
-                    data,
-                    plan,
-                    workdir=workdir,
-                    journal=journal,
-                    checkpoint=checkpoint,
-                    attempt=attempt,
-                    observers=observers,
-                    device=device,
-                    threads=threads,
-                    stop_event=stop_event,
-                    stop_exit_code=stop_exit_code,
-                    clipping_mode=clipping_mode,
-                    base_dir=base_dir,
-                    started=started,
-                    job_hash=job_hash,
-                    current_step=current_step,
-                )
-        except BaseException as error:
-            _notify_failure(observers, error, journal=journal, plan=plan, step=current_step[0])
-            raise
-
-
-def _train_locked(
-    job: DPTrainingJob,
-    data: PreparedData,
-    plan: TrainingPlan,
-    *,
-    workdir: Path,
-    journal: PrivacyJournal,
-    checkpoint: Checkpoint | None,
-    attempt: int,
-    observers: Sequence[TrainingObserver],
-    device: torch.device,
-    threads: int,
-    stop_event: threading.Event | None,
-    stop_exit_code: int,
-    clipping_mode: str | None,
-    base_dir: Path | None,
-    started: float,
-    job_hash: str,
-    current_step: list[int],
-) -> TrainingResult:
-    spec = job.spec
-    seed = resolve_seed(job)
-    train_set, eval_set = train_eval_split(data, eval_fraction=spec.training.eval_fraction, seed=seed)
-    if len(train_set) != plan.train_size:
-        raise DataError(
-            f"the data has {len(train_set)} training examples but the plan was made for {plan.train_size}; "
-            "the sample rate would differ from the one charged"
-        )
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    random.seed(seed)
-    model, model_warnings = build_model(
-        spec.model, input_shape=data.input_shape, num_classes=data.num_classes, base_dir=base_dir
-    )
-    for message in model_warnings:
-        logger.warning("%s", message)
-    if checkpoint is not None:
-        unwrap_model(model).load_state_dict(checkpoint.model_state)
-        restore_rng_state(checkpoint.rng)
-    model = model.to(device)
-    optimizer = make_optimizer(model.parameters(), spec.training)
-
-    noise_generator = torch.Generator(device=device)
-    noise_generator.manual_seed(_fresh_seed())
-    sampling_generator = torch.Generator()
-    sampling_generator.manual_seed(_fresh_seed())
-    if device.type != "cpu":
-        train_set = TensorDataset(*(t.to(device) for t in train_set.tensors))
-    private = make_private_training(
-        model,
-        optimizer,
-        train_set,
-        plan=plan,
-        noise_generator=noise_generator,
-        sampling_generator=sampling_generator,
-        clipping_mode=clipping_mode,
-    )
-    if checkpoint is not None:
-        private.optimizer.load_state_dict(checkpoint.optimizer_state)
-
-    step = checkpoint.step if checkpoint is not None else 0
-    resumed_from_step = step
-    history: list[dict[str, float]] = list(checkpoint.history) if checkpoint is not None else []
-    eval_metrics: dict[str, float] = dict(checkpoint.eval_metrics) if checkpoint is not None else {}
-    every = spec.checkpoint.every_steps
-    if resumed_from_step or journal.charged_steps:
-        logger.debug(
-            "resumed from step %d (attempt %d; %d of %d steps already charged)",
-            resumed_from_step,
-            attempt,
-            journal.charged_steps,
-            plan.steps,
-        )
-
-    for observer in observers:
-        observer.on_start(plan, resumed_from_step=resumed_from_step, attempt=attempt)
-
-    batches: Iterator[Any] = iter(private.loader)
-
-    def run_step() -> float:
-        nonlocal batches
-        target = private.steps_taken[0] + 1
-        loss_sum, count = 0.0, 0
-        while private.steps_taken[0] < target:
-            try:
-                features, labels = next(batches)
-            except StopIteration:  # the Poisson sampler yields int(1/q) batches per pass; start another
-                batches = iter(private.loader)
-                continue
-            features = features.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss = private.criterion(private.model(features), labels)
-            loss.backward()
-            private.optimizer.step()
-            private.optimizer.zero_grad(set_to_none=True)
-            if len(labels):
-                loss_sum += float(loss.item()) * len(labels)
-                count += len(labels)
-        return loss_sum / count if count else math.nan
-
-    def stop_requested() -> bool:
+    def stop() -> bool:
         return stop_event is not None and stop_event.is_set()
 
-    def save(charged_epsilon: float) -> None:
-        save_checkpoint(
-            workdir / CHECKPOINT_NAME,
-            Checkpoint(
-                step=step,
-                model_state={k: v.detach().cpu() for k, v in unwrap_model(private.model).state_dict().items()},
-                optimizer_state=private.optimizer.state_dict(),
-                job_hash=job_hash,
-                plan=plan.to_dict(),
-                journal_entries=len(journal.entries),
-                charged_steps=journal.charged_steps,
-                attempt=attempt,
-                rng=capture_rng_state(),
-                eval_metrics=eval_metrics,
-                history=history,
-            ),
-        )
-        logger.debug("checkpoint at step %d (ε charged %.4f)", step, charged_epsilon)
-
-    checkpointed_step = step
-    completed_chunk = True
-    while journal.charged_steps < plan.steps and not stop_requested():
-        chunk = min(every, plan.steps - journal.charged_steps)
-        # Write-ahead: the chunk is durably charged before any of its steps runs.
-        journal.append_intent(
-            MechanismSegment(plan.noise_multiplier, plan.sample_rate, chunk), attempt=attempt, start_step=step
-        )
-        spent = journal.epsilon(plan.delta, plan.accountant)
-        chunk_started = time.monotonic()
-        completed_chunk = False
-        for index in range(chunk):
-            if stop_requested():  # a signal arrived between steps: run no further step
-                break
-            loss = run_step()
-            step += 1
-            current_step[0] = step
-            history.append({"step": float(step), "epsilon": spent, "loss": loss})
-            last = index == chunk - 1 or stop_requested()
-            if last:
-                eval_metrics = evaluate(private.model, eval_set, num_classes=data.num_classes, device=device)
-                save(spent)
-                checkpointed_step = step
-            elapsed = max(time.monotonic() - chunk_started, 1e-9)
-            progress = Progress(
-                step=step,
-                total_steps=plan.steps,
-                epoch=step * plan.sample_rate,
-                loss=loss,
-                epsilon_spent=spent,
-                eval_metric=data.eval_metric,
-                eval_value=eval_metrics.get(data.eval_metric),
-                examples_per_second=plan.batch_size * (index + 1) / elapsed,
-                charged_steps=journal.charged_steps,
-                attempt=attempt,
-                checkpointed=last,
-                eval_metrics=dict(eval_metrics),
-            )
-            for observer in observers:
-                observer.on_step(progress)
-        else:
-            completed_chunk = True
-    if stop_requested() and not (completed_chunk and journal.charged_steps >= plan.steps):
-        if checkpointed_step != step:
-            eval_metrics = evaluate(private.model, eval_set, num_classes=data.num_classes, device=device)
-            save(journal.epsilon(plan.delta, plan.accountant))
-        raise TrainingInterrupted(
-            f"stopped by a signal after step {step} of {plan.steps}; checkpointed, and the journal already charged "
-            f"{journal.charged_steps} steps. Run again to resume.",
-            exit_code=stop_exit_code,
-            step=step,
-        )
-
-    if checkpoint is not None and step == resumed_from_step and not eval_metrics:
-        eval_metrics = evaluate(private.model, eval_set, num_classes=data.num_classes, device=device)
-    if step < plan.steps:
-        message = (
-            f"the model ran {step} of the plan's {plan.steps} steps: crashed attempts used up the rest of the "
-            "privacy budget (their steps stay charged)"
-        )
-        logger.warning("%s", message)
-        model_warnings = [*model_warnings, message]
-    model_path = export_model(workdir / MODEL_NAME, private.model)
-    result = TrainingResult(
-        plan=plan,
-        steps_run=step,
-        epsilon=journal.epsilon(plan.delta, plan.accountant),
-        journal=journal.entries,
-        eval_metrics=eval_metrics,
-        history=history,
-        clipping_mode=private.clipping_mode,
-        elapsed_seconds=time.monotonic() - started,
-        attempts=max(journal.attempts, 1),
-        model_path=model_path,
-        charged_steps=journal.charged_steps,
-        resumed_from_step=resumed_from_step,
-        eval_metric=data.eval_metric,
-        dataset=data.name,
-        device=str(device),
-        threads=threads,
-        warnings=list(model_warnings),
+    run = TrainingRun.open(
+        job,
+        data,
+        plan,
         workdir=workdir,
+        observers=observers,
+        device=device,
+        clipping_mode=clipping_mode,
+        base_dir=base_dir,
     )
-    for observer in observers:
-        observer.on_finish(result)
-    return result
+    with run, warnings.catch_warnings():
+        # Opacus' ghost clipping triggers torch's "full backward hook ... no inputs require gradients"
+        # warning on every backward pass of a first layer: harmless, and it drowns the progress output.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        run.start()
+        completed = True
+        while not run.done and not stop():
+            completed = run.run_chunk(stop)
+        if stop() and not (completed and run.done):
+            raise run.interrupt(stop_exit_code)
+        return run.finish()

@@ -1,34 +1,37 @@
 """The trainer's one exception tree. The CLI prints ``str(error)`` and exits with ``error.exit_code``.
 
-Distinct exit codes let the operator tell a bad manifest from bad data or a bad model without
-parsing messages, and keep all of them apart from a crash (Python's own exit code 1 paths).
+Distinct exit codes (:class:`dptrain_api.ExitCode`, part of the pod contract) let the operator tell a
+bad manifest from bad data or a bad model without parsing messages, and keep all of them apart from a
+crash (Python's own exit code 1 paths).
 """
 
 from __future__ import annotations
+
+from dptrain_api import ExitCode
 
 
 class DptrainError(Exception):
     """Root of every error the trainer reports to the user."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.CRASHED
 
 
 class ConfigurationError(DptrainError):
     """The manifest or the training plan is inconsistent (for example a datasetRef with no dataset)."""
 
-    exit_code = 2
+    exit_code = ExitCode.INVALID_CONFIGURATION
 
 
 class DataError(DptrainError):
     """The data cannot be used as declared; the message names the file, column and problem."""
 
-    exit_code = 3
+    exit_code = ExitCode.INVALID_DATA
 
 
 class ModelError(DptrainError):
     """The model spec, the custom factory or the pretrained weights are unusable."""
 
-    exit_code = 4
+    exit_code = ExitCode.INVALID_MODEL
 
 
 class PlanMismatchError(ConfigurationError):
@@ -38,7 +41,7 @@ class PlanMismatchError(ConfigurationError):
 class CheckpointError(DptrainError):
     """The output directory's checkpoint or privacy journal cannot be used (another job's, or damaged)."""
 
-    exit_code = 5
+    exit_code = ExitCode.CHECKPOINT_UNUSABLE
 
 
 class JournalError(CheckpointError):
@@ -48,7 +51,7 @@ class JournalError(CheckpointError):
 class PrivacyBudgetError(DptrainError):
     """Running would charge more than the plan (or the dataset's reservation) allows."""
 
-    exit_code = 6
+    exit_code = ExitCode.PRIVACY_BUDGET
 
 
 class TrainingInterrupted(DptrainError):  # noqa: N818 - a requested stop, not an error
@@ -57,7 +60,7 @@ class TrainingInterrupted(DptrainError):  # noqa: N818 - a requested stop, not a
     ``exit_code`` is 128 + the signal number (143 for SIGTERM), as a shell reports a signalled process.
     """
 
-    def __init__(self, message: str, *, exit_code: int = 143, step: int = 0) -> None:
+    def __init__(self, message: str, *, exit_code: int = ExitCode.TERMINATED, step: int = 0) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.step = step

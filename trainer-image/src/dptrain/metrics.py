@@ -15,23 +15,22 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from dptrain.events import Progress, TrainingResult
+from dptrain_api import PodEnv, TrainerMetric
 
 if TYPE_CHECKING:
     from dptrain.plan import TrainingPlan
     from dptrain_api.job import DPTrainingJob
 
-__all__ = ["JOB_NAMESPACE_ENV", "JOB_NAME_ENV", "PrometheusExporter", "metric_labels"]
+__all__ = ["PrometheusExporter", "metric_labels"]
 
-JOB_NAME_ENV: Final = "DPTRAIN_JOB_NAME"
-JOB_NAMESPACE_ENV: Final = "DPTRAIN_JOB_NAMESPACE"
 _LABELS: Final = ("job", "namespace")
 
 
 def metric_labels(job: DPTrainingJob | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``job``/``namespace`` from DPTRAIN_JOB_NAME/DPTRAIN_JOB_NAMESPACE, else the manifest, else local/default."""
     env = os.environ if environ is None else environ
-    name = env.get(JOB_NAME_ENV) or (job.metadata.name if job is not None else None) or "local"
-    namespace = env.get(JOB_NAMESPACE_ENV) or (job.metadata.namespace if job is not None else None) or "default"
+    name = env.get(PodEnv.JOB_NAME) or (job.metadata.name if job is not None else None) or "local"
+    namespace = env.get(PodEnv.JOB_NAMESPACE) or (job.metadata.namespace if job is not None else None) or "default"
     return {"job": name, "namespace": namespace}
 
 
@@ -48,26 +47,30 @@ class PrometheusExporter:
         self._steps_seen = 0
         names = list(_LABELS)
 
-        def gauge(name: str, documentation: str) -> Gauge:
+        def gauge(name: TrainerMetric, documentation: str) -> Gauge:
             return Gauge(name, documentation, names, registry=self.registry)
 
         self.epsilon_spent = gauge(
-            "dptrain_epsilon_spent", "Privacy loss ε charged so far by the write-ahead journal (valid upper bound)"
+            TrainerMetric.EPSILON_SPENT, "Privacy loss ε charged so far by the write-ahead journal (valid upper bound)"
         )
-        self.epsilon_target = gauge("dptrain_epsilon_target", "The job's ε budget")
-        self.delta = gauge("dptrain_delta", "δ of the (ε, δ) guarantee")
-        self.noise_multiplier = gauge("dptrain_noise_multiplier", "σ: Gaussian noise std relative to the clipping norm")
-        self.sample_rate = gauge("dptrain_sample_rate", "Poisson sampling rate q")
-        self.train_loss = gauge("dptrain_train_loss", "Latest training loss (NOT differentially private)")
-        self.eval_accuracy = gauge("dptrain_eval_accuracy", "Held-out accuracy (NOT differentially private)")
-        self.eval_auc = gauge("dptrain_eval_auc", "Held-out ROC AUC, binary tasks (NOT differentially private)")
-        self.examples_per_second = gauge("dptrain_examples_per_second", "Expected training examples per second")
-        self.progress_ratio = gauge("dptrain_progress_ratio", "Completed steps / planned steps")
-        self.planned_steps = gauge("dptrain_planned_steps", "Steps in the privacy plan")
-        self.charged_steps = gauge("dptrain_charged_steps", "Steps charged by the privacy journal (crashed ones too)")
-        self.attempt = gauge("dptrain_attempt", "Attempt number of this trainer process (1 + earlier attempts)")
-        self.finished = gauge("dptrain_training_finished", "1 once training has finished successfully, else 0")
-        self.steps = Counter("dptrain_steps", "DP-SGD steps completed (global step)", names, registry=self.registry)
+        self.epsilon_target = gauge(TrainerMetric.EPSILON_TARGET, "The job's ε budget")
+        self.delta = gauge(TrainerMetric.DELTA, "δ of the (ε, δ) guarantee")
+        self.noise_multiplier = gauge(
+            TrainerMetric.NOISE_MULTIPLIER, "σ: Gaussian noise std relative to the clipping norm"
+        )
+        self.sample_rate = gauge(TrainerMetric.SAMPLE_RATE, "Poisson sampling rate q")
+        self.train_loss = gauge(TrainerMetric.TRAIN_LOSS, "Latest training loss (NOT differentially private)")
+        self.eval_accuracy = gauge(TrainerMetric.EVAL_ACCURACY, "Held-out accuracy (NOT differentially private)")
+        self.eval_auc = gauge(TrainerMetric.EVAL_AUC, "Held-out ROC AUC, binary tasks (NOT differentially private)")
+        self.examples_per_second = gauge(TrainerMetric.EXAMPLES_PER_SECOND, "Expected training examples per second")
+        self.progress_ratio = gauge(TrainerMetric.PROGRESS_RATIO, "Completed steps / planned steps")
+        self.planned_steps = gauge(TrainerMetric.PLANNED_STEPS, "Steps in the privacy plan")
+        self.charged_steps = gauge(
+            TrainerMetric.CHARGED_STEPS, "Steps charged by the privacy journal (crashed ones too)"
+        )
+        self.attempt = gauge(TrainerMetric.ATTEMPT, "Attempt number of this trainer process (1 + earlier attempts)")
+        self.finished = gauge(TrainerMetric.TRAINING_FINISHED, "1 once training has finished successfully, else 0")
+        self.steps = Counter(TrainerMetric.STEPS, "DP-SGD steps completed (global step)", names, registry=self.registry)
 
     # --- serving ------------------------------------------------------------------------------------------
 

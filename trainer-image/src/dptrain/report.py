@@ -23,8 +23,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from dptrain.errors import DptrainError, TrainingInterrupted
 from dptrain.events import Progress, TrainingResult
-from dptrain.journal import JOURNAL_NAME, PrivacyJournal, atomic_write, summarize
+from dptrain.journal import JOURNAL_NAME, PrivacyJournal, atomic_write
 from dptrain_accounting import MechanismSegment, compact, compute_epsilon
+from dptrain_api import (
+    DEFAULT_TERMINATION_MESSAGE_PATH,
+    ExitCode,
+    Mechanism,
+    PodEnv,
+    RunOutcome,
+    TerminationMessage,
+)
 
 if TYPE_CHECKING:
     from dptrain.plan import TrainingPlan
@@ -32,13 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CURVES_NAME",
-    "DEFAULT_TERMINATION_LOG",
-    "MAX_TERMINATION_MESSAGE",
     "REPORT_NAME",
-    "TERMINATION_PATH_ENV",
     "ReportWriter",
     "default_termination_path",
-    "fit_termination_message",
     "format_up",
     "plot_curves",
 ]
@@ -47,9 +51,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME: Final = "privacy-report.json"
 CURVES_NAME: Final = "training-curves.png"
-TERMINATION_PATH_ENV: Final = "DPTRAIN_TERMINATION_MESSAGE_PATH"
-DEFAULT_TERMINATION_LOG: Final = Path("/dev/termination-log")
-MAX_TERMINATION_MESSAGE: Final = 4096
 OTHER_DELTAS: Final = (1e-6, 1e-7)
 
 _NOT_DP: Final = [
@@ -83,10 +84,10 @@ def format_up(value: float, significant: int = 4) -> str:
 def default_termination_path(environ: Mapping[str, str] | None = None) -> Path | None:
     """DPTRAIN_TERMINATION_MESSAGE_PATH, else /dev/termination-log inside a Kubernetes pod when writable."""
     env = os.environ if environ is None else environ
-    configured = env.get(TERMINATION_PATH_ENV, "").strip()
+    configured = env.get(PodEnv.TERMINATION_MESSAGE_PATH, "").strip()
     if configured:
         return Path(configured)
-    target = DEFAULT_TERMINATION_LOG
+    target = Path(DEFAULT_TERMINATION_MESSAGE_PATH)
     if target.exists():
         return target if os.access(target, os.W_OK) else None
     # Only create it inside a pod: on a workstation /dev is root-writable but not ours to litter.
@@ -95,58 +96,19 @@ def default_termination_path(environ: Mapping[str, str] | None = None) -> Path |
     return None
 
 
-def fit_termination_message(message: dict[str, Any], limit: int = MAX_TERMINATION_MESSAGE) -> str:
-    """Compact JSON of ``message`` within ``limit`` bytes: drops detail (segments, long text) as needed."""
-    message = dict(message)
-
-    def encoded() -> str:
-        return json.dumps(message, separators=(",", ":"), allow_nan=False, default=str)
-
-    text = encoded()
-    if len(text.encode()) <= limit:
-        return text
-    journal = message.get("journal")
-    if isinstance(journal, dict) and "segments" in journal:
-        journal = dict(journal)
-        journal["segmentCount"] = len(journal.pop("segments"))
-        message["journal"] = journal
-        text = encoded()
-    for key in ("error", "warnings"):
-        if len(text.encode()) <= limit:
-            break
-        value = message.get(key)
-        if isinstance(value, str) and value:
-            overflow = len(text.encode()) - limit
-            keep = max(0, len(value.encode()) - overflow - 16)
-            message[key] = value.encode()[:keep].decode(errors="ignore") + "…"
-        elif value is not None:
-            message.pop(key)
-        text = encoded()
-    if len(text.encode()) > limit:  # last resort: the privacy numbers only
-        essential = (
-            "status",
-            "epsilon",
-            "delta",
-            "noiseMultiplier",
-            "sampleRate",
-            "steps",
-            "chargedSteps",
-            "stepsRun",
-            "plannedSteps",
-            "exitCode",
-        )
-        message = {key: message[key] for key in essential if key in message}
-        text = encoded()
-    return text
-
-
 def _first_attempt(environ: Mapping[str, str] | None = None) -> bool:
     """True unless the operator says this pod is a retry (DPTRAIN_ATTEMPT > 1)."""
     env = os.environ if environ is None else environ
     try:
-        return int(env.get("DPTRAIN_ATTEMPT", "1") or "1") <= 1
+        return int(env.get(PodEnv.ATTEMPT, "1") or "1") <= 1
     except ValueError:
         return False
+
+
+def _segments(entries: Sequence[Mapping[str, Any]]) -> list[Mechanism]:
+    """The charged mechanism of journal entries, compacted (consecutive equal steps merged)."""
+    segments = compact(MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"]) for e in entries)
+    return [Mechanism(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, steps=s.steps) for s in segments]
 
 
 def _finite(value: float | None) -> float | None:
@@ -254,25 +216,28 @@ class ReportWriter:
 
     # --- termination message ------------------------------------------------------------------------
 
-    def write_termination_message(self, message: dict[str, Any]) -> None:
+    def write_termination_message(self, message: TerminationMessage) -> None:
         if self.termination_path is None:
             return
-        text = fit_termination_message(message)
+        text = message.to_text()
         try:
             self.termination_path.write_text(text)
         except OSError as error:
             logger.warning("cannot write the termination message to %s: %s", self.termination_path, error.strerror)
 
-    def _mechanism(self, plan: TrainingPlan) -> dict[str, Any]:
+    @staticmethod
+    def _mechanism(plan: TrainingPlan | None) -> dict[str, Any]:
+        if plan is None:
+            return {}
         return {
             "delta": plan.delta,
-            "targetEpsilon": plan.target_epsilon,
-            "noiseMultiplier": plan.noise_multiplier,
-            "sampleRate": plan.sample_rate,
-            "plannedSteps": plan.steps,
-            "plannedEpsilon": plan.planned_epsilon,
+            "target_epsilon": plan.target_epsilon,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "planned_steps": plan.steps,
+            "planned_epsilon": plan.planned_epsilon,
             "accountant": plan.accountant,
-            "maxGradNorm": plan.max_grad_norm,
+            "max_grad_norm": plan.max_grad_norm,
         }
 
     # --- observer -----------------------------------------------------------------------------------
@@ -292,25 +257,21 @@ class ReportWriter:
                 self.curves_path = plot_curves(result.history, self.output_dir / CURVES_NAME, plan=result.plan)
             except Exception as error:  # a plotting problem must not fail a finished run
                 logger.warning("cannot draw %s: %s", CURVES_NAME, error)
-        message = {
-            "status": "Succeeded",
-            "epsilon": result.epsilon,
+        message = TerminationMessage(
+            status=RunOutcome.SUCCEEDED,
+            exit_code=ExitCode.SUCCEEDED,
+            epsilon=result.epsilon,
             **self._mechanism(result.plan),
-            "steps": result.charged_steps,
-            "chargedSteps": result.charged_steps,
-            "stepsRun": result.steps_run,
-            "attempts": result.attempts,
-            "evalMetric": result.eval_metric,
-            "evalMetrics": {k: v for k, v in result.eval_metrics.items() if math.isfinite(v)},
-            "clippingMode": result.clipping_mode,
-            "journal": {
-                "entries": len(result.journal),
-                "chargedSteps": result.charged_steps,
-                "segments": summarize(result.journal),
-            },
-        }
-        if result.warnings:
-            message["warnings"] = "; ".join(result.warnings)
+            charged_steps=result.charged_steps,
+            steps_run=result.steps_run,
+            attempts=result.attempts,
+            eval_metric=result.eval_metric,
+            eval_metrics={k: v for k, v in result.eval_metrics.items() if math.isfinite(v)},
+            clipping_mode=result.clipping_mode,
+            journal_entries=len(result.journal),
+            segments=_segments(result.journal),
+            warnings="; ".join(result.warnings) or None,
+        )
         self.write_termination_message(message)
 
     def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
@@ -329,7 +290,8 @@ class ReportWriter:
     ) -> None:
         """Termination message for a run that did not finish: the ε the journal charged so far."""
         plan = plan or self.plan
-        journal_summary: dict[str, Any] | None = None
+        journal_entries: int | None = None
+        segments: list[Mechanism] = []
         journal_path = self.output_dir / JOURNAL_NAME
         if journal_path.exists():
             try:
@@ -341,17 +303,13 @@ class ReportWriter:
                         raise ValueError("the output directory's privacy journal belongs to another job")
                 if charged_steps is None:
                     charged_steps = journal.charged_steps
-                journal_summary = {
-                    "entries": len(journal.entries),
-                    "chargedSteps": charged_steps,
-                    "segments": summarize(journal.entries),
-                }
+                journal_entries, segments = len(journal.entries), _segments(journal.entries)
                 if epsilon_spent is None and plan is not None:
                     epsilon_spent = journal.epsilon(plan.delta, plan.accountant)
             except Exception as journal_error:
                 # Unknown charges: say so (the operator then keeps the whole reservation charged).
-                journal_summary = {"error": str(journal_error)}
-                charged_steps = None
+                logger.warning("cannot read the privacy journal: %s", journal_error)
+                charged_steps = epsilon_spent = None
         elif (self.output_dir.is_dir() or not self.output_dir.exists()) and _first_attempt():
             # No journal in the output directory of a first attempt: this job has charged nothing.
             # (On a retry a missing journal proves nothing -- the volume may have been replaced --
@@ -359,25 +317,20 @@ class ReportWriter:
             if charged_steps is None:
                 charged_steps = 0
                 epsilon_spent = 0.0 if epsilon_spent is None else epsilon_spent
-            journal_summary = {"entries": 0, "chargedSteps": charged_steps, "segments": []}
+            journal_entries = 0
         interrupted = isinstance(error, TrainingInterrupted)
-        message: dict[str, Any] = {
-            "status": "Interrupted" if interrupted else "Failed",
-            "reason": type(error).__name__,
-            "exitCode": error.exit_code if isinstance(error, DptrainError) else 1,
-            "error": str(error),
-        }
-        if epsilon_spent is not None:
-            message["epsilon"] = epsilon_spent
-        if plan is not None:
-            message.update(self._mechanism(plan))
-        if charged_steps is not None:
-            message["steps"] = charged_steps
-            message["chargedSteps"] = charged_steps
-        if step is not None:
-            message["stepsRun"] = step
-        if journal_summary is not None:
-            message["journal"] = journal_summary
+        message = TerminationMessage(
+            status=RunOutcome.INTERRUPTED if interrupted else RunOutcome.FAILED,
+            reason=type(error).__name__,
+            exit_code=error.exit_code if isinstance(error, DptrainError) else ExitCode.CRASHED,
+            error=str(error),
+            epsilon=epsilon_spent,
+            **self._mechanism(plan),
+            charged_steps=charged_steps,
+            steps_run=step,
+            journal_entries=journal_entries,
+            segments=segments,
+        )
         self.write_termination_message(message)
         self.failure_written = True
 

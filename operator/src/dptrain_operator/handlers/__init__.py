@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from dptrain_api import API_GROUP, API_VERSION
+from dptrain_api import API_GROUP, API_VERSION, ConditionType, JobPhase
 from dptrain_operator.conditions import get_condition
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import forget_dataset, reconcile_dataset
@@ -42,14 +42,14 @@ def _reconcile_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> Non
         except Exception:
             ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob").inc()
             raise
-        if state.status != (fresh.get("status") or {}):
-            ctx.kube.patch_job_status(state.namespace, state.name, state.status)
-        if state.phase == "Failed" and (fresh.get("status") or {}).get("phase") != "Failed":
-            failed = get_condition(state.status.get("conditions"), "Failed") or {}
-            ctx.metrics.job_failures.labels(reason=failed.get("reason", "Unknown")).inc()
-    for event_type, reason, message in state.events:
-        kopf.event(body, type=event_type, reason=reason, message=message[:1024])
-    ctx.metrics.observe_job(state.uid, state.status.get("phase"))
+        if state.changed():
+            ctx.kube.patch_job_status(state.namespace, state.name, state.wire())
+        if state.phase == JobPhase.FAILED and (fresh.get("status") or {}).get("phase") != JobPhase.FAILED:
+            failed = get_condition(state.status.conditions, ConditionType.FAILED)
+            ctx.metrics.job_failures.labels(reason=failed.reason if failed else "Unknown").inc()
+    for event in state.events:
+        kopf.event(body, type=event.type, reason=event.reason.value, message=event.message[:1024])
+    ctx.metrics.observe_job(state.uid, state.phase)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:

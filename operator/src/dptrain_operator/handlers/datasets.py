@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dptrain_api import PrivateDataset, describe_validation_error
+from dptrain_api import ConditionType, PrivateDataset, PrivateDatasetStatus, Reason, describe_validation_error
 from dptrain_operator import ledger
 from dptrain_operator.conditions import set_condition
 from dptrain_operator.context import OperatorContext
@@ -22,27 +22,32 @@ def reconcile_dataset(body: dict[str, Any], ctx: OperatorContext) -> None:
         dataset = PrivateDataset.model_validate(body)
     except ValidationError as error:
         # The CRD schema refuses nearly everything first; what it cannot see is reported here.
+        try:
+            previous = PrivateDatasetStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            previous = PrivateDatasetStatus()
         conditions = set_condition(
-            (body.get("status") or {}).get("conditions"),
-            type="Ready",
+            previous.conditions,
+            type=ConditionType.READY,
             status=False,
-            reason="InvalidSpec",
+            reason=Reason.INVALID_SPEC,
             message="; ".join(describe_validation_error(error)),
             generation=metadata.get("generation"),
         )
-        _write(body, {**(body.get("status") or {}), "conditions": conditions}, ctx)
+        wired = [condition.to_wire() for condition in conditions]
+        _write(body, {**(body.get("status") or {}), "conditions": wired}, ctx)
         return
     status = ledger.recompute(dataset.status, dataset.spec.budget)
-    wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    wire["conditions"] = set_condition(
-        wire.get("conditions"),
-        type="Ready",
+    status.conditions = set_condition(
+        status.conditions,
+        type=ConditionType.READY,
         status=True,
-        reason="BudgetTracked",
+        reason=Reason.BUDGET_TRACKED,
         message=f"ε remaining {status.epsilon_remaining:g} of {dataset.spec.budget.epsilon:g}",
         generation=metadata.get("generation"),
     )
-    wire["observedGeneration"] = metadata.get("generation")
+    status.observed_generation = metadata.get("generation")
+    wire = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     if wire != (body.get("status") or {}):
         _write(body, wire, ctx)
     ctx.metrics.observe_dataset(

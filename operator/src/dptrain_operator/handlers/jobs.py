@@ -5,26 +5,29 @@ a timer all call the same function, so a restarted operator converges without du
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from dptrain_accounting import AccountingError, MechanismSegment, compute_epsilon, plan_mechanism
+from dptrain_accounting import AccountingError, MechanismSegment
 from dptrain_api import (
-    BUILTIN_DATASET_SIZES,
+    PERMANENT_FAILURES,
+    ConditionType,
     DPTrainingJob,
+    ExitCode,
     JobPhase,
+    PrivacyStatus,
     PrivateDataset,
-    PrivateDatasetStatus,
+    ProgressStatus,
+    Reason,
+    TerminationMessage,
     describe_validation_error,
 )
-from dptrain_operator import ledger
-from dptrain_operator.conditions import now_iso, set_condition
+from dptrain_operator import admission, ledger
+from dptrain_operator.conditions import now
 from dptrain_operator.context import OperatorContext
-from dptrain_operator.kube import ConflictError
+from dptrain_operator.jobstate import FINISHED, JobState
 from dptrain_operator.render import (
     ATTEMPT_LABEL,
     JOB_UID_LABEL,
@@ -36,83 +39,20 @@ from dptrain_operator.render import (
 )
 from dptrain_operator.scrape import exit_code, scrape, termination_message
 
-FINISHED = (JobPhase.SUCCEEDED.value, JobPhase.FAILED.value)
-# Trainer exit codes that retrying cannot fix (bad manifest, bad data, bad model): fail at once.
-PERMANENT_EXIT_CODES = {
-    2: "InvalidConfiguration",
-    3: "InvalidData",
-    4: "InvalidModel",
-    5: "CheckpointUnusable",  # a damaged journal or another job's checkpoint: retrying cannot help
-    6: "PrivacyBudgetExhausted",
-}
-_LEDGER_RETRIES = 50
-
-
-@dataclass
-class JobState:
-    """The job's status as it will be written back (one merge patch per reconciliation)."""
-
-    body: dict[str, Any]
-    status: dict[str, Any]
-    events: list[tuple[str, str, str]]
-
-    @property
-    def namespace(self) -> str:
-        return str(self.body["metadata"]["namespace"])
-
-    @property
-    def name(self) -> str:
-        return str(self.body["metadata"]["name"])
-
-    @property
-    def uid(self) -> str:
-        return str(self.body["metadata"]["uid"])
-
-    @property
-    def generation(self) -> int | None:
-        generation = self.body["metadata"].get("generation")
-        return int(generation) if generation is not None else None
-
-    @property
-    def phase(self) -> str | None:
-        phase = self.status.get("phase")
-        return str(phase) if phase else None
-
-    def condition(self, type: str, status: bool, reason: str, message: str) -> None:
-        self.status["conditions"] = set_condition(
-            self.status.get("conditions"),
-            type=type,
-            status=status,
-            reason=reason,
-            message=message,
-            generation=self.generation,
-        )
-
-    def transition(self, phase: JobPhase, reason: str, message: str) -> None:
-        if self.phase != phase.value:
-            self.events.append(("Warning" if phase == JobPhase.FAILED else "Normal", reason, message))
-        self.status["phase"] = phase.value
-
-    def fail(self, reason: str, message: str) -> None:
-        self.transition(JobPhase.FAILED, reason, message)
-        self.condition("Failed", True, reason, message)
-        self.condition("Running", False, reason, message)
-        self.status.setdefault("completionTime", now_iso())
-
-
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+Pod = dict[str, Any]
 
 
 def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> JobState:
     """One reconciliation step; returns the state whose status the caller writes and whose events it posts."""
-    state = JobState(body=body, status=_copy_status(body), events=[])
+    state = JobState.read(body)
     if state.phase in FINISHED:
         _finish_cleanup(state, ctx)
         return state
     try:
         job = DPTrainingJob.model_validate(body)
     except ValidationError as error:
-        state.fail("InvalidSpec", "; ".join(describe_validation_error(error, prefix="")))
+        state.fail(Reason.INVALID_SPEC, "; ".join(describe_validation_error(error, prefix="")))
         return state
     dataset = _load_dataset(job, state, ctx)
     if dataset is None and job.spec.dataset.dataset_ref is not None:
@@ -121,19 +61,13 @@ def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) ->
     if mechanism is None:
         return state
     if job.spec.run_policy.suspend:
-        _suspend(job, state, ctx)
-        return state
-    if _deadline_exceeded(job, state):
+        _suspend(state, ctx)
+    elif _deadline_exceeded(job, state):
         _stop_pods(state, ctx)
         _commit(state, ctx, steps_ran=None)
-        return state
-    _run(job, dataset, mechanism, state, ctx, logger)
+    else:
+        _run(job, dataset, mechanism, state, ctx, logger)
     return state
-
-
-def _copy_status(body: dict[str, Any]) -> dict[str, Any]:
-    status = body.get("status") or {}
-    return {key: (dict(value) if isinstance(value, dict) else value) for key, value in status.items()}
 
 
 # --- dataset and admission -------------------------------------------------------------------
@@ -146,168 +80,94 @@ def _load_dataset(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> 
     raw = ctx.kube.get_dataset(state.namespace, reference.name)
     if raw is None:
         message = f"PrivateDataset {reference.name!r} not found in namespace {state.namespace}; create it"
-        state.transition(JobPhase.PENDING, "DatasetNotFound", message)
-        state.condition("Admitted", False, "DatasetNotFound", message)
+        state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+        state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
         return None
     try:
         return PrivateDataset.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(describe_validation_error(error))
-        state.fail("InvalidDataset", f"PrivateDataset {reference.name!r} is invalid: {problems}")
+        state.fail(Reason.INVALID_DATASET, f"PrivateDataset {reference.name!r} is invalid: {problems}")
         return None
-
-
-def _num_examples(job: DPTrainingJob, dataset: PrivateDataset | None) -> int:
-    if dataset is None:
-        assert job.spec.dataset.builtin is not None
-        return BUILTIN_DATASET_SIZES[job.spec.dataset.builtin]
-    if dataset.spec.num_examples is not None:
-        return dataset.spec.num_examples
-    assert dataset.spec.source.builtin is not None
-    return BUILTIN_DATASET_SIZES[dataset.spec.source.builtin]
 
 
 def _admit(
-    job: DPTrainingJob,
-    dataset: PrivateDataset | None,
-    state: JobState,
-    ctx: OperatorContext,
-    logger: Logger,
+    job: DPTrainingJob, dataset: PrivateDataset | None, state: JobState, ctx: OperatorContext, logger: Logger
 ) -> MechanismSegment | None:
     """The job's mechanism, reserved in the dataset's ledger (or None after marking the job Failed)."""
-    privacy = state.status.get("privacy") or {}
-    if privacy.get("noiseMultiplier") and privacy.get("plannedSteps") and privacy.get("sampleRate"):
+    privacy = state.status.privacy
+    if privacy and privacy.noise_multiplier and privacy.planned_steps and privacy.sample_rate:
         # Planned before (the plan is immutable): never recalibrate, the reservation holds this one.
-        return MechanismSegment(
-            float(privacy["noiseMultiplier"]), float(privacy["sampleRate"]), int(privacy["plannedSteps"])
-        )
-    spec = job.spec
+        return MechanismSegment(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)
     try:
-        plan = plan_mechanism(
-            num_examples=_num_examples(job, dataset),
-            eval_fraction=spec.training.eval_fraction,
-            batch_size=spec.training.batch_size,
-            epochs=spec.training.epochs,
-            target_epsilon=spec.privacy.target_epsilon,
-            delta=spec.privacy.delta,
-            accountant=spec.privacy.accountant.value,
-            noise_multiplier=spec.privacy.noise_multiplier,
-        )
+        mechanism = admission.plan_job(job, dataset).segment
     except (AccountingError, ValueError) as error:
-        state.fail("InvalidPlan", str(error))
+        state.fail(Reason.INVALID_PLAN, str(error))
         return None
-    mechanism = plan.segment
     if dataset is not None:
-        refusal = _reserve(job, dataset, mechanism, state, ctx)
+        refusal = admission.reserve(
+            ctx,
+            namespace=state.namespace,
+            dataset=dataset.metadata.name or "",
+            job_name=state.name,
+            job_uid=state.uid,
+            mechanism=mechanism,
+        )
+        _post_privacy(state, mechanism=mechanism, job=job)
         if refusal is not None:
-            state.fail("BudgetExceeded", refusal)
-            _post_privacy(state, mechanism=mechanism, job=job)
+            state.fail(Reason.BUDGET_EXCEEDED, refusal)
             return None
     _post_privacy(state, mechanism=mechanism, job=job)
     message = f"planned σ={mechanism.noise_multiplier:.4g}, q={mechanism.sample_rate:.4g}, {mechanism.steps} steps"
     if dataset is not None:
         message += f"; reserved in PrivateDataset {dataset.metadata.name}"
-    state.condition("Admitted", True, "Admitted", message)
-    state.events.append(("Normal", "Admitted", message))
+    state.condition(ConditionType.ADMITTED, True, Reason.ADMITTED, message)
+    state.event(Reason.ADMITTED, message)
     logger.info(message)
     return mechanism
 
 
 def _post_privacy(state: JobState, *, mechanism: MechanismSegment, job: DPTrainingJob) -> None:
-    state.status["privacy"] = {
-        "epsilonSpent": 0.0,
-        "targetEpsilon": job.spec.privacy.target_epsilon,
-        "delta": job.spec.privacy.delta,
-        "noiseMultiplier": mechanism.noise_multiplier,
-        "sampleRate": mechanism.sample_rate,
-        "steps": 0,
-        "plannedSteps": mechanism.steps,
-        "accountant": job.spec.privacy.accountant.value,
-    }
-    state.status.setdefault("progress", {"step": 0, "totalSteps": mechanism.steps, "percent": "0%"})
-
-
-def _reserve(
-    job: DPTrainingJob, dataset: PrivateDataset, mechanism: MechanismSegment, state: JobState, ctx: OperatorContext
-) -> str | None:
-    """Reserve under a resourceVersion precondition, retrying on conflict: racing jobs never overshoot."""
-    name = dataset.metadata.name or ""
-    for _ in range(_LEDGER_RETRIES):
-        raw = ctx.kube.get_dataset(state.namespace, name)
-        if raw is None:
-            return f"PrivateDataset {name!r} disappeared"
-        current = PrivateDataset.model_validate(raw)
-        if ledger.find_entry(current.status, state.uid) is not None:
-            return None  # already reserved (an earlier reconciliation)
-        entries = current.status.ledger if current.status else []
-        admission = ledger.admit(entries, current.spec.budget, mechanism)
-        if not admission.admitted:
-            return (
-                f"job needs ε={_job_epsilon(mechanism, current):.4g} of PrivateDataset {name!r} "
-                f"(composed total would be {admission.epsilon_after:.4g} > budget {current.spec.budget.epsilon:g}); "
-                f"remaining ε={max(admission.remaining_before, 0.0):.4g}. Lower epochs or raise the noise, "
-                "or ask the data custodian for more budget"
-            )
-        status = ledger.reserve(
-            current.status, current.spec.budget, job_name=state.name, job_uid=state.uid, mechanism=mechanism
-        )
-        try:
-            _write_dataset_status(raw, status, ctx)
-        except ConflictError:
-            time.sleep(0.01)
-            continue
-        return None
-    raise RuntimeError(f"could not reserve budget in PrivateDataset {name!r}: too many conflicting writers")
-
-
-def _job_epsilon(mechanism: MechanismSegment, dataset: PrivateDataset) -> float:
-    return compute_epsilon([mechanism], delta=dataset.spec.budget.delta, accountant=ledger.LEDGER_ACCOUNTANT)
-
-
-def _write_dataset_status(raw: dict[str, Any], status: PrivateDatasetStatus, ctx: OperatorContext) -> None:
-    body = dict(raw)
-    body["status"] = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    written = ctx.kube.replace_dataset_status(body)
-    metadata = written["metadata"]
-    ctx.metrics.observe_dataset(
-        metadata["namespace"],
-        metadata["name"],
-        budget=float(written["spec"]["budget"]["epsilon"]),
-        spent=status.epsilon_spent or 0.0,
-        remaining=status.epsilon_remaining or 0.0,
+    state.status.privacy = PrivacyStatus(
+        epsilon_spent=0.0,
+        target_epsilon=job.spec.privacy.target_epsilon,
+        delta=job.spec.privacy.delta,
+        noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=mechanism.sample_rate,
+        steps=0,
+        planned_steps=mechanism.steps,
+        accountant=job.spec.privacy.accountant,
     )
+    if state.status.progress is None:
+        state.status.progress = ProgressStatus(step=0, total_steps=mechanism.steps, percent="0%")
+
+
+def _dataset_name(state: JobState) -> str | None:
+    reference = (state.body.get("spec") or {}).get("dataset", {}).get("datasetRef")
+    return str(reference["name"]) if reference else None
 
 
 def _commit(state: JobState, ctx: OperatorContext, *, steps_ran: int | None) -> None:
     """Make the ledger entry final with what the journal proves ran (None: unknown, all stays charged)."""
-    reference = (state.body.get("spec") or {}).get("dataset", {}).get("datasetRef")
-    if not reference:
-        return
-    name = reference["name"]
-    for _ in range(_LEDGER_RETRIES):
-        raw = ctx.kube.get_dataset(state.namespace, name)
-        if raw is None:
-            return
-        current = PrivateDataset.model_validate(raw)
-        entry = ledger.find_entry(current.status, state.uid)
-        if current.status is None or entry is None or entry.state == "Committed":
-            return
-        status = ledger.commit(current.status, current.spec.budget, job_uid=state.uid, steps_ran=steps_ran)
-        try:
-            _write_dataset_status(raw, status, ctx)
-        except ConflictError:
-            time.sleep(0.01)
-            continue
-        return
-    raise RuntimeError(f"could not commit to PrivateDataset {name!r}: too many conflicting writers")
+    dataset = _dataset_name(state)
+    if dataset is not None:
+        admission.commit(ctx, namespace=state.namespace, dataset=dataset, job_uid=state.uid, steps_ran=steps_ran)
 
 
 # --- running ---------------------------------------------------------------------------------
 
 
-def _job_pods(state: JobState, ctx: OperatorContext) -> list[dict[str, Any]]:
+def _job_pods(state: JobState, ctx: OperatorContext) -> list[Pod]:
     pods = ctx.kube.list_pods(state.namespace, f"{JOB_UID_LABEL}={state.uid}")
-    return sorted(pods, key=lambda pod: int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0")))
+    return sorted(pods, key=_pod_attempt)
+
+
+def _finished(pod: Pod) -> bool:
+    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _pod_attempt(pod: Pod) -> int:
+    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
 
 
 def _stop_pods(state: JobState, ctx: OperatorContext) -> None:
@@ -316,24 +176,24 @@ def _stop_pods(state: JobState, ctx: OperatorContext) -> None:
             ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
 
 
-def _suspend(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> None:
+def _suspend(state: JobState, ctx: OperatorContext) -> None:
     for pod in _job_pods(state, ctx):
         ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
     message = "suspended: trainer pod deleted, checkpoint kept; set spec.runPolicy.suspend=false to resume"
-    state.transition(JobPhase.SUSPENDED, "Suspended", message)
-    state.condition("Suspended", True, "Suspended", message)
-    state.condition("Running", False, "Suspended", message)
+    state.transition(JobPhase.SUSPENDED, Reason.SUSPENDED, message)
+    state.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, message)
+    state.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, message)
 
 
 def _deadline_exceeded(job: DPTrainingJob, state: JobState) -> bool:
     deadline = job.spec.run_policy.active_deadline_seconds
-    started = state.status.get("startTime")
-    if deadline is None or not started:
+    started = state.status.start_time
+    if deadline is None or started is None:
         return False
-    elapsed = (datetime.now(UTC) - datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds()
+    elapsed = (datetime.now(UTC) - started).total_seconds()
     if elapsed <= deadline:
         return False
-    state.fail("DeadlineExceeded", f"job ran {elapsed:.0f}s, longer than activeDeadlineSeconds={deadline}")
+    state.fail(Reason.DEADLINE_EXCEEDED, f"job ran {elapsed:.0f}s, longer than activeDeadlineSeconds={deadline}")
     return True
 
 
@@ -345,8 +205,8 @@ def _run(  # noqa: PLR0917
     ctx: OperatorContext,
     logger: Logger,
 ) -> None:
-    if state.status.get("phase") == JobPhase.SUSPENDED.value:
-        state.condition("Suspended", False, "Resumed", "resumed from the last checkpoint")
+    if state.phase == JobPhase.SUSPENDED:
+        state.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
     ctx.kube.create_if_absent(job_config_map(job, dataset))
     if job.spec.checkpoint.volume == "persistentVolumeClaim" and not _checkpoint_claim_intact(job, state, ctx):
         return
@@ -356,8 +216,8 @@ def _run(  # noqa: PLR0917
     live = [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
     current = live[-1] if live else None
     # Pods are the truth: a status write lost in an operator crash is recovered from their labels.
-    attempts = max(int(state.status.get("attempts") or 0), _last_attempt(pods))
-    state.status["attempts"] = attempts
+    attempts = max(state.status.attempts or 0, max((_pod_attempt(pod) for pod in pods), default=0))
+    state.status.attempts = attempts
     if current is None or _pod_attempt(current) < attempts:
         _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempts + 1)
         return
@@ -369,39 +229,67 @@ def _run(  # noqa: PLR0917
     if summary is not None:
         _apply_summary(summary, state)
     if phase == "Succeeded":
-        _commit(state, ctx, steps_ran=_charged_steps(summary))
-        message = f"trained {state.status.get('privacy', {}).get('steps')} steps"
-        epsilon = state.status.get("privacy", {}).get("epsilonSpent")
-        if epsilon is not None:
-            message += f", ε={epsilon:.4g} ≤ {job.spec.privacy.target_epsilon:g}"
-        state.transition(JobPhase.SUCCEEDED, "Succeeded", message)
-        state.condition("Succeeded", True, "Succeeded", message)
-        state.condition("Running", False, "Succeeded", message)
-        state.status["completionTime"] = now_iso()
-        state.status.setdefault("progress", {})["percent"] = "100%"
-        return
-    code = exit_code(current)
-    error = (summary or {}).get("error") or f"trainer exited with code {code}"
-    if code in PERMANENT_EXIT_CODES:
-        _commit(state, ctx, steps_ran=_charged_steps(summary))
-        state.fail(PERMANENT_EXIT_CODES[code], str(error))
-        return
-    if job.spec.checkpoint.volume == "emptyDir":
+        _succeed(job, state, ctx, summary)
+    else:
+        _attempt_failed(job, dataset, mechanism, state, ctx, logger, pods=pods, pod=current, summary=summary)
+
+
+def _succeed(job: DPTrainingJob, state: JobState, ctx: OperatorContext, summary: TerminationMessage | None) -> None:
+    _commit(state, ctx, steps_ran=summary.charged_steps if summary else None)
+    privacy = state.status.privacy or PrivacyStatus()
+    message = f"trained {privacy.steps} steps"
+    if privacy.epsilon_spent is not None:
+        message += f", ε={privacy.epsilon_spent:.4g} ≤ {job.spec.privacy.target_epsilon:g}"
+    state.succeed(message)
+    progress = state.status.progress or ProgressStatus()
+    state.status.progress = progress.model_copy(update={"percent": "100%"})
+
+
+def _attempt_failed(  # noqa: PLR0917
+    job: DPTrainingJob,
+    dataset: PrivateDataset | None,
+    mechanism: MechanismSegment,
+    state: JobState,
+    ctx: OperatorContext,
+    logger: Logger,
+    *,
+    pods: list[Pod],
+    pod: Pod,
+    summary: TerminationMessage | None,
+) -> None:
+    """A failed trainer pod: fail the job (permanent error, no resumable storage, backoff spent) or retry."""
+    code = exit_code(pod)
+    error = (summary.error if summary else None) or f"trainer exited with code {code}"
+    charged = summary.charged_steps if summary else None
+    permanent = _permanent_failure(code)
+    failures = sum(1 for candidate in pods if candidate.get("status", {}).get("phase") == "Failed")
+    if permanent is not None:
+        reason, message = permanent, str(error)
+    elif job.spec.checkpoint.volume == "emptyDir":
         # Without a persistent journal a retry could not know what the failed attempt spent.
-        _commit(state, ctx, steps_ran=_charged_steps(summary))
-        state.fail("PodFailed", f"{error} (checkpoint.volume emptyDir cannot resume; use persistentVolumeClaim)")
-        return
-    failures = sum(1 for pod in pods if pod.get("status", {}).get("phase") == "Failed")
-    if failures > job.spec.run_policy.backoff_limit:
-        _commit(state, ctx, steps_ran=_charged_steps(summary))
-        state.fail(
-            "BackoffLimitExceeded",
-            f"{failures} trainer pods failed (backoffLimit {job.spec.run_policy.backoff_limit}); last: {error}",
+        reason, message = (
+            Reason.POD_FAILED,
+            f"{error} (checkpoint.volume emptyDir cannot resume; use persistentVolumeClaim)",
         )
+    elif failures > job.spec.run_policy.backoff_limit:
+        reason = Reason.BACKOFF_LIMIT_EXCEEDED
+        message = f"{failures} trainer pods failed (backoffLimit {job.spec.run_policy.backoff_limit}); last: {error}"
+    else:
+        attempt = state.status.attempts or 0
+        logger.warning(f"attempt {attempt} failed ({error}); retrying from the last checkpoint")
+        state.event(Reason.ATTEMPT_FAILED, f"attempt {attempt} failed: {error}; retrying", warning=True)
+        _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempt + 1)
         return
-    logger.warning(f"attempt {attempts} failed ({error}); retrying from the last checkpoint")
-    state.events.append(("Warning", "AttemptFailed", f"attempt {attempts} failed: {error}; retrying"))
-    _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempts + 1)
+    _commit(state, ctx, steps_ran=charged)
+    state.fail(reason, message)
+
+
+def _permanent_failure(code: int | None) -> Reason | None:
+    """The failure reason of a trainer exit that retrying cannot fix (None: retry)."""
+    try:
+        return PERMANENT_FAILURES.get(ExitCode(code)) if code is not None else None
+    except ValueError:
+        return None
 
 
 def _checkpoint_claim_intact(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> bool:
@@ -410,31 +298,19 @@ def _checkpoint_claim_intact(job: DPTrainingJob, state: JobState, ctx: OperatorC
     and the ledger could no longer learn what those attempts spent, so the job fails instead."""
     ctx.kube.create_if_absent(checkpoint_claim(job))
     uid = ctx.kube.claim_uid(state.namespace, checkpoint_claim_name(state.name))
-    known = state.status.get("checkpointClaimUid")
+    known = state.status.checkpoint_claim_uid
     if uid is not None and known is None:
-        state.status["checkpointClaimUid"] = uid
+        state.status.checkpoint_claim_uid = uid
     if known is None or uid == known:
         return True
     _stop_pods(state, ctx)
     _commit(state, ctx, steps_ran=None)
     state.fail(
-        "CheckpointLost",
+        Reason.CHECKPOINT_LOST,
         f"checkpoint claim {checkpoint_claim_name(state.name)} was replaced while the job ran: the privacy journal "
         "of earlier attempts is gone, so their spend stays charged in full; create a new job to train again",
     )
     return False
-
-
-def _finished(pod: dict[str, Any]) -> bool:
-    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-
-
-def _pod_attempt(pod: dict[str, Any]) -> int:
-    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
-
-
-def _last_attempt(pods: list[dict[str, Any]]) -> int:
-    return max((_pod_attempt(pod) for pod in pods), default=0)
 
 
 def _start_attempt(
@@ -447,75 +323,57 @@ def _start_attempt(
     attempt: int,
 ) -> None:
     pod = trainer_pod(job, attempt=attempt, mechanism=mechanism, dataset=dataset, settings=ctx.settings)
+    name = pod["metadata"]["name"]
     if ctx.kube.create_if_absent(pod):
-        state.events.append(("Normal", "PodCreated", f"created trainer pod {pod['metadata']['name']}"))
-    state.status["attempts"] = attempt
-    state.status.setdefault("startTime", now_iso())
-    state.transition(JobPhase.PENDING, "Started", f"attempt {attempt} started")
-    state.condition("Running", True, "PodCreated", f"trainer pod {pod['metadata']['name']} (attempt {attempt})")
-    state.condition("Suspended", False, "Running", "not suspended")
+        state.event(Reason.POD_CREATED, f"created trainer pod {name}")
+    state.status.attempts = attempt
+    if state.status.start_time is None:
+        state.status.start_time = now()
+    state.transition(JobPhase.PENDING, Reason.STARTED, f"attempt {attempt} started")
+    state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {attempt})")
+    state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
 
 
-def _observe_running(pod: dict[str, Any], state: JobState, ctx: OperatorContext) -> None:
+def _observe_running(pod: Pod, state: JobState, ctx: OperatorContext) -> None:
     if pod.get("status", {}).get("phase") != "Running":
         return
-    state.transition(JobPhase.RUNNING, "Running", f"trainer pod {pod['metadata']['name']} is running")
+    state.transition(JobPhase.RUNNING, Reason.RUNNING, f"trainer pod {pod['metadata']['name']} is running")
     pod_ip = pod.get("status", {}).get("podIP")
-    if not pod_ip:
-        return
-    sample = scrape(pod_ip, ctx.settings.trainer_metrics_port)
+    sample = scrape(pod_ip, ctx.settings.trainer_metrics_port) if pod_ip else None
     if sample is None:
         return
-    privacy = state.status.setdefault("privacy", {})
-    progress = state.status.setdefault("progress", {})
+    privacy = state.status.privacy or PrivacyStatus()
+    progress = state.status.progress or ProgressStatus()
     if sample.epsilon_spent is not None:
         # Never lower what status shows: a fresh attempt reports from its journal, which only grows.
-        privacy["epsilonSpent"] = max(float(privacy.get("epsilonSpent") or 0.0), ledger.round_up(sample.epsilon_spent))
+        privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(sample.epsilon_spent))
     if sample.steps is not None:
-        progress["step"] = sample.steps
-    total = sample.planned_steps or progress.get("totalSteps")
+        progress.step = sample.steps
+    total = sample.planned_steps or progress.total_steps
     if total:
-        progress["totalSteps"] = total
-        progress["percent"] = f"{min(100, int(100 * (progress.get('step') or 0) / total))}%"
-    for key, value in (("loss", sample.loss), ("evalMetric", sample.eval_metric), ("evalValue", sample.eval_value)):
+        progress.total_steps = total
+        progress.percent = f"{min(100, int(100 * (progress.step or 0) / total))}%"
+    for key, value in (("loss", sample.loss), ("eval_metric", sample.eval_metric), ("eval_value", sample.eval_value)):
         if value is not None:
-            progress[key] = value
-    progress["lastUpdateTime"] = now_iso()
+            setattr(progress, key, value)
+    progress.last_update_time = now()
+    state.status.privacy, state.status.progress = privacy, progress
 
 
-def _charged_steps(summary: dict[str, Any] | None) -> int | None:
-    """Steps the privacy journal charged (all attempts), from the trainer's termination message."""
-    if not summary:
-        return None
-    if isinstance(summary.get("chargedSteps"), int):
-        return int(summary["chargedSteps"])
-    journal = summary.get("journal")
-    if isinstance(journal, dict) and isinstance(journal.get("chargedSteps"), int):
-        return int(journal["chargedSteps"])
-    segments = journal.get("segments") if isinstance(journal, dict) else journal
-    if isinstance(segments, list):
-        try:
-            return sum(int(segment["steps"]) for segment in segments)
-        except (KeyError, TypeError, ValueError):
-            return None
-    return None
-
-
-def _apply_summary(summary: dict[str, Any], state: JobState) -> None:
-    privacy = state.status.setdefault("privacy", {})
-    progress = state.status.setdefault("progress", {})
-    if isinstance(summary.get("epsilon"), (int, float)):
-        privacy["epsilonSpent"] = max(float(privacy.get("epsilonSpent") or 0.0), ledger.round_up(summary["epsilon"]))
-    charged = _charged_steps(summary)
-    if charged is not None:
-        privacy["steps"] = charged
-    if isinstance(summary.get("stepsRun"), int):
-        progress["step"] = summary["stepsRun"]
-    metrics = summary.get("evalMetrics") or {}
-    name = summary.get("evalMetric")
-    if isinstance(metrics, dict) and isinstance(metrics.get(name), (int, float)):
-        progress["evalMetric"], progress["evalValue"] = name, float(metrics[name])
-    progress["lastUpdateTime"] = now_iso()
+def _apply_summary(summary: TerminationMessage, state: JobState) -> None:
+    privacy = state.status.privacy or PrivacyStatus()
+    progress = state.status.progress or ProgressStatus()
+    if summary.epsilon is not None:
+        privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(summary.epsilon))
+    if summary.charged_steps is not None:
+        privacy.steps = summary.charged_steps
+    if summary.steps_run is not None:
+        progress.step = summary.steps_run
+    name = summary.eval_metric
+    if name is not None and name in summary.eval_metrics:
+        progress.eval_metric, progress.eval_value = name, summary.eval_metrics[name]
+    progress.last_update_time = now()
+    state.status.privacy, state.status.progress = privacy, progress
 
 
 # --- finished jobs and deletion ----------------------------------------------------------------
@@ -524,22 +382,20 @@ def _apply_summary(summary: dict[str, Any], state: JobState) -> None:
 def _finish_cleanup(state: JobState, ctx: OperatorContext) -> None:
     """TTL after completion; nothing else changes on a finished job."""
     ttl = (state.body.get("spec") or {}).get("runPolicy", {}).get("ttlSecondsAfterFinished")
-    finished = state.status.get("completionTime")
-    if ttl is None or not finished:
+    finished = state.status.completion_time
+    if ttl is None or finished is None:
         return
-    age = (datetime.now(UTC) - datetime.fromisoformat(finished.replace("Z", "+00:00"))).total_seconds()
-    if age >= ttl:
+    if (datetime.now(UTC) - finished).total_seconds() >= ttl:
         ctx.kube.delete_job(state.namespace, state.name)
 
 
 def delete_children(body: dict[str, Any], ctx: OperatorContext) -> None:
     """On deletion: remove pods, ConfigMap and claim (don't rely on garbage collection alone) and make
     the ledger entry final. A job that started pods and did not report stays charged in full."""
-    state = JobState(body=body, status=_copy_status(body), events=[])
+    state = JobState.read(body)
     for pod in _job_pods(state, ctx):
         ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
     ctx.kube.delete_config_map(state.namespace, config_map_name(state.name))
     ctx.kube.delete_claim(state.namespace, checkpoint_claim_name(state.name))
-    steps_ran = 0 if not state.status.get("attempts") else None
-    _commit(state, ctx, steps_ran=steps_ran)
+    _commit(state, ctx, steps_ran=0 if not state.status.attempts else None)
     ctx.metrics.observe_job(state.uid, None)

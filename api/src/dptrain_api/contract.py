@@ -1,0 +1,240 @@
+"""The contract between the operator and the trainer pods it starts, stated once.
+
+Both sides import these names: the operator renders pods with :class:`PodEnv`, reads
+:class:`TerminationMessage` and the :class:`TrainerMetric` series, and maps :class:`ExitCode` to a
+failure :class:`Reason`; the trainer reads the same environment, writes the same message and
+exports the same metrics. A change here is a change of the pod contract: bump
+``TerminationMessage.version`` when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+
+from dptrain_api._base import ApiModel
+
+__all__ = [
+    "DEFAULT_TERMINATION_MESSAGE_PATH",
+    "MAX_TERMINATION_MESSAGE_BYTES",
+    "PERMANENT_FAILURES",
+    "ConditionType",
+    "ExitCode",
+    "Mechanism",
+    "PodEnv",
+    "Reason",
+    "RunOutcome",
+    "TerminationMessage",
+    "TrainerMetric",
+]
+
+MAX_TERMINATION_MESSAGE_BYTES: Final = 4096
+"""Kubernetes keeps at most 4096 bytes of a container's termination message."""
+
+DEFAULT_TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
+
+
+class PodEnv(StrEnum):
+    """Environment variables the operator sets on trainer pods (and `dptrain run` reads)."""
+
+    JOB_NAME = "DPTRAIN_JOB_NAME"
+    JOB_NAMESPACE = "DPTRAIN_JOB_NAMESPACE"
+    JOB_UID = "DPTRAIN_JOB_UID"
+    ATTEMPT = "DPTRAIN_ATTEMPT"
+    """1 for the first trainer pod of a job, n for the n-th (a retry must find the journal of the earlier ones)."""
+    RESERVED_MECHANISM = "DPTRAIN_RESERVED_MECHANISM"
+    """JSON :class:`Mechanism` the operator reserved in the dataset ledger; the trainer never runs more."""
+    METRICS_ADDRESS = "DPTRAIN_METRICS_ADDRESS"
+    CPU_LIMIT = "DPTRAIN_CPU_LIMIT"
+    TERMINATION_MESSAGE_PATH = "DPTRAIN_TERMINATION_MESSAGE_PATH"
+    LOCK_WAIT_SECONDS = "DPTRAIN_LOCK_WAIT_SECONDS"
+
+
+class ExitCode(IntEnum):
+    """Exit codes of `dptrain run`: distinct per kind of failure, so the operator never parses messages."""
+
+    SUCCEEDED = 0
+    CRASHED = 1
+    """An unexpected error (a bug, or the environment): retried."""
+    INVALID_CONFIGURATION = 2
+    INVALID_DATA = 3
+    INVALID_MODEL = 4
+    CHECKPOINT_UNUSABLE = 5
+    """A damaged or lost privacy journal, or another job's checkpoint: retrying cannot help."""
+    PRIVACY_BUDGET = 6
+    INTERRUPTED = 130
+    """SIGINT (128 + 2)."""
+    TERMINATED = 143
+    """SIGTERM (128 + 15): stopped after checkpointing."""
+
+
+class ConditionType(StrEnum):
+    """Condition types of DPTrainingJob and PrivateDataset status."""
+
+    ADMITTED = "Admitted"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    READY = "Ready"
+
+
+class Reason(StrEnum):
+    """Machine-readable reasons of conditions and events."""
+
+    # admission
+    ADMITTED = "Admitted"
+    DATASET_NOT_FOUND = "DatasetNotFound"
+    INVALID_SPEC = "InvalidSpec"
+    INVALID_DATASET = "InvalidDataset"
+    INVALID_PLAN = "InvalidPlan"
+    BUDGET_EXCEEDED = "BudgetExceeded"
+    # running
+    STARTED = "Started"
+    POD_CREATED = "PodCreated"
+    RUNNING = "Running"
+    RESUMED = "Resumed"
+    SUSPENDED = "Suspended"
+    ATTEMPT_FAILED = "AttemptFailed"
+    SUCCEEDED = "Succeeded"
+    # failures
+    POD_FAILED = "PodFailed"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    CHECKPOINT_LOST = "CheckpointLost"
+    INVALID_CONFIGURATION = "InvalidConfiguration"
+    INVALID_DATA = "InvalidData"
+    INVALID_MODEL = "InvalidModel"
+    CHECKPOINT_UNUSABLE = "CheckpointUnusable"
+    PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
+    # datasets
+    BUDGET_TRACKED = "BudgetTracked"
+
+
+PERMANENT_FAILURES: Final[dict[ExitCode, Reason]] = {
+    ExitCode.INVALID_CONFIGURATION: Reason.INVALID_CONFIGURATION,
+    ExitCode.INVALID_DATA: Reason.INVALID_DATA,
+    ExitCode.INVALID_MODEL: Reason.INVALID_MODEL,
+    ExitCode.CHECKPOINT_UNUSABLE: Reason.CHECKPOINT_UNUSABLE,
+    ExitCode.PRIVACY_BUDGET: Reason.PRIVACY_BUDGET_EXHAUSTED,
+}
+"""Trainer exits that retrying cannot fix: the job fails at once with this reason."""
+
+
+class TrainerMetric(StrEnum):
+    """Prometheus series a trainer exports (labels `job`, `namespace`); the operator scrapes some of them."""
+
+    EPSILON_SPENT = "dptrain_epsilon_spent"
+    EPSILON_TARGET = "dptrain_epsilon_target"
+    DELTA = "dptrain_delta"
+    NOISE_MULTIPLIER = "dptrain_noise_multiplier"
+    SAMPLE_RATE = "dptrain_sample_rate"
+    TRAIN_LOSS = "dptrain_train_loss"
+    EVAL_ACCURACY = "dptrain_eval_accuracy"
+    EVAL_AUC = "dptrain_eval_auc"
+    EXAMPLES_PER_SECOND = "dptrain_examples_per_second"
+    PROGRESS_RATIO = "dptrain_progress_ratio"
+    PLANNED_STEPS = "dptrain_planned_steps"
+    CHARGED_STEPS = "dptrain_charged_steps"
+    STEPS = "dptrain_steps"
+    """A counter: exposed as ``dptrain_steps_total``."""
+    ATTEMPT = "dptrain_attempt"
+    TRAINING_FINISHED = "dptrain_training_finished"
+
+
+class RunOutcome(StrEnum):
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    INTERRUPTED = "Interrupted"
+
+
+class Mechanism(ApiModel):
+    """``steps`` Poisson-subsampled Gaussian steps with noise multiplier σ and sample rate q."""
+
+    noise_multiplier: Annotated[float, Field(gt=0)]
+    """σ: Gaussian noise standard deviation relative to the clipping norm."""
+    sample_rate: Annotated[float, Field(gt=0, le=1)]
+    """q: Poisson sampling probability of each record."""
+    steps: Annotated[int, Field(ge=0)]
+    """Number of steps."""
+
+
+class TerminationMessage(ApiModel):
+    """What a trainer pod says when it ends (its termination message, compact JSON of at most 4096 bytes).
+
+    ``chargedSteps`` is what the write-ahead privacy journal proves was charged, over every attempt;
+    ``None`` means unknown, and the operator then keeps the whole reservation charged.
+    """
+
+    # Trainers and operators of neighbouring releases may meet: ignore fields this side does not know.
+    model_config = ApiModel.model_config | ConfigDict(extra="ignore")
+    CURRENT_VERSION: ClassVar[int] = 1
+
+    version: Literal[1] = 1
+    status: RunOutcome
+    exit_code: int
+    reason: str | None = None
+    """Name of the error, for failures."""
+    error: str | None = None
+    """What went wrong and what to fix, for failures (never the content of a record)."""
+    epsilon: float | None = None
+    """ε charged by the journal so far, at ``delta``, by ``accountant``."""
+    delta: float | None = None
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    planned_steps: int | None = None
+    planned_epsilon: float | None = None
+    accountant: str | None = None
+    max_grad_norm: float | None = None
+    charged_steps: int | None = None
+    steps_run: int | None = None
+    attempts: int | None = None
+    eval_metric: str | None = None
+    eval_metrics: dict[str, float] = Field(default_factory=dict)
+    clipping_mode: str | None = None
+    journal_entries: int | None = None
+    segments: list[Mechanism] = Field(default_factory=list)
+    """The charged mechanism as compacted segments (dropped first when the message is too long)."""
+    warnings: str | None = None
+
+    def to_text(self, limit: int = MAX_TERMINATION_MESSAGE_BYTES) -> str:
+        """Compact JSON within ``limit`` bytes: drops the segments, then shortens the texts, as needed."""
+        message = self.model_copy()
+
+        def encoded() -> str:
+            return json.dumps(message.to_wire(), separators=(",", ":"), allow_nan=False)
+
+        text = encoded()
+        if len(text.encode()) > limit and message.segments:
+            message.segments = []
+            text = encoded()
+        for key in ("warnings", "error"):
+            value = getattr(message, key)
+            overflow = len(text.encode()) - limit
+            if overflow <= 0 or not value:
+                continue
+            keep = max(0, len(value.encode()) - overflow - 16)
+            setattr(message, key, value.encode()[:keep].decode(errors="ignore") + "…")
+            text = encoded()
+        if len(text.encode()) > limit:  # last resort: only the privacy numbers
+            message.eval_metrics = {}
+            message.warnings = message.error = None
+            text = encoded()
+        return text
+
+    @classmethod
+    def parse(cls, text: str | None) -> TerminationMessage | None:
+        """The message in ``text``, or None when there is none or it is not a message of this contract."""
+        if not text:
+            return None
+        try:
+            raw: Any = json.loads(text)
+            if not isinstance(raw, dict) or raw.get("version") != cls.CURRENT_VERSION:
+                return None
+            return cls.model_validate(raw)
+        except (ValueError, ValidationError):
+            return None

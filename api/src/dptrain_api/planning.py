@@ -1,0 +1,60 @@
+"""The public numbers a job's privacy plan is a function of, read from the resources in one place.
+
+The operator (to reserve budget) and the trainer (to run) both hand these to
+``dptrain_accounting.plan_mechanism``, so the two sides plan identically by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dptrain_api.common import BUILTIN_DATASETS, BuiltinDataset
+from dptrain_api.dataset import PrivateDataset
+from dptrain_api.job import DPTrainingJob
+
+__all__ = ["PlanInputs", "declared_num_examples", "plan_inputs"]
+
+
+def declared_num_examples(job: DPTrainingJob, dataset: PrivateDataset | None) -> int:
+    """The PUBLIC record count the plan uses: a built-in's declared size, or the PrivateDataset's numExamples."""
+    builtin: BuiltinDataset | None = job.spec.dataset.builtin
+    if dataset is not None:
+        if dataset.spec.num_examples is not None:
+            return dataset.spec.num_examples
+        builtin = dataset.spec.source.builtin
+    if builtin is None:  # the schema requires numExamples for file sources
+        raise ValueError("the dataset declares no numExamples")
+    return BUILTIN_DATASETS[builtin].num_examples
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Keyword arguments of ``dptrain_accounting.plan_mechanism`` (hashable: plans are cached on them)."""
+
+    num_examples: int
+    eval_fraction: float
+    batch_size: int
+    epochs: float
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float | None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_inputs(job: DPTrainingJob, dataset: PrivateDataset | None, *, num_examples: int | None = None) -> PlanInputs:
+    """The plan inputs of ``job`` on ``dataset`` (``num_examples`` overrides the declared count)."""
+    spec = job.spec
+    return PlanInputs(
+        num_examples=declared_num_examples(job, dataset) if num_examples is None else num_examples,
+        eval_fraction=spec.training.eval_fraction,
+        batch_size=spec.training.batch_size,
+        epochs=spec.training.epochs,
+        target_epsilon=spec.privacy.target_epsilon,
+        delta=spec.privacy.delta,
+        accountant=spec.privacy.accountant.value,
+        noise_multiplier=spec.privacy.noise_multiplier,
+    )
