@@ -8,11 +8,10 @@ from typing import Any
 
 import kopf
 
-from dptrain_api import API_GROUP, API_VERSION, ConditionType, JobPhase
-from dptrain_operator.conditions import get_condition
+from dptrain_api import API_GROUP, API_VERSION
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import forget_dataset, reconcile_dataset
-from dptrain_operator.handlers.jobs import delete_children, reconcile_job
+from dptrain_operator.handlers.jobs import delete_children, reconcile_and_write
 
 JOBS = "dptrainingjobs"
 DATASETS = "privatedatasets"
@@ -34,19 +33,13 @@ def _reconcile_job(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> Non
     ctx: OperatorContext = memo["ctx"]
     metadata = body["metadata"]
     with _job_lock(metadata["uid"]):
-        fresh = ctx.kube.get_job(metadata["namespace"], metadata["name"])
-        if fresh is None or fresh["metadata"]["uid"] != metadata["uid"]:
-            return
         try:
-            state = reconcile_job(fresh, ctx, logger)
+            state = reconcile_and_write(ctx, metadata["namespace"], metadata["name"], metadata["uid"], logger)
         except Exception:
             ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob").inc()
             raise
-        if state.changed():
-            ctx.kube.patch_job_status(state.namespace, state.name, state.wire())
-        if state.phase == JobPhase.FAILED and (fresh.get("status") or {}).get("phase") != JobPhase.FAILED:
-            failed = get_condition(state.status.conditions, ConditionType.FAILED)
-            ctx.metrics.job_failures.labels(reason=failed.reason if failed else "Unknown").inc()
+    if state is None:
+        return
     for event in state.events:
         kopf.event(body, type=event.type, reason=event.reason.value, message=event.message[:1024])
     ctx.metrics.observe_job(state.uid, state.phase)

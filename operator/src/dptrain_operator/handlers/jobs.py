@@ -25,7 +25,7 @@ from dptrain_api import (
     describe_validation_error,
 )
 from dptrain_operator import admission, ledger
-from dptrain_operator.conditions import now
+from dptrain_operator.conditions import get_condition, now
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.jobstate import FINISHED, JobState
 from dptrain_operator.render import (
@@ -41,6 +41,23 @@ from dptrain_operator.scrape import exit_code, scrape, termination_message
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Pod = dict[str, Any]
+
+
+def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger) -> JobState | None:
+    """Read the job fresh, reconcile it, write its status (when changed) and count a new failure.
+
+    Returns the state (its events still to be posted), or None when the job is gone or was re-created.
+    """
+    fresh = ctx.kube.get_job(namespace, name)
+    if fresh is None or fresh["metadata"]["uid"] != uid:
+        return None
+    state = reconcile_job(fresh, ctx, logger)
+    if state.changed():
+        ctx.kube.patch_job_status(namespace, name, state.wire())
+    if state.phase == JobPhase.FAILED and (fresh.get("status") or {}).get("phase") != JobPhase.FAILED:
+        failed = get_condition(state.status.conditions, ConditionType.FAILED)
+        ctx.metrics.job_failures.labels(reason=failed.reason if failed else "Unknown").inc()
+    return state
 
 
 def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> JobState:

@@ -6,13 +6,12 @@ schemas without a cluster.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
 
 from dptrain_accounting import MechanismSegment
-from dptrain_api import DPTrainingJob, PrivateDataset
+from dptrain_api import DEFAULT_TERMINATION_MESSAGE_PATH, DPTrainingJob, Mechanism, PodEnv, PrivateDataset
 from dptrain_operator.render.labels import (
     ATTEMPT_LABEL,
     checkpoint_claim_name,
@@ -23,7 +22,7 @@ from dptrain_operator.render.labels import (
 from dptrain_operator.settings import Settings
 
 JOB_FILE = "job.yaml"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_MESSAGE_PATH
 TRAINER_CONTAINER = "trainer"
 
 
@@ -77,54 +76,7 @@ def trainer_pod(
     """The trainer pod of one attempt. Locked down: it reads patient data, so it gets no API token,
     no root, no writable root filesystem, no capabilities and no privilege escalation."""
     name = job.metadata.name or ""
-    resources = job.spec.resources
-    limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
-    if resources.gpus > 0:
-        limits["nvidia.com/gpu"] = str(resources.gpus)
-    volumes: list[dict[str, Any]] = [
-        {"name": "job-config", "configMap": {"name": config_map_name(name)}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
-        _checkpoint_volume(job),
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "job-config", "mountPath": settings.job_config_mount_path, "readOnly": True},
-        {"name": "scratch", "mountPath": settings.scratch_mount_path},
-        {"name": "checkpoint", "mountPath": settings.checkpoint_mount_path},
-    ]
-    if dataset is not None and dataset.spec.source.file is not None:
-        claim = dataset.spec.source.file.claim_name
-        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": "data", "mountPath": settings.data_mount_path, "readOnly": True})
-    cpu_limit = {"resourceFieldRef": {"containerName": TRAINER_CONTAINER, "resource": "limits.cpu", "divisor": "1"}}
-    env: list[dict[str, Any]] = [
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        # The metrics server binds to the pod IP only (not 0.0.0.0): nothing else in the pod listens.
-        {"name": "DPTRAIN_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        # Threads = CPU limit, never more: oversubscribed OpenMP made small DP steps ~50x slower.
-        {"name": "OMP_NUM_THREADS", "valueFrom": cpu_limit},
-        {"name": "DPTRAIN_CPU_LIMIT", "valueFrom": cpu_limit},
-        {"name": "DPTRAIN_JOB_NAME", "value": name},
-        {"name": "DPTRAIN_JOB_NAMESPACE", "value": job.metadata.namespace or "default"},
-        {"name": "DPTRAIN_JOB_UID", "value": job.metadata.uid or ""},
-        {"name": "DPTRAIN_ATTEMPT", "value": str(attempt)},
-        {"name": "DPTRAIN_RESERVED_MECHANISM", "value": json.dumps(mechanism.to_dict())},
-        {"name": "HOME", "value": settings.scratch_mount_path},
-        {"name": "MPLCONFIGDIR", "value": settings.scratch_mount_path},
-    ]
-    command = [
-        "dptrain",
-        "run",
-        f"{settings.job_config_mount_path}/{JOB_FILE}",
-        "--output",
-        settings.checkpoint_mount_path,
-        "--data-dir",
-        settings.data_mount_path,
-        "--metrics-port",
-        str(settings.trainer_metrics_port),
-        "--termination-message-path",
-        TERMINATION_MESSAGE_PATH,
-        "--quiet",
-    ]
+    volumes, mounts = _volumes(job, dataset, settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": settings.trainer_service_account,
@@ -137,30 +89,10 @@ def trainer_pod(
             "fsGroup": settings.trainer_run_as_user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [
-            {
-                "name": TRAINER_CONTAINER,
-                "image": job.spec.image or settings.trainer_image,
-                "imagePullPolicy": settings.image_pull_policy,
-                "command": command,
-                "env": env,
-                "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
-                "resources": {"requests": dict(limits), "limits": limits},
-                "volumeMounts": mounts,
-                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "runAsNonRoot": True,
-                    "privileged": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-            }
-        ],
+        "containers": [_trainer_container(job, attempt=attempt, mechanism=mechanism, mounts=mounts, settings=settings)],
         "volumes": volumes,
     }
+    resources = job.spec.resources
     if resources.node_selector:
         pod_spec["nodeSelector"] = dict(resources.node_selector)
     if resources.tolerations:
@@ -173,6 +105,93 @@ def trainer_pod(
         "prometheus.io/port": str(settings.trainer_metrics_port),
     }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _volumes(
+    job: DPTrainingJob, dataset: PrivateDataset | None, settings: Settings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the trainer's mounts: job config and data read-only, checkpoint and scratch writable."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "job-config", "configMap": {"name": config_map_name(job.metadata.name or "")}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
+        _checkpoint_volume(job),
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "job-config", "mountPath": settings.job_config_mount_path, "readOnly": True},
+        {"name": "scratch", "mountPath": settings.scratch_mount_path},
+        {"name": "checkpoint", "mountPath": settings.checkpoint_mount_path},
+    ]
+    if dataset is not None and dataset.spec.source.file is not None:
+        claim = dataset.spec.source.file.claim_name
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": settings.data_mount_path, "readOnly": True})
+    return volumes, mounts
+
+
+def _trainer_env(job: DPTrainingJob, *, attempt: int, mechanism: MechanismSegment, settings: Settings) -> list[Any]:
+    cpu_limit = {"resourceFieldRef": {"containerName": TRAINER_CONTAINER, "resource": "limits.cpu", "divisor": "1"}}
+    pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
+    reserved = Mechanism(
+        noise_multiplier=mechanism.noise_multiplier, sample_rate=mechanism.sample_rate, steps=mechanism.steps
+    )
+    return [
+        {"name": "POD_IP", "valueFrom": pod_ip},
+        # The metrics server binds to the pod IP only (not 0.0.0.0): nothing else in the pod listens.
+        {"name": PodEnv.METRICS_ADDRESS, "valueFrom": pod_ip},
+        # Threads = CPU limit, never more: oversubscribed OpenMP made small DP steps ~50x slower.
+        {"name": "OMP_NUM_THREADS", "valueFrom": cpu_limit},
+        {"name": PodEnv.CPU_LIMIT, "valueFrom": cpu_limit},
+        {"name": PodEnv.JOB_NAME, "value": job.metadata.name or ""},
+        {"name": PodEnv.JOB_NAMESPACE, "value": job.metadata.namespace or "default"},
+        {"name": PodEnv.JOB_UID, "value": job.metadata.uid or ""},
+        {"name": PodEnv.ATTEMPT, "value": str(attempt)},
+        {"name": PodEnv.RESERVED_MECHANISM, "value": reserved.model_dump_json(by_alias=True)},
+        {"name": "HOME", "value": settings.scratch_mount_path},
+        {"name": "MPLCONFIGDIR", "value": settings.scratch_mount_path},
+    ]
+
+
+def _trainer_container(
+    job: DPTrainingJob, *, attempt: int, mechanism: MechanismSegment, mounts: list[Any], settings: Settings
+) -> dict[str, Any]:
+    resources = job.spec.resources
+    limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
+    if resources.gpus > 0:
+        limits["nvidia.com/gpu"] = str(resources.gpus)
+    command = [
+        "dptrain",
+        "run",
+        f"{settings.job_config_mount_path}/{JOB_FILE}",
+        "--output",
+        settings.checkpoint_mount_path,
+        "--data-dir",
+        settings.data_mount_path,
+        "--metrics-port",
+        str(settings.trainer_metrics_port),
+        "--termination-message-path",
+        DEFAULT_TERMINATION_MESSAGE_PATH,
+        "--quiet",
+    ]
+    return {
+        "name": TRAINER_CONTAINER,
+        "image": job.spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command,
+        "env": _trainer_env(job, attempt=attempt, mechanism=mechanism, settings=settings),
+        "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
+        "resources": {"requests": dict(limits), "limits": limits},
+        "volumeMounts": mounts,
+        "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
 
 
 def _checkpoint_volume(job: DPTrainingJob) -> dict[str, Any]:
