@@ -27,14 +27,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/dptrain-crdgen --check
+	$(VENV)/bin/dptrain-crdgen --chart --check
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 crds: $(STAMP)
-	$(VENV)/bin/dptrain-crdgen --out crds
-	charts/dptrain/sync-crds.sh
+	$(VENV)/bin/dptrain-crdgen --out crds --chart
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Prints (or, with --write, puts into README.md) the configuration table of the chart, generated from values.yaml:
-one row per key (dotted path, as for `helm --set`), its default, and the comment written above it.
+"""values.yaml is the one documented source of the chart's settings. This prints (or, with --write, puts into
+README.md) the configuration table generated from it: one row per key (dotted path, as for `helm --set`), its
+default, and the comment written above it. --write also copies each comment into values.schema.json as the
+description of that key (the schema adds only types and constraints).
 
     .venv/bin/python charts/dptrain/values-table.py --write
 
-tests/unit/test_chart.py fails while README.md's table differs from what this prints.
+tests/unit/test_chart.py fails while README.md's table or the schema's descriptions differ from values.yaml.
 """
 
 from __future__ import annotations
@@ -64,6 +66,26 @@ def render_table(values_file: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def schema_with_descriptions(schema: dict[str, Any], values_file: Path) -> dict[str, Any]:
+    """``schema`` with the description of every key it names taken from values.yaml's comments."""
+    comments = _comments(values_file.read_text().splitlines())
+
+    def walk(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        node = dict(node)
+        if "properties" in node:
+            properties = {}
+            for key, child in node["properties"].items():
+                path = prefix + key.replace(".", "\\.")
+                child = walk(child, path + ".")
+                if comments.get(path):
+                    child = {**child, "description": comments[path]}
+                properties[key] = child
+            node["properties"] = properties
+        return node
+
+    return walk(schema, "")
+
+
 def main(argv: list[str]) -> int:
     chart = Path(__file__).resolve().parent
     table = render_table(chart / "values.yaml")
@@ -75,6 +97,10 @@ def main(argv: list[str]) -> int:
     start, end = text.index(START) + len(START), text.index(END)
     readme.write_text(text[:start] + "\n" + table + text[end:])
     print(f"{readme}: table of {table.count(chr(10)) - 2} keys written")
+    schema_file = chart / "values.schema.json"
+    schema = schema_with_descriptions(json.loads(schema_file.read_text()), chart / "values.yaml")
+    schema_file.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n")
+    print(f"{schema_file}: descriptions taken from values.yaml")
     return 0
 
 
