@@ -33,13 +33,11 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from dptrain_accounting import MechanismSegment
 from dptrain_api import DPTrainingJob, parse_resource
-from dptrain_operator.render import trainer_pod
 from dptrain_operator.settings import Settings
 from tests.support import cluster as cluster_support
 from tests.support.cluster import Cluster, purge_namespace, raw_request
-from tests.support.manifests import base_manifest
+from tests.support.manifests import base_manifest, sample_trainer_pod
 from tests.support.node import FakeNode
 from tests.support.operator import OperatorProcess
 from tests.support.prometheus import PrometheusServer, prometheus_binary
@@ -49,7 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "dptrain"
-DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io")
+DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io", "privacyledgers.dptrain.io")
 MONITORING_KINDS = {
     "ServiceMonitor": "servicemonitors",
     "PodMonitor": "podmonitors",
@@ -208,8 +206,7 @@ def test_install_upgrade_uninstall_with_defaults(cluster: Cluster, namespace: st
         kinds = sorted(obj["kind"] for obj in objects)
         assert kinds == sorted(
             [
-                "ClusterRole",
-                "ClusterRole",
+                *["ClusterRole"] * 5,  # the operator's two, and the submitter, steward and viewer roles
                 "ClusterRoleBinding",
                 "ClusterRoleBinding",
                 "ConfigMap",
@@ -277,19 +274,23 @@ def test_install_with_namespaced_rbac(cluster: Cluster, namespace: str, helm: He
             )
             for obj in roles:
                 assert read(cluster, object_path(obj)) is not None
-            # nothing namespaced-RBAC in the release namespace; only kopf's discovery ClusterRole cluster-wide
+            # nothing namespaced-RBAC in the release namespace; cluster-wide only the ledgers and kopf's listing
             for plural in ("roles", "rolebindings"):
                 listed = raw_request(
                     cluster.api, "GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{plural}"
                 )
                 assert not listed["items"]
-            cluster_roles = [obj for obj in objects if obj["kind"] == "ClusterRole"]
-            assert [obj["metadata"]["name"] for obj in cluster_roles] == [f"{release}-dptrain-discovery"]
+            cluster_roles = [
+                obj for obj in objects if obj["kind"] == "ClusterRole" and obj["metadata"]["name"].endswith("-cluster")
+            ]
+            assert [obj["metadata"]["name"] for obj in cluster_roles] == [f"{release}-dptrain-cluster"]
             stored = read(cluster, object_path(cluster_roles[0]))
             assert stored is not None
             assert {resource for rule in stored["rules"] for resource in rule["resources"]} == {
                 "customresourcedefinitions",
                 "namespaces",
+                "privacyledgers",
+                "privacyledgers/status",
             }
             deployment = read(cluster, object_path(next(obj for obj in objects if obj["kind"] == "Deployment")))
             assert deployment is not None
@@ -442,7 +443,7 @@ def pod_command_flags() -> list[str]:
     document["metadata"].update(namespace="ml", uid="0b9f6a1e-2f7c-4a53-9b07-4d2d1b5f7a10")
     job = parse_resource(document)
     assert isinstance(job, DPTrainingJob)
-    pod = trainer_pod(job, attempt=1, mechanism=MechanismSegment(1.1, 0.1, 10), dataset=None, settings=Settings())
+    pod = sample_trainer_pod(job, Settings())
     return [word for word in pod["spec"]["containers"][0]["command"] if word.startswith("--")]
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from dptrain_accounting import MechanismSegment, compute_epsilon
+from dptrain_accounting import MechanismSegment, partitioned_epsilon
 from tests.support.cluster import Cluster
 from tests.support.node import FakeNode
 from tests.support.operator import OperatorProcess
@@ -26,6 +26,10 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Opera
     process.start()
     yield process
     process.stop()
+
+
+def _segment(mechanism: dict[str, Any]) -> MechanismSegment:
+    return MechanismSegment(mechanism["noiseMultiplier"], mechanism["sampleRate"], mechanism["steps"])
 
 
 def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, diagnose: Callable[[], str] = str) -> T:
@@ -145,7 +149,8 @@ def test_budget_refusal_creates_no_pod(cluster: Cluster, namespace: str, operato
     assert "remaining ε=1" in failed["message"]
     assert pods(cluster, namespace) == []
     dataset = get(cluster, namespace, "pds", "small-budget")
-    assert dataset["status"].get("ledger", []) == []
+    (entry,) = dataset["status"]["ledger"]  # the refusal is recorded in the ledger, and charges nothing
+    assert (entry["state"], entry["jobName"]) == ("Refused", "greedy")
     assert dataset["status"]["epsilonRemaining"] == 1.0
 
 
@@ -170,15 +175,16 @@ def test_racing_jobs_never_overshoot_the_budget(cluster: Cluster, namespace: str
     admitted = [job for job in decided if job["status"]["phase"] == "Suspended"]
     refused = [job for job in decided if job["status"]["phase"] == "Failed"]
     assert all(condition(job, "Failed")["reason"] == "BudgetExceeded" for job in refused)
-    privacy = admitted[0]["status"]["privacy"]
-    segment = MechanismSegment(privacy["noiseMultiplier"], privacy["sampleRate"], privacy["plannedSteps"])
-    fits = max(k for k in range(1, 21) if compute_epsilon([segment] * k, delta=1e-5) <= budget)
+    entry = get(cluster, namespace, "pds", "shared")["status"]["ledger"][0]
+    train, holdout = _segment(entry["train"]), _segment(entry["holdout"])
+    fits = max(k for k in range(1, 21) if partitioned_epsilon([train] * k, [holdout] * k, delta=1e-5) <= budget)
     assert len(admitted) == fits
     dataset = get(cluster, namespace, "pds", "shared")
-    ledger = dataset["status"]["ledger"]
-    assert sorted(entry["jobName"] for entry in ledger) == sorted(job["metadata"]["name"] for job in admitted)
-    segments = [MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"]) for e in ledger]
-    assert compute_epsilon(segments, delta=1e-5) <= budget
+    reserved = [entry for entry in dataset["status"]["ledger"] if entry["state"] == "Reserved"]
+    assert sorted(entry["jobName"] for entry in reserved) == sorted(job["metadata"]["name"] for job in admitted)
+    train = [_segment(entry["train"]) for entry in reserved]
+    holdout = [_segment(entry["holdout"]) for entry in reserved]
+    assert partitioned_epsilon(train, holdout, delta=1e-5) <= budget
     assert dataset["status"]["epsilonRemaining"] >= 0
 
 
@@ -205,7 +211,7 @@ def test_trainer_crash_retries_and_resumes(
     assert job["status"]["attempts"] == 2
     assert "resum" in node.logs(namespace, "crashy-attempt-2").lower()
     entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    intents = [entry for entry in entries if entry.get("type") == "intent"]
+    intents = [entry for entry in entries if entry.get("type") == "intent" and entry["partition"] == "train"]
     assert {entry["attempt"] for entry in intents} == {1, 2}
     charged = sum(entry["steps"] for entry in intents)
     privacy = job["status"]["privacy"]
@@ -213,7 +219,12 @@ def test_trainer_crash_retries_and_resumes(
     assert privacy["epsilonSpent"] <= privacy["targetEpsilon"]
     dataset = get(cluster, namespace, "pds", "cohort")
     (entry,) = dataset["status"]["ledger"]
-    assert (entry["state"], entry["steps"]) == ("Committed", charged)
+    assert (entry["state"], entry["train"]["steps"], entry["pods"], entry["startedPods"]) == (
+        "Committed",
+        charged,
+        2,
+        1,
+    )
 
 
 def test_operator_restart_converges_without_duplicate_pods(
@@ -242,7 +253,12 @@ def test_suspend_and_resume(cluster: Cluster, namespace: str, node: FakeNode, op
     suspend = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
     cluster.kubectl("patch", "dptj", "pausable", "-n", namespace, "--type", "merge", "-p", suspend)
     wait_for(phase_is(cluster, namespace, "pausable", "Suspended"), timeout=60, what="Suspended")
-    wait_for(lambda: not pods(cluster, namespace) or None, timeout=30, what="the pod to be deleted")
+    wait_for(
+        lambda: not pods(cluster, namespace) or None,
+        timeout=30,
+        what="the pod to be deleted",
+        diagnose=diagnose(cluster, namespace, node, operator),
+    )
     assert get(cluster, namespace, "pvc", "pausable-checkpoint"), "the checkpoint claim must be kept"
     resume = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
     cluster.kubectl("patch", "dptj", "pausable", "-n", namespace, "--type", "merge", "-p", resume)
@@ -277,7 +293,7 @@ def test_deadline_fails_the_job_and_stops_its_pod(
     )
 
 
-def test_deletion_cleans_up_and_keeps_unknown_spend_charged(
+def test_deletion_cleans_up_and_charges_what_the_journal_proves(
     cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
 ) -> None:
     apply(cluster, namespace, dataset_manifest("records", epsilon=8.0))
@@ -286,13 +302,19 @@ def test_deletion_cleans_up_and_keeps_unknown_spend_charged(
     )
     wait_for(phase_is(cluster, namespace, "doomed", "Running"), timeout=60, what="Running")
     planned = get(cluster, namespace, "dptj", "doomed")["status"]["privacy"]["plannedSteps"]
-    cluster.kubectl("delete", "dptj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+    journal = node.pvc_dir(namespace, "doomed-checkpoint") / "privacy-journal.jsonl"
+    wait_for(journal.exists, timeout=60, what="the journal")
+    # The pod's finalizer keeps it until the operator read what its journal charged (SIGTERM: it checkpoints
+    # and reports), then the job, its pod and its claim go.
+    cluster.kubectl("delete", "dptj", "doomed", "-n", namespace, "--wait=true", "--timeout=90s")
     assert pods(cluster, namespace) == []
-    assert not get(cluster, namespace, "cm", "doomed-config")
     assert not get(cluster, namespace, "pvc", "doomed-checkpoint")
     (entry,) = get(cluster, namespace, "pds", "records")["status"]["ledger"]
-    # It ran and did not report: what it spent is unknown, so the whole reservation stays charged.
-    assert (entry["state"], entry["steps"]) == ("Committed", planned)
+    charged = sum(
+        e["steps"] for e in map(json.loads, journal.read_text().splitlines()[1:]) if e["partition"] == "train"
+    )
+    assert (entry["state"], entry["outcome"], entry["train"]["steps"]) == ("Committed", "Deleted", charged)
+    assert charged < planned  # charged by its journal, not in full
 
 
 def test_unplannable_job_fails_with_a_clear_reason(cluster: Cluster, namespace: str, operator: OperatorProcess) -> None:
@@ -343,10 +365,11 @@ def test_replaced_checkpoint_claim_fails_the_job_and_keeps_it_charged(
         job_manifest("fragile", dataset={"datasetRef": {"name": "ward"}}, training={"epochs": 50}),
     )
     job = wait_for(phase_is(cluster, namespace, "fragile", "Running"), timeout=60, what="Running")
-    assert job["status"]["checkpointClaimUid"]
+    (entry,) = get(cluster, namespace, "pds", "ward")["status"]["ledger"]
+    assert entry["checkpointClaimUid"]
     planned = job["status"]["privacy"]["plannedSteps"]
     cluster.kubectl("delete", "pvc", "fragile-checkpoint", "-n", namespace)
     job = wait_for(phase_is(cluster, namespace, "fragile", "Failed"), timeout=60, what="CheckpointLost")
     assert condition(job, "Failed")["reason"] == "CheckpointLost"
     (entry,) = get(cluster, namespace, "pds", "ward")["status"]["ledger"]
-    assert (entry["state"], entry["steps"]) == ("Committed", planned)
+    assert (entry["state"], entry["train"]["steps"]) == ("Committed", planned)

@@ -35,7 +35,7 @@ from kubernetes.client.exceptions import ApiException
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
 TESTENV = Path(__file__).resolve().parents[3] / "shared" / "testenv"
-DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io")
+DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io", "privacyledgers.dptrain.io")
 DPTRAIN_GROUP, DPTRAIN_VERSION = "dptrain.io", "v1alpha1"
 _ETCD_OFFSETS = (10000, 10001)  # up.sh: etcd client port = PORT+10000, peer port = PORT+10001
 _MAX_PORT = 55000

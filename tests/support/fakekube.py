@@ -1,6 +1,7 @@
 """An in-memory stand-in for the operator's :class:`~dptrain_operator.kube.KubeApi`, for unit tests of the
-reconcilers: objects are plain dicts, every write bumps ``resourceVersion``, and a dataset status
-write with a stale ``resourceVersion`` raises :class:`ConflictError` as the API server's 409 does."""
+reconcilers: objects are plain dicts, every write bumps ``resourceVersion``, a status write with a stale
+``resourceVersion`` raises :class:`ConflictError` as the API server's 409 does, and deleting a pod that has
+finalizers only marks it (``deletionTimestamp``) until they are removed, as the API server does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from dptrain_operator.kube import ConflictError
 
-Key = tuple[str, str, str]  # (kind, namespace, name)
+Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-scoped kinds
 
 
 class FakeKube:
@@ -19,7 +20,7 @@ class FakeKube:
         self.objects: dict[Key, dict[str, Any]] = {}
         self._versions = itertools.count(1)
         self.conflicts_to_inject = 0
-        """The next N dataset status writes fail with a conflict (as if another writer came first)."""
+        """The next N status writes (datasets, ledgers) fail with a conflict, as if another writer came first."""
 
     # --- helpers for tests ---------------------------------------------------------------------------
 
@@ -27,11 +28,12 @@ class FakeKube:
         """Store ``manifest`` as the server would (uid, resourceVersion, generation filled in)."""
         body = copy.deepcopy(manifest)
         metadata = body.setdefault("metadata", {})
-        metadata.setdefault("namespace", "default")
+        if body["kind"] != "PrivacyLedger":
+            metadata.setdefault("namespace", "default")
         metadata.setdefault("uid", str(uuid.uuid4()))
         metadata.setdefault("generation", 1)
         metadata["resourceVersion"] = str(next(self._versions))
-        self.objects[(body["kind"], metadata["namespace"], metadata["name"])] = body
+        self.objects[_key(body)] = body
         return copy.deepcopy(body)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -45,6 +47,22 @@ class FakeKube:
 
     def set_pod_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.objects[("Pod", namespace, name)]["status"] = copy.deepcopy(status)
+        self._bump(("Pod", namespace, name))
+
+    def _bump(self, key: Key) -> None:
+        self.objects[key]["metadata"]["resourceVersion"] = str(next(self._versions))
+
+    def _replace_status(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
+        current = self.objects[key]
+        if self.conflicts_to_inject > 0:
+            self.conflicts_to_inject -= 1
+            self._bump(key)
+            raise ConflictError(key[2])
+        if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            raise ConflictError(key[2])
+        current["status"] = copy.deepcopy(body.get("status") or {})
+        self._bump(key)
+        return copy.deepcopy(current)
 
     # --- KubeApi ---------------------------------------------------------------------------------------
 
@@ -55,31 +73,34 @@ class FakeKube:
         return self.get("DPTrainingJob", namespace, name)
 
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        metadata = body["metadata"]
-        key = ("PrivateDataset", metadata["namespace"], metadata["name"])
-        current = self.objects[key]
-        if self.conflicts_to_inject > 0:
-            self.conflicts_to_inject -= 1
-            current["metadata"]["resourceVersion"] = str(next(self._versions))
-            raise ConflictError(metadata["name"])
-        if metadata.get("resourceVersion") != current["metadata"]["resourceVersion"]:
-            raise ConflictError(metadata["name"])
-        current["status"] = copy.deepcopy(body.get("status") or {})
-        current["metadata"]["resourceVersion"] = str(next(self._versions))
-        return copy.deepcopy(current)
+        return self._replace_status(_key({**body, "kind": "PrivateDataset"}), body)
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         job = self.objects.get(("DPTrainingJob", namespace, name))
         if job is not None:
             job["status"] = {**(job.get("status") or {}), **copy.deepcopy(status)}
-            job["metadata"]["resourceVersion"] = str(next(self._versions))
+            self._bump(("DPTrainingJob", namespace, name))
 
     def delete_job(self, namespace: str, name: str) -> None:
         self.objects.pop(("DPTrainingJob", namespace, name), None)
 
+    def get_ledger(self, name: str) -> dict[str, Any] | None:
+        return self.get("PrivacyLedger", "", name)
+
+    def list_ledgers(self) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (kind, _, _), o in sorted(self.objects.items()) if kind == "PrivacyLedger"]
+
+    def create_ledger(self, manifest: dict[str, Any]) -> bool:
+        if ("PrivacyLedger", "", manifest["metadata"]["name"]) in self.objects:
+            return False
+        self.put({**manifest, "kind": "PrivacyLedger"})
+        return True
+
+    def replace_ledger_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._replace_status(("PrivacyLedger", "", body["metadata"]["name"]), body)
+
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
-        metadata = manifest["metadata"]
-        if (manifest["kind"], metadata["namespace"], metadata["name"]) in self.objects:
+        if _key(manifest) in self.objects:
             return False
         self.put(manifest)
         return True
@@ -88,15 +109,38 @@ class FakeKube:
         key, _, value = label_selector.partition("=")
         return [pod for pod in self.pods(namespace) if pod["metadata"].get("labels", {}).get(key) == value]
 
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("Pod", namespace, name)
+
     def delete_pod(self, namespace: str, name: str) -> None:
-        self.objects.pop(("Pod", namespace, name), None)
+        pod = self.objects.get(("Pod", namespace, name))
+        if pod is None:
+            return
+        if pod["metadata"].get("finalizers"):
+            pod["metadata"].setdefault("deletionTimestamp", "2026-01-01T00:00:00Z")
+            self._bump(("Pod", namespace, name))
+        else:
+            self.objects.pop(("Pod", namespace, name))
 
-    def delete_config_map(self, namespace: str, name: str) -> None:
-        self.objects.pop(("ConfigMap", namespace, name), None)
+    def remove_pod_finalizer(self, pod: dict[str, Any], finalizer: str) -> None:
+        key = _key({**pod, "kind": "Pod"})
+        current = self.objects.get(key)
+        if current is None:
+            return
+        if pod["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            raise ConflictError(key[2])
+        current["metadata"]["finalizers"] = [f for f in current["metadata"].get("finalizers") or [] if f != finalizer]
+        self._bump(key)
+        if current["metadata"].get("deletionTimestamp") and not current["metadata"]["finalizers"]:
+            self.objects.pop(key)
 
-    def claim_uid(self, namespace: str, name: str) -> str | None:
-        claim = self.objects.get(("PersistentVolumeClaim", namespace, name))
-        return str(claim["metadata"]["uid"]) if claim is not None else None
+    def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("PersistentVolumeClaim", namespace, name)
 
     def delete_claim(self, namespace: str, name: str) -> None:
         self.objects.pop(("PersistentVolumeClaim", namespace, name), None)
+
+
+def _key(body: dict[str, Any]) -> Key:
+    metadata = body["metadata"]
+    return (body["kind"], metadata.get("namespace", "") if body["kind"] != "PrivacyLedger" else "", metadata["name"])

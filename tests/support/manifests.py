@@ -56,3 +56,14 @@ def example_documents() -> list[tuple[str, dict[str, Any]]]:
             if document is not None:
                 documents.append((f"{path.name}[{index}]", document))
     return documents
+
+
+def sample_trainer_pod(job: Any, settings: Any) -> dict[str, Any]:
+    """The first trainer pod the operator renders for ``job`` (a DPTrainingJob) with ``settings``."""
+    from dptrain_api import Mechanism, ReservedMechanisms
+    from dptrain_operator.render import PodContract, trainer_pod
+
+    reserved = ReservedMechanisms(train=Mechanism(noise_multiplier=1.1, sample_rate=0.1, steps=10))
+    contract = PodContract(pod_number=1, attempt=1, reserved=reserved, identity="ml/builtin/digits")
+    pod: dict[str, Any] = trainer_pod(job, dataset=None, contract=contract, settings=settings)
+    return pod

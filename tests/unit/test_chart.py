@@ -43,7 +43,7 @@ MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
 TRAINER_METRICS = {
     "dptrain_epsilon_spent",
     "dptrain_epsilon_target",
-    "dptrain_train_loss",
+    "dptrain_holdout_loss",
     "dptrain_eval_accuracy",
     "dptrain_eval_auc",
     "dptrain_examples_per_second",
@@ -197,13 +197,11 @@ def test_defaults(helm: str) -> None:
     kinds = sorted(obj["kind"] for obj in objects)
     assert kinds == sorted(
         [
-            "ClusterRole",
-            "ClusterRole",
+            *["ClusterRole"] * 5,  # the operator's two, and the submitter, steward and viewer roles
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ConfigMap",
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
+            *["CustomResourceDefinition"] * 3,
             "Deployment",
             "NetworkPolicy",
             "Service",
@@ -290,9 +288,11 @@ def test_namespaced_rbac(helm: str) -> None:
     for kind in ("ServiceAccount", "NetworkPolicy"):
         trainer_objects = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] != account]
         assert sorted(obj["metadata"]["namespace"] for obj in trainer_objects) == ["team-a", "team-b"]
-    # only kopf's discovery stays cluster-wide
-    (cluster_role,) = of_kind(objects, "ClusterRole")
-    assert grants(cluster_role["rules"]) == CLUSTER_GRANTS | NAMESPACE_LISTING
+    # only the ledgers (cluster-scoped) and kopf's listing stay cluster-wide
+    (cluster_role,) = [
+        role for role in of_kind(objects, "ClusterRole") if role["metadata"]["name"].endswith("-cluster")
+    ]
+    assert grants(cluster_role["rules"]) == CLUSTER_GRANTS | NAMESPACE_LISTING | expected_ledger_grants()
 
 
 def test_namespaced_rbac_needs_watch_namespaces(helm: str) -> None:
@@ -323,10 +323,8 @@ def test_metrics_and_liveness_off(helm: str) -> None:
 def test_monitoring_objects_select_what_exists(helm: str) -> None:
     """ServiceMonitor -> the operator Service's port; PodMonitor and NetworkPolicy -> the labels and port of the
     trainer pods the operator renders with the chart's settings."""
-    from dptrain_accounting import MechanismSegment
     from dptrain_api import DPTrainingJob, parse_resource
-    from dptrain_operator.render import trainer_pod
-    from tests.support.manifests import base_manifest
+    from tests.support.manifests import base_manifest, sample_trainer_pod
 
     objects = render(*VALUE_SETS["monitoring"])
     service = one(objects, "Service")
@@ -340,7 +338,7 @@ def test_monitoring_objects_select_what_exists(helm: str) -> None:
     job = parse_resource(document)
     assert isinstance(job, DPTrainingJob)
     settings = Settings.from_env(container_env(one(objects, "Deployment")))
-    pod = trainer_pod(job, attempt=1, mechanism=MechanismSegment(1.1, 0.1, 10), dataset=None, settings=settings)
+    pod = sample_trainer_pod(job, settings)
     pod_monitor = one(objects, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "dptrain-trainer"}
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -678,8 +676,17 @@ def derive_kopf_grants() -> set[Grant]:
     return {(group, plural, verb) for group, plural in kinds for verb in KOPF_VERBS_PER_KIND} | KOPF_EVENTS
 
 
+_LEDGERS = ("privacyledgers", "privacyledgers/status")
+
+
 def expected_namespaced_grants() -> set[Grant]:
-    return derive_kube_grants(KUBE_PY.read_text()) | derive_kopf_grants()
+    everything = derive_kube_grants(KUBE_PY.read_text()) | derive_kopf_grants()
+    return {grant for grant in everything if grant[1] not in _LEDGERS}
+
+
+def expected_ledger_grants() -> set[Grant]:
+    """The PrivacyLedgers are cluster-scoped: granted cluster-wide in either RBAC mode."""
+    return {grant for grant in derive_kube_grants(KUBE_PY.read_text()) if grant[1] in _LEDGERS}
 
 
 def test_rbac_derivation_reads_the_code() -> None:
@@ -711,7 +718,7 @@ def test_cluster_role_grants_exactly_what_the_operator_calls(helm: str) -> None:
     for binding in of_kind(objects, "ClusterRoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
         granted |= grants(roles[binding["roleRef"]["name"]]["rules"])
-    expected = expected_namespaced_grants() | CLUSTER_GRANTS
+    expected = expected_namespaced_grants() | expected_ledger_grants() | CLUSTER_GRANTS
     assert granted == expected, (
         f"granted but unused: {sorted(granted - expected)}; missing: {sorted(expected - granted)}"
     )
@@ -725,6 +732,68 @@ def test_namespaced_roles_grant_exactly_what_the_operator_calls(helm: str) -> No
         assert granted == expected, (
             f"granted but unused: {sorted(granted - expected)}; missing: {sorted(expected - granted)}"
         )
+
+
+# --- user roles: what a namespace user can and cannot do to a budget ------------------------------------------------
+
+
+def _allowed(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    """RBAC's own rule matching (no wildcards are used in the chart)."""
+    return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"] for rule in rules)
+
+
+# The requests each way around a budget needs (the reliability section of README.md lists them).
+BYPASSES: dict[str, list[Grant]] = {
+    "delete and re-create a charged PrivateDataset": [("dptrain.io", "privatedatasets", "delete")],
+    "patch a PrivateDataset's status (its ledger copy)": [
+        ("dptrain.io", "privatedatasets/status", "patch"),
+        ("dptrain.io", "privatedatasets/status", "update"),
+    ],
+    "revive a refused job by patching its status": [
+        ("dptrain.io", "dptrainingjobs/status", "patch"),
+        ("dptrain.io", "dptrainingjobs/status", "update"),
+    ],
+    "edit a budget": [("dptrain.io", "privatedatasets", "patch"), ("dptrain.io", "privatedatasets", "update")],
+    "pre-create a job's children": [
+        ("", "configmaps", "create"),
+        ("", "persistentvolumeclaims", "create"),
+        ("", "pods", "create"),
+    ],
+    "write a ledger": [
+        ("dptrain.io", "privacyledgers", "create"),
+        ("dptrain.io", "privacyledgers", "delete"),
+        ("dptrain.io", "privacyledgers", "update"),
+        ("dptrain.io", "privacyledgers/status", "update"),
+    ],
+}
+
+
+def test_a_job_submitter_can_make_none_of_the_requests_around_a_budget(helm: str) -> None:
+    roles = {role["metadata"]["name"]: role["rules"] for role in of_kind(render(), "ClusterRole")}
+    submitter = roles["dptrain-job-submitter"]
+    assert _allowed(submitter, "dptrain.io", "dptrainingjobs", "create")  # what the role is for
+    assert _allowed(submitter, "dptrain.io", "privatedatasets", "get")
+    for bypass, requests in BYPASSES.items():
+        for request in requests:
+            assert not _allowed(submitter, *request), f"a submitter could {bypass}: {request}"
+    steward = roles["dptrain-data-steward"]
+    assert _allowed(steward, "dptrain.io", "privatedatasets", "update")  # the steward sets budgets...
+    for request in (*BYPASSES["patch a PrivateDataset's status (its ledger copy)"], *BYPASSES["write a ledger"]):
+        assert not _allowed(steward, *request), request  # ...but writes no ledger, directly or through a status
+    viewer = roles["dptrain-viewer"]
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in viewer)
+
+
+def test_user_roles_aggregate_into_the_kubernetes_roles(helm: str) -> None:
+    labels = {role["metadata"]["name"]: role["metadata"]["labels"] for role in of_kind(render(), "ClusterRole")}
+    submitter = labels["dptrain-job-submitter"]
+    assert submitter["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in labels["dptrain-data-steward"]
+    assert labels["dptrain-viewer"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    names = {
+        role["metadata"]["name"] for role in of_kind(render("--set", "rbac.userRoles.create=false"), "ClusterRole")
+    }
+    assert not any("submitter" in name or "steward" in name for name in names)
 
 
 # --- CRDs -------------------------------------------------------------------------------------------------------------
@@ -893,11 +962,11 @@ def test_dashboard(helm: str) -> None:
     used_everywhere = set().union(*(promql_metric_names(expr) for _, expr in dashboard_queries(board)))
     titles = " | ".join(panel["title"] for panel in panels)
     # the panels the chart's README documents
-    for needle in ("ε", "budget", "loss", "Eval metric", "examples/s", "Jobs by phase"):
+    for needle in ("ε", "budget", "Held-out loss (DP)", "Held-out metric (DP)", "examples/s", "Jobs by phase"):
         assert needle in titles, needle
     assert {"dptrain_epsilon_spent", "dptrain_epsilon_target", "dptrain_dataset_epsilon_remaining"} <= used_everywhere
     assert {
-        "dptrain_train_loss",
+        "dptrain_holdout_loss",
         "dptrain_eval_accuracy",
         "dptrain_examples_per_second",
         "dptrain_jobs",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -98,10 +99,17 @@ def test_run_writes_model_report_curves_and_termination_message(
     assert report["accountant"]["discretization"]["pessimistic"]
     assert report["mechanism"]["noiseMultiplier"] == 2.0
     assert "Poisson" in report["mechanism"]["sampling"]
-    assert report["dataset"]["trainingExamples"] == 456
-    assert "breast-cancer" in report["dataset"]["exampleCountSource"]
+    assert report["dataset"]["declaredTrainingExamples"] == 456  # public: from the declared size
+    assert report["guarantee"]["epsilon"] == max(
+        report["guarantee"]["epsilonTrainingPartition"], report["guarantee"]["epsilonHoldoutPartition"]
+    )
+    assert "add or remove one record" in report["guarantee"]["neighbouringRelation"]
+    released = " ".join(item["what"] for item in report["released"])
+    assert "held-out accuracy" in released
+    assert "training loss" not in released
+    assert "breast-cancer" in report["dataset"]["countSource"]
     assert len(report["journal"]["entries"]) == len(journal.entries)
-    assert any("held-out" in item for item in report["notDifferentiallyPrivate"])
+    assert any("timing" in item for item in report["notCovered"])
     assert "secure_mode" in report["randomness"]
     assert {"torch", "opacus", "dp-accounting"} <= set(report["software"])
     assert (output / CURVES_NAME).read_bytes().startswith(b"\x89PNG")
@@ -152,16 +160,29 @@ def _private_dataset(num_examples: int) -> dict[str, Any]:
 
 
 def test_bad_data_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "wards.csv").write_text("age,heart_rate,died\n30,100,0\n")  # no `bp` column: the file's schema
+    job = _job(dataset={"datasetRef": {"name": "wards"}}, training={"epochs": 1, "batchSize": 8})
+    manifest = _write(tmp_path / "job.yaml", job, _private_dataset(num_examples=60))
+    code, _, termination = _run(tmp_path, manifest)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "lacks column(s) ['bp']" in err
+    assert "Traceback" not in err
+    assert json.loads(termination.read_text())["reason"] == "DataError"
+
+
+def test_a_true_count_other_than_the_declared_one_trains_and_says_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The true number of records is private: never checked against numExamples, never reported."""
     rows = "\n".join(f"{30 + i},{100 + i},{i % 2}" for i in range(50))
     (tmp_path / "wards.csv").write_text("age,bp,died\n" + rows + "\n")
     job = _job(dataset={"datasetRef": {"name": "wards"}}, training={"epochs": 1, "batchSize": 8})
     manifest = _write(tmp_path / "job.yaml", job, _private_dataset(num_examples=60))  # declares 60, file has 50
-    code, _, termination = _run(tmp_path, manifest)
-    err = capsys.readouterr().err
-    assert code == 3
-    assert "numExamples=60" in err
-    assert "Traceback" not in err
-    assert json.loads(termination.read_text())["reason"] == "DataError"
+    code, output, termination = _run(tmp_path, manifest)
+    assert code == 0, capsys.readouterr().err
+    text = termination.read_text() + (output / REPORT_NAME).read_text()
+    assert not re.search(r"\b(50|40|10)\b", text)  # no count of records (training or held-out)
 
 
 def test_file_dataset_trains_relative_to_the_manifest_or_data_dir(tmp_path: Path) -> None:
@@ -178,15 +199,19 @@ def test_file_dataset_trains_relative_to_the_manifest_or_data_dir(tmp_path: Path
     code, _, termination = _run(tmp_path, manifest, "--data-dir", str(data_dir))
     assert code == 0
     message = json.loads(termination.read_text())
-    assert message["sampleRate"] == 16 / 160
+    assert message["sampleRate"] == 16 / 160  # from the declared size, 200 records with 40 held out
     assert message["evalMetric"] == "auc"
+
+
+_HOLDOUT = {"noiseMultiplier": 10.0, "sampleRate": 1.0, "steps": 4}
 
 
 def test_reserved_mechanism_mismatch_exits_2_and_charges_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(
-        "DPTRAIN_RESERVED_MECHANISM", json.dumps({"noiseMultiplier": 2.0, "sampleRate": 0.2, "steps": 50})
+        "DPTRAIN_RESERVED_MECHANISM",
+        json.dumps({"train": {"noiseMultiplier": 2.0, "sampleRate": 0.2, "steps": 50}, "holdout": _HOLDOUT}),
     )
     code, output, termination = _run(tmp_path, _write(tmp_path / "job.yaml", _job()))
     assert code == 2
@@ -205,11 +230,13 @@ def test_reserved_mechanism_mismatch_exits_2_and_charges_nothing(
 
 
 def test_reserved_mechanism_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reserved = {"noiseMultiplier": 2.5, "sampleRate": 64 / 456, "steps": 100}
+    reserved = {"train": {"noiseMultiplier": 2.5, "sampleRate": 64 / 456, "steps": 100}, "holdout": _HOLDOUT}
     monkeypatch.setenv("DPTRAIN_RESERVED_MECHANISM", json.dumps(reserved))
     code, output, termination = _run(tmp_path, _write(tmp_path / "job.yaml", _job()))
     assert code == 0
-    assert {e["noiseMultiplier"] for e in PrivacyJournal(output / JOURNAL_NAME).entries} == {2.5}
+    entries = PrivacyJournal(output / JOURNAL_NAME).entries
+    assert {e["noiseMultiplier"] for e in entries if e["partition"] == "train"} == {2.5}
+    assert {e["noiseMultiplier"] for e in entries if e["partition"] == "holdout"} == {10.0}
     assert json.loads(termination.read_text())["noiseMultiplier"] == 2.5
 
 

@@ -14,11 +14,11 @@ import torch
 from dptrain.data import (
     BUILTIN_DATASETS,
     PreparedData,
+    holdout_mask,
     load_builtin,
     load_data,
     load_file,
-    train_eval_split,
-    train_size,
+    split_holdout,
 )
 from dptrain.errors import ConfigurationError, DataError
 from dptrain_api.common import LocalObjectReference, ObjectMeta
@@ -232,52 +232,14 @@ def _write_parquet(frame: dict[str, list[Any]]) -> Callable[[Path], None]:
     return write
 
 
-BAD_DATA: list[Any] = [
+# Problems of the file's schema (the same for every neighbouring dataset): refused, naming the file.
+BAD_FILES: list[Any] = [
     pytest.param(lambda _: None, {}, ["does not exist"], id="missing-file"),
-    pytest.param(_write(""), {}, ["is empty"], id="empty-file"),
-    pytest.param(_write("\n\n"), {}, ["empty"], id="blank-lines"),
-    pytest.param(_write(_HEADER), {}, ["no data rows"], id="header-only"),
+    pytest.param(_write(""), {}, ["no header row"], id="empty-file"),
+    pytest.param(_write("\n\n"), {}, ["no header row"], id="blank-lines"),
     pytest.param(_write("age,lactate\n30,1\n"), {}, ["lacks column", "'outcome'"], id="missing-label-column"),
     pytest.param(
         _write("outcome,weight\n1,70\n"), {}, ["lacks column", "'age'", "'lactate'"], id="missing-feature-columns"
-    ),
-    pytest.param(
-        _write(_HEADER + "30,1,0\nSECRET-MRN-4711,2,1\nforty,3,0\n"),
-        {},
-        ["'age'", "non-numeric", "2 non-numeric", "data row 2"],
-        id="non-numeric-feature",
-    ),
-    pytest.param(_write(_HEADER + "30,,0\n40,,1\n50,3,0\n"), {}, ["'lactate'", "2 missing"], id="nan-feature"),
-    pytest.param(_write(_HEADER + "30,NaN,0\n"), {}, ["'lactate'", "1 missing"], id="literal-nan-feature"),
-    pytest.param(_write(_HEADER + "30,inf,0\n"), {}, ["'lactate'", "infinite"], id="infinite-feature"),
-    pytest.param(_write(_HEADER + "30,1,\n40,2,1\n"), {}, ["label column 'outcome'", "1 missing"], id="nan-label"),
-    pytest.param(
-        _write(_HEADER + "30,1,0\n40,2,1\n50,3,2\n"),
-        {},
-        ["label column 'outcome'", "outside [0, 2)", "data row 3"],
-        id="label-out-of-range",
-    ),
-    pytest.param(_write(_HEADER + "30,1,-1\n"), {}, ["label column 'outcome'", "outside [0, 2)"], id="negative-label"),
-    pytest.param(
-        _write(_HEADER + "30,1,0\n40,2,0.5\n"),
-        {},
-        ["label column 'outcome'", "non-integer", "data row 2"],
-        id="fractional-label",
-    ),
-    pytest.param(
-        _write(_HEADER + "30,1,yes\n"), {}, ["label column 'outcome'", "non-numeric", "data row 1"], id="text-label"
-    ),
-    pytest.param(
-        _write_parquet({"age": ["30", "n/a"], "lactate": [1.0, 2.0], "outcome": [0, 1]}),
-        {"path": "data.parquet", "format": "parquet"},
-        ["'age'", "non-numeric", "data row 2"],
-        id="parquet-text-feature",
-    ),
-    pytest.param(
-        _write_parquet({"age": [30.0, None], "lactate": [1.0, 2.0], "outcome": [0, 1]}),
-        {"path": "data.parquet", "format": "parquet"},
-        ["'age'", "1 missing"],
-        id="parquet-null-feature",
     ),
     pytest.param(
         _write_parquet({"age": [30.0], "outcome": [0]}),
@@ -294,8 +256,8 @@ BAD_DATA: list[Any] = [
 ]
 
 
-@pytest.mark.parametrize(("write", "overrides", "expected"), BAD_DATA)
-def test_bad_data_is_refused_with_a_clear_message(
+@pytest.mark.parametrize(("write", "overrides", "expected"), BAD_FILES)
+def test_a_bad_file_is_refused_with_a_clear_message(
     tmp_path: Path, write: Callable[[Path], None], overrides: dict[str, Any], expected: list[str]
 ) -> None:
     write(tmp_path)
@@ -309,12 +271,62 @@ def test_bad_data_is_refused_with_a_clear_message(
     assert caught.value.exit_code == 3
 
 
-def test_errors_never_echo_cell_values(tmp_path: Path) -> None:
-    # Messages reach pod logs and Kubernetes status: a private cell must not leak through them.
-    (tmp_path / "data.csv").write_text(_HEADER + "SECRET-MRN-4711,1,0\n", encoding="utf-8")
-    with pytest.raises(DataError) as caught:
+_GOOD = "30,1,0\n40,2,1\n"
+# A record with an unusable value: skipped (a per-record filter), never an error, never counted outside the pod.
+BAD_RECORDS: list[Any] = [
+    pytest.param("SECRET-MRN-4711,2,1\n", "age", id="non-numeric-feature"),
+    pytest.param("50,,0\n", "lactate", id="missing-feature"),
+    pytest.param("50,NaN,0\n", "lactate", id="literal-nan-feature"),
+    pytest.param("50,inf,0\n", "lactate", id="infinite-feature"),
+    pytest.param("50,3,\n", "outcome", id="missing-label"),
+    pytest.param("50,3,2\n", "outcome", id="label-out-of-range"),
+    pytest.param("50,3,-1\n", "outcome", id="negative-label"),
+    pytest.param("50,3,0.5\n", "outcome", id="fractional-label"),
+    pytest.param("50,3,yes\n", "outcome", id="text-label"),
+    pytest.param("50,3,0,extra\n", None, id="malformed-line"),
+]
+
+
+@pytest.mark.parametrize(("record", "column"), BAD_RECORDS)
+def test_a_record_with_an_unusable_value_is_skipped_like_an_absent_one(
+    tmp_path: Path, record: str, column: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neighbouring datasets D and D + one bad record load to the same data: no error, no count leaves the pod."""
+    clean, with_bad = tmp_path / "clean", tmp_path / "bad"
+    for folder, body in ((clean, _HEADER + _GOOD), (with_bad, _HEADER + _GOOD[:7] + record + _GOOD[7:])):
+        folder.mkdir()
+        (folder / "data.csv").write_text(body, encoding="utf-8")
+    expected = load_file(_source(), base_dir=clean)
+    with caplog.at_level("WARNING", logger="dptrain.data"):
+        loaded = load_file(_source(), base_dir=with_bad)
+    assert torch.equal(loaded.features, expected.features)
+    assert torch.equal(loaded.labels, expected.labels)
+    if column is not None:  # the pod log (the steward's) says where; nothing else does
+        assert f"'{column}': 1" in caplog.text
+    assert "SECRET" not in caplog.text
+
+
+def test_parquet_records_with_unusable_values_are_skipped(tmp_path: Path) -> None:
+    pd.DataFrame({"age": ["30", "n/a", None], "lactate": [1.0, 2.0, 3.0], "outcome": [0, 1, 1]}).to_parquet(
+        tmp_path / "data.parquet"
+    )
+    data = load_file(_source(path="data.parquet", format="parquet"), base_dir=tmp_path)
+    assert data.labels.tolist() == [0]
+
+
+def test_a_file_with_no_usable_record_trains_on_nothing_rather_than_failing(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text(_HEADER + "x,1,0\n", encoding="utf-8")
+    assert load_file(_source(), base_dir=tmp_path).num_examples == 0
+    (tmp_path / "data.csv").write_text(_HEADER, encoding="utf-8")
+    assert load_file(_source(), base_dir=tmp_path).num_examples == 0
+
+
+def test_parser_errors_go_to_the_pod_log_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "data.csv").write_bytes(_HEADER.encode() + b"30,1,0\n\xff\xfeSECRET,2,1\n")
+    with caplog.at_level("WARNING", logger="dptrain.data"), pytest.raises(DataError) as caught:
         load_file(_source(), base_dir=tmp_path)
     assert "SECRET" not in str(caught.value)
+    assert "pod log" in str(caught.value)
 
 
 def test_feature_listed_as_label_is_a_configuration_error(tmp_path: Path) -> None:
@@ -352,26 +364,12 @@ def test_load_data_file_through_a_private_dataset(tmp_path: Path) -> None:
     assert data.labels.tolist() == [0, 1, 0]
 
 
-def test_load_data_refuses_a_size_other_than_declared(tmp_path: Path) -> None:
+def test_load_data_never_compares_the_true_count_with_the_declared_one(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text(_HEADER + "30,1,0\n40,2,1\n50,3,0\n", encoding="utf-8")
     dataset = _private_dataset("icu-stays", DatasetSource(file=_source()), num_examples=5)
-    with pytest.raises(DataError) as caught:
-        load_data(_ref("icu-stays"), private_dataset=dataset, base_dir=tmp_path)
-    message = str(caught.value)
-    assert "numExamples=5" in message
-    assert "different number of rows" in message
-    assert "3 rows" not in message  # the true count is private: never echoed
-    assert "icu-stays" in message
-
-
-def test_load_data_private_builtin_checks_the_declared_size() -> None:
-    good = _private_dataset("wdbc", DatasetSource(builtin="breast-cancer"), num_examples=569)
-    assert load_data(_ref("wdbc"), private_dataset=good).name == "wdbc"
-    undeclared = _private_dataset("wdbc", DatasetSource(builtin="breast-cancer"), num_examples=None)
-    assert load_data(_ref("wdbc"), private_dataset=undeclared).num_examples == 569
+    assert load_data(_ref("icu-stays"), private_dataset=dataset, base_dir=tmp_path).num_examples == 3
     wrong = _private_dataset("wdbc", DatasetSource(builtin="breast-cancer"), num_examples=600)
-    with pytest.raises(DataError, match=r"numExamples=600.*different number of rows"):
-        load_data(_ref("wdbc"), private_dataset=wrong)
+    assert load_data(_ref("wdbc"), private_dataset=wrong).num_examples == 569
 
 
 def test_load_data_needs_the_referenced_private_dataset() -> None:
@@ -397,58 +395,45 @@ def _indexed(n: int) -> PreparedData:
     )
 
 
-def test_train_size_is_a_pure_function_of_public_numbers() -> None:
-    assert train_size(7874, 0.2) == 7874 - 1574
-    assert train_size(569, 0.2) == 569 - 113
-    assert train_size(100, 0.29) == 71  # 100 * 0.29 is 28.999999999999996 in floating point
-    assert train_size(10, 0.0) == 10
-    assert train_size(1, 0.5) == 1
+KEY = b"k" * 32
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(0, 0.2), (10, 1.0), (10, -0.1), (10, float("nan"))])
-def test_train_size_refuses_impossible_plans(n: int, fraction: float) -> None:
-    with pytest.raises(ConfigurationError):
-        train_size(n, fraction)
-
-
-def test_split_sizes_disjoint_and_complete() -> None:
-    data = _indexed(1001)
-    train, evaluation = train_eval_split(data, eval_fraction=0.2, seed=7)
-    assert len(train) == train_size(1001, 0.2) == 801
-    assert len(evaluation) == 200
+def test_the_holdout_is_about_the_fraction_disjoint_and_complete() -> None:
+    data = _indexed(2000)
+    train, holdout = split_holdout(data, fraction=0.2, key=KEY)
+    assert 320 < len(holdout) < 480  # Binomial(2000, 0.2): mean 400, sd 18
     train_ids = set(train.tensors[0][:, 0].long().tolist())
-    eval_ids = set(evaluation.tensors[0][:, 0].long().tolist())
-    assert not train_ids & eval_ids
-    assert train_ids | eval_ids == set(range(1001))
-    # Labels travel with their rows.
-    assert torch.equal(train.tensors[1], train.tensors[0][:, 0].long() % 2)
+    holdout_ids = set(holdout.tensors[0][:, 0].long().tolist())
+    assert not train_ids & holdout_ids
+    assert train_ids | holdout_ids == set(range(2000))
+    assert torch.equal(train.tensors[1], train.tensors[0][:, 0].long() % 2)  # labels travel with their rows
 
 
-def test_split_is_deterministic_given_the_seed() -> None:
+def test_adding_or_removing_a_record_moves_no_other_record() -> None:
+    data = _indexed(300)
+    mask = holdout_mask(data, fraction=0.3, key=KEY)
+    fewer = PreparedData(**{**data.__dict__, "features": data.features[1:], "labels": data.labels[1:]})
+    assert torch.equal(holdout_mask(fewer, fraction=0.3, key=KEY), mask[1:])
+    shuffled = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    reordered = PreparedData(**{**data.__dict__, "features": data.features[shuffled], "labels": data.labels[shuffled]})
+    assert torch.equal(holdout_mask(reordered, fraction=0.3, key=KEY), mask[shuffled])
+
+
+def test_the_holdout_is_fixed_by_the_key() -> None:
     data = _indexed(500)
-    first, _ = train_eval_split(data, eval_fraction=0.3, seed=1)
-    again, _ = train_eval_split(data, eval_fraction=0.3, seed=1)
-    other, _ = train_eval_split(data, eval_fraction=0.3, seed=2)
-    assert torch.equal(first.tensors[0], again.tensors[0])
-    assert not torch.equal(first.tensors[0], other.tensors[0])
-
-
-def test_split_does_not_touch_the_global_rng() -> None:
+    assert torch.equal(holdout_mask(data, fraction=0.3, key=KEY), holdout_mask(data, fraction=0.3, key=KEY))
+    assert not torch.equal(holdout_mask(data, fraction=0.3, key=KEY), holdout_mask(data, fraction=0.3, key=b"x" * 32))
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    train_eval_split(_indexed(50), eval_fraction=0.2, seed=3)
-    assert torch.equal(torch.rand(3), expected)
+    holdout_mask(data, fraction=0.3, key=KEY)
+    assert torch.equal(torch.rand(3), expected)  # the global RNG is untouched
 
 
-def test_zero_eval_fraction_gives_an_empty_eval_set() -> None:
-    train, evaluation = train_eval_split(_indexed(37), eval_fraction=0.0, seed=0)
-    assert len(train) == 37
-    assert len(evaluation) == 0
-    assert tuple(evaluation.tensors[0].shape) == (0, 1)
-
-
-def test_split_keeps_image_shape(builtins: dict[str, PreparedData]) -> None:
-    train, evaluation = train_eval_split(builtins["digits"], eval_fraction=0.2, seed=0)
-    assert tuple(train.tensors[0].shape) == (1797 - 359, 1, 8, 8)
-    assert tuple(evaluation.tensors[0].shape) == (359, 1, 8, 8)
+def test_zero_fraction_holds_out_nothing_and_images_keep_their_shape(builtins: dict[str, PreparedData]) -> None:
+    train, holdout = split_holdout(_indexed(37), fraction=0.0, key=KEY)
+    assert (len(train), len(holdout)) == (37, 0)
+    assert tuple(holdout.tensors[0].shape) == (0, 1)
+    train, holdout = split_holdout(builtins["digits"], fraction=0.2, key=KEY)
+    assert tuple(train.tensors[0].shape)[1:] == tuple(holdout.tensors[0].shape)[1:] == (1, 8, 8)
+    assert len(train) + len(holdout) == 1797

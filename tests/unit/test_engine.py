@@ -14,14 +14,15 @@ from torch.utils.data import TensorDataset
 from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
 from dptrain.data import PreparedData, load_data
 from dptrain.dpsgd import PoissonSampler, make_private_training
-from dptrain.engine import evaluate, train
-from dptrain.errors import CheckpointError, JournalError, TrainingInterrupted
+from dptrain.engine import train
+from dptrain.errors import CheckpointError, JournalError, JournalLostError, TrainingInterrupted
+from dptrain.evaluation import dp_release, holdout_sums, release_schedule, sensitivity
 from dptrain.events import Progress, TrainingResult
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan, make_plan
 from dptrain.runtime import cpu_thread_limit
-from dptrain_accounting import MechanismSegment, compact, compute_epsilon
+from dptrain_accounting import MechanismSegment, compact, compute_epsilon, partitioned_epsilon
 from dptrain_api import DPTrainingJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -84,24 +85,34 @@ def test_uninterrupted_run_reports_the_journal_epsilon(
     recorder = Recorder()
     result = train(_job(), breast_cancer, plan, workdir=tmp_path, observers=[recorder])
     journal = PrivacyJournal(tmp_path / JOURNAL_NAME)
-    assert result.epsilon == compute_epsilon(compact(journal.segments()), delta=plan.delta, accountant=plan.accountant)
-    assert result.epsilon == plan.planned_epsilon  # uninterrupted: exactly the plan
-    assert result.epsilon <= plan.target_epsilon
+    train_part = compact(journal.segments("train"))
+    holdout_part = compact(journal.segments("holdout"))
+    assert train_part == [plan.segment]  # uninterrupted: exactly the planned DP-SGD steps
+    assert result.epsilon == partitioned_epsilon(train_part, holdout_part, delta=plan.delta, accountant=plan.accountant)
+    assert result.epsilon <= plan.planned_epsilon <= plan.target_epsilon
     assert result.steps_run == result.charged_steps == journal.charged_steps == plan.steps
-    assert [entry["steps"] for entry in result.journal] == [5, 5, 5]
-    assert [entry["startStep"] for entry in result.journal] == [0, 5, 10]
+    steps = [entry for entry in result.journal if entry["partition"] == "train"]
+    assert [entry["steps"] for entry in steps] == [5, 5, 5]
+    assert [entry["startStep"] for entry in steps] == [0, 5, 10]
+    # Held-out metrics were released at checkpoints (one release each at most), each charged before computed.
+    releases = [entry for entry in result.journal if entry["partition"] == "holdout"]
+    assert [entry["startStep"] for entry in releases] == [5, 10, 15]
+    assert result.charged_releases == 3 <= plan.releases
     assert result.attempts == 1
     assert result.resumed_from_step == 0
     assert result.clipping_mode == "bookkeeping"  # logistic regression: Linear layers only
     assert set(result.eval_metrics) == {"accuracy", "auc", "loss"}
-    assert 0.5 < result.eval_metrics["accuracy"] <= 1.0
-    assert [h["step"] for h in result.history] == list(range(1, plan.steps + 1))
+    assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0
+    assert [h["step"] for h in result.history if not h.get("released")] == list(range(1, plan.steps + 1))
+    assert [h["step"] for h in result.history if h.get("released")] == [5, 10, 15]
+    assert all("loss" not in h for h in result.history if not h.get("released"))  # never the training loss
     assert recorder.started == [(0, 1)]
     assert recorder.finished == [result]
     assert [p.step for p in recorder.steps] == list(range(1, plan.steps + 1))
     assert [p.step for p in recorder.steps if p.checkpointed] == [5, 10, 15]
     assert recorder.steps[-1].epsilon_spent == result.epsilon
     assert recorder.steps[-1].eval_value == result.eval_metrics["accuracy"]
+    assert recorder.steps[-1].loss == result.eval_metrics["loss"]  # the DP held-out loss, not the training loss
     assert result.threads == 1
     state = torch.load(result.model_path, weights_only=True)
     model, _ = build_model(_job().spec.model, input_shape=breast_cancer.input_shape, num_classes=2)
@@ -150,12 +161,12 @@ def test_a_crash_mid_chunk_stays_charged_and_the_resume_ends_early(
     assert result.attempts == 2
     assert result.charged_steps == plan.steps  # never beyond the plan
     assert result.steps_run == plan.steps - 5  # the crashed chunk's steps are lost, not re-granted
-    assert result.epsilon >= uninterrupted.epsilon
+    assert result.epsilon >= compute_epsilon([plan.segment], delta=plan.delta)
     assert result.epsilon <= plan.target_epsilon
-    assert result.epsilon == compute_epsilon(
-        compact(PrivacyJournal(tmp_path / "run" / JOURNAL_NAME).segments()), delta=plan.delta
-    )
-    assert [(e["attempt"], e["startStep"], e["steps"]) for e in result.journal] == [(1, 0, 5), (1, 5, 5), (2, 5, 5)]
+    assert result.epsilon == PrivacyJournal(tmp_path / "run" / JOURNAL_NAME).epsilon(plan.delta)
+    steps = [(e["attempt"], e["startStep"], e["steps"]) for e in result.journal if e["partition"] == "train"]
+    assert steps == [(1, 0, 5), (1, 5, 5), (2, 5, 5)]
+    del uninterrupted
 
 
 def test_a_torn_journal_tail_uses_up_the_plan_and_the_resume_runs_nothing(
@@ -171,6 +182,7 @@ def test_a_torn_journal_tail_uses_up_the_plan_and_the_resume_runs_nothing(
         file.write(b'{"type":"intent","seq":3,"atte')  # the next append was torn by the power loss
     result = train(_job(), breast_cancer, plan, workdir=tmp_path)
     assert result.charged_steps == plan.steps  # the torn intent is charged with all that was left
+    assert result.charged_releases == plan.releases  # in every partition
     assert result.epsilon == plan.planned_epsilon
     assert result.steps_run == 5  # the checkpoint's model; no budget was left to train further
     assert any("crashed attempts used up" in warning for warning in result.warnings)
@@ -208,7 +220,7 @@ def test_stop_request_finishes_the_step_checkpoints_and_resumes(
     assert result.resumed_from_step == 3
     assert result.steps_run == 3 + (plan.steps - 5)
     assert result.charged_steps == plan.steps
-    assert result.epsilon == plan.planned_epsilon
+    assert result.epsilon == PrivacyJournal(tmp_path / JOURNAL_NAME).epsilon(plan.delta) <= plan.planned_epsilon
 
 
 def test_a_finished_run_is_not_charged_again(tmp_path: Path, breast_cancer: PreparedData, plan: TrainingPlan) -> None:
@@ -325,22 +337,39 @@ def test_a_logical_batch_is_split_into_physical_micro_batches(breast_cancer: Pre
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_evaluate_reports_auc_for_binary_tasks(breast_cancer: PreparedData) -> None:
+def test_a_retry_that_finds_no_journal_fails_closed(
+    tmp_path: Path, breast_cancer: PreparedData, plan: TrainingPlan
+) -> None:
+    """The guarantee's hole 2: a retry whose volume came back empty must not start a fresh journal."""
+    with pytest.raises(JournalLostError, match="this is a retry") as caught:
+        train(_job(), breast_cancer, plan, workdir=tmp_path, expect_journal=True)
+    assert caught.value.exit_code == 7
+    assert not (tmp_path / JOURNAL_NAME).exists()  # nothing was charged afresh
+    train(_job(), breast_cancer, plan, workdir=tmp_path / "first")  # a first attempt creates one
+    assert train(_job(), breast_cancer, plan, workdir=tmp_path / "first", expect_journal=True).charged_steps
+
+
+def test_a_dp_release_adds_gaussian_noise_of_the_planned_scale(breast_cancer: PreparedData) -> None:
     model, _ = build_model(_job().spec.model, input_shape=breast_cancer.input_shape, num_classes=2)
-    metrics = evaluate(
-        model, TensorDataset(breast_cancer.features, breast_cancer.labels), num_classes=2, device=torch.device("cpu")
-    )
-    assert set(metrics) == {"accuracy", "auc", "loss"}
+    holdout = TensorDataset(breast_cancer.features[:100], breast_cancer.labels[:100])
+    cpu = torch.device("cpu")
+    exact = holdout_sums(model, holdout, num_classes=2, device=cpu)
+    assert exact[0] == 100  # the count, one row per record
     assert model.training  # evaluation restores training mode
-    assert (
-        evaluate(
-            model,
-            TensorDataset(breast_cancer.features[:0], breast_cancer.labels[:0]),
-            num_classes=2,
-            device=torch.device("cpu"),
-        )
-        == {}
-    )
+    generator = torch.Generator().manual_seed(0)
+    accuracies = [
+        dp_release(model, holdout, num_classes=2, noise_multiplier=2.0, generator=generator, device=cpu)["accuracy"]
+        for _ in range(300)
+    ]
+    exact_accuracy = float(exact[1] / exact[0])
+    mean = sum(accuracies) / len(accuracies)
+    spread = (sum((a - mean) ** 2 for a in accuracies) / len(accuracies)) ** 0.5
+    # noise std 2 * sensitivity on both the correct count and the count: accuracy moves by about that / 100
+    assert 0.02 < spread < 0.2
+    assert abs(mean - exact_accuracy) < 0.05
+    assert sensitivity(2) == 2.0
+    assert release_schedule(steps=15, releases=4) == [4, 8, 12, 15]
+    assert release_schedule(steps=15, releases=0) == []
 
 
 def test_cpu_thread_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -371,5 +400,6 @@ def test_sample_rate_of_the_journal_matches_the_loader(
     tmp_path: Path, breast_cancer: PreparedData, plan: TrainingPlan
 ) -> None:
     result = train(_job(), breast_cancer, plan, workdir=tmp_path)
-    assert {(e["noiseMultiplier"], e["sampleRate"]) for e in result.journal} == {(2.0, 64 / plan.train_size)}
+    steps = {(e["noiseMultiplier"], e["sampleRate"]) for e in result.journal if e["partition"] == "train"}
+    assert steps == {(2.0, 64 / plan.train_size)}
     assert MechanismSegment(2.0, plan.sample_rate, plan.steps) == plan.segment

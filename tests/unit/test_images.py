@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dptrain_accounting import MechanismSegment
 from dptrain_api import DPTrainingJob, parse_resource
-from dptrain_operator.render import trainer_pod
 from dptrain_operator.settings import Settings
-from tests.support.manifests import base_manifest
+from tests.support.manifests import base_manifest, sample_trainer_pod
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
@@ -119,7 +117,7 @@ def test_operator_pod_command_is_a_trainer_console_script() -> None:
     document["metadata"].update(namespace="ml", uid="0b9f6a1e-2f7c-4a53-9b07-4d2d1b5f7a10")
     job = parse_resource(document)
     assert isinstance(job, DPTrainingJob)
-    pod = trainer_pod(job, attempt=1, mechanism=MechanismSegment(1.1, 0.1, 10), dataset=None, settings=Settings())
+    pod = sample_trainer_pod(job, Settings())
     command = pod["spec"]["containers"][0]["command"]
     scripts = tomllib.loads((REPO / "trainer-image" / "pyproject.toml").read_text())["project"]["scripts"]
     assert command[0] in scripts, f"the pod runs {command[0]!r}; the trainer package declares {sorted(scripts)}"

@@ -15,23 +15,32 @@ import pytest
 
 from dptrain import journal as journal_module
 from dptrain.errors import CheckpointError, JournalError, PrivacyBudgetError
-from dptrain.journal import JOURNAL_NAME, PrivacyJournal, workdir_lock
-from dptrain_accounting import MechanismSegment, compact, compute_epsilon
+from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, workdir_lock
+from dptrain_accounting import MechanismSegment, compact, compute_epsilon, partitioned_epsilon
 
 SIGMA = 1.3
 RATE = 0.05
 MAX_STEPS = 40
 JOB = "a" * 64
+HOLDOUT_SIGMA = 4.0
+RELEASES = 3
 
 
-def _journal(tmp_path: Path, *, max_steps: int = MAX_STEPS) -> PrivacyJournal:
+def _mechanisms(max_steps: int = MAX_STEPS, *, releases: int = 0) -> dict[str, MechanismSegment]:
+    mechanisms = {TRAIN: MechanismSegment(SIGMA, RATE, max_steps)}
+    if releases:
+        mechanisms[HOLDOUT] = MechanismSegment(HOLDOUT_SIGMA, 1.0, releases)
+    return mechanisms
+
+
+def _journal(tmp_path: Path, *, max_steps: int = MAX_STEPS, releases: int = 0) -> PrivacyJournal:
     journal = PrivacyJournal(tmp_path / JOURNAL_NAME)
-    journal.initialise(job_hash=JOB, noise_multiplier=SIGMA, sample_rate=RATE, max_steps=max_steps)
+    journal.initialise(job_hash=JOB, mechanisms=_mechanisms(max_steps, releases=releases))
     return journal
 
 
 def _charge(journal: PrivacyJournal, steps: int, *, attempt: int = 1, start: int = 0) -> dict[str, object]:
-    return journal.append_intent(MechanismSegment(SIGMA, RATE, steps), attempt=attempt, start_step=start)
+    return journal.append_intent(steps, attempt=attempt, start_step=start)
 
 
 def test_new_journal_has_an_atomic_header_and_charges_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,7 +57,8 @@ def test_new_journal_has_an_atomic_header_and_charges_nothing(tmp_path: Path, mo
     assert len(lines) == 1
     header = json.loads(lines[0])
     assert header["type"] == "header"
-    assert (header["noiseMultiplier"], header["sampleRate"], header["maxSteps"]) == (SIGMA, RATE, MAX_STEPS)
+    assert header["version"] == 2
+    assert header["mechanisms"] == {"train": {"noiseMultiplier": SIGMA, "sampleRate": RATE, "maxSteps": MAX_STEPS}}
     assert synced_dirs == [tmp_path]  # the directory entry of the new file is durable
     assert journal.entries == []
     assert journal.charged_steps == 0
@@ -77,7 +87,8 @@ def test_append_is_written_and_fsynced_before_it_returns(tmp_path: Path, monkeyp
     on_disk = PrivacyJournal(path)
     assert on_disk.charged_steps == 5
     assert on_disk.entries[0]["noiseMultiplier"] == SIGMA
-    assert set(on_disk.entries[0]) >= {"seq", "attempt", "noiseMultiplier", "sampleRate", "steps", "startStep", "time"}
+    assert set(on_disk.entries[0]) >= {"seq", "attempt", "partition", "noiseMultiplier", "sampleRate", "steps", "time"}
+    assert on_disk.entries[0]["partition"] == "train"
 
 
 def test_epsilon_is_the_composition_of_every_entry(tmp_path: Path) -> None:
@@ -100,8 +111,8 @@ def test_never_charges_beyond_the_plan_or_another_mechanism(tmp_path: Path) -> N
     _charge(journal, 10)
     with pytest.raises(PrivacyBudgetError, match="already charged"):
         _charge(journal, 3)
-    with pytest.raises(PrivacyBudgetError):
-        journal.append_intent(MechanismSegment(SIGMA * 2, RATE, 1), attempt=1, start_step=10)
+    with pytest.raises(PrivacyBudgetError, match="no such partition"):
+        journal.append_intent(1, attempt=1, start_step=10, partition=HOLDOUT)
     _charge(journal, 2)
     assert journal.charged_steps == 12
     assert journal.remaining_steps == 0
@@ -163,7 +174,7 @@ def test_repair_makes_the_conservative_charge_durable_and_keeps_complete_lines(t
     with path.open("ab") as file:
         file.write(b'{"type":"intent","seq":2,"att')
     torn = PrivacyJournal(path)
-    torn.initialise(job_hash=JOB, noise_multiplier=SIGMA, sample_rate=RATE, max_steps=MAX_STEPS)  # repairs
+    torn.initialise(job_hash=JOB, mechanisms=_mechanisms())  # repairs
     repaired = path.read_bytes()
     assert repaired.startswith(complete)
     last = json.loads(repaired.splitlines()[-1])
@@ -242,16 +253,18 @@ def test_another_jobs_or_another_plans_journal_is_refused(tmp_path: Path) -> Non
     _charge(_journal(tmp_path), 5)
     path = tmp_path / JOURNAL_NAME
     with pytest.raises(CheckpointError, match="different job"):
-        PrivacyJournal(path).initialise(job_hash="b" * 64, noise_multiplier=SIGMA, sample_rate=RATE, max_steps=40)
+        PrivacyJournal(path).initialise(job_hash="b" * 64, mechanisms=_mechanisms())
     with pytest.raises(CheckpointError, match="plan now is"):
-        PrivacyJournal(path).initialise(job_hash=JOB, noise_multiplier=SIGMA, sample_rate=RATE, max_steps=41)
-    PrivacyJournal(path).initialise(job_hash=JOB, noise_multiplier=SIGMA, sample_rate=RATE, max_steps=40)  # same: fine
+        PrivacyJournal(path).initialise(job_hash=JOB, mechanisms=_mechanisms(41))
+    with pytest.raises(CheckpointError, match="plan now is"):
+        PrivacyJournal(path).initialise(job_hash=JOB, mechanisms=_mechanisms(releases=2))
+    PrivacyJournal(path).initialise(job_hash=JOB, mechanisms=_mechanisms())  # same: fine
     assert PrivacyJournal(path).charged_steps == 5
 
 
 def test_an_uninitialised_journal_refuses_to_charge(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="not been initialised"):
-        PrivacyJournal(tmp_path / JOURNAL_NAME).append_intent(MechanismSegment(1.0, 0.1, 1), attempt=1, start_step=0)
+        PrivacyJournal(tmp_path / JOURNAL_NAME).append_intent(1, attempt=1, start_step=0)
 
 
 def test_one_trainer_per_directory(tmp_path: Path) -> None:
@@ -271,9 +284,9 @@ _WRITER = textwrap.dedent(
     from dptrain.journal import PrivacyJournal
     from dptrain_accounting import MechanismSegment
     journal = PrivacyJournal(sys.argv[1])
-    journal.initialise(job_hash="a" * 64, noise_multiplier=1.3, sample_rate=0.05, max_steps=100000)
+    journal.initialise(job_hash="a" * 64, mechanisms={"train": MechanismSegment(1.3, 0.05, 100000)})
     for i in range(100000):
-        journal.append_intent(MechanismSegment(1.3, 0.05, 1), attempt=1, start_step=i)
+        journal.append_intent(1, attempt=1, start_step=i)
         print(i + 1, flush=True)  # acknowledged: the caller would now run this step
     """
 )
@@ -300,3 +313,46 @@ def test_every_acknowledged_intent_survives_kill_9(tmp_path: Path) -> None:
     assert journal.charged_steps >= acknowledged
     if journal.torn:
         assert journal.charged_steps == 100000  # a torn tail takes the whole remaining budget
+
+
+def test_the_holdout_partition_composes_in_parallel_with_training(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, releases=RELEASES)
+    _charge(journal, 10)
+    journal.append_intent(1, attempt=1, start_step=10, partition=HOLDOUT)
+    _charge(journal, 10, start=10)
+    journal.append_intent(1, attempt=1, start_step=20, partition=HOLDOUT)
+    assert (journal.charged_steps, journal.charged_releases) == (20, 2)
+    train, holdout = MechanismSegment(SIGMA, RATE, 20), MechanismSegment(HOLDOUT_SIGMA, 1.0, 2)
+    expected = partitioned_epsilon([train], [holdout], delta=1e-5)
+    assert (
+        journal.epsilon(1e-5)
+        == expected
+        == max(compute_epsilon([train], delta=1e-5), compute_epsilon([holdout], delta=1e-5))
+    )
+    journal.append_intent(1, attempt=1, start_step=20, partition=HOLDOUT)
+    with pytest.raises(PrivacyBudgetError, match="holdout"):
+        journal.append_intent(1, attempt=1, start_step=20, partition=HOLDOUT)  # only the planned releases
+
+
+def test_a_torn_tail_charges_every_partition_in_full(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, releases=RELEASES)
+    _charge(journal, 10)
+    journal.append_intent(1, attempt=1, start_step=10, partition=HOLDOUT)
+    path = tmp_path / JOURNAL_NAME
+    with path.open("ab") as file:
+        file.write(b'{"type":"intent","seq":3,"partit')
+    torn = PrivacyJournal(path)
+    assert (torn.charged_steps, torn.charged_releases) == (MAX_STEPS, RELEASES)
+    torn.repair()
+    assert (PrivacyJournal(path).charged_steps, PrivacyJournal(path).charged_releases) == (MAX_STEPS, RELEASES)
+
+
+def test_a_version_1_journal_reads_as_the_training_partition(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    header = {"type": "header", "version": 1, "jobHash": JOB, "noiseMultiplier": SIGMA, "sampleRate": RATE,
+              "maxSteps": MAX_STEPS, "created": ""}  # fmt: skip
+    intent = {"type": "intent", "seq": 1, "attempt": 1, "noiseMultiplier": SIGMA, "sampleRate": RATE, "steps": 5,
+              "startStep": 0, "time": ""}  # fmt: skip
+    path.write_text(json.dumps(header) + "\n" + json.dumps(intent) + "\n")
+    journal = PrivacyJournal(path)
+    assert (journal.charged_steps, journal.charged_releases, journal.remaining_steps) == (5, 0, MAX_STEPS - 5)

@@ -95,7 +95,10 @@ def test_metrics_scraped_over_http_match_the_result(tmp_path: Path, monkeypatch:
     assert value("dptrain_training_finished") == 1
     assert value("dptrain_eval_accuracy") == pytest.approx(result.eval_metrics["accuracy"])
     assert value("dptrain_eval_auc") == pytest.approx(result.eval_metrics["auc"])  # binary task
-    assert value("dptrain_train_loss") == pytest.approx(result.history[-1]["loss"])
+    assert value("dptrain_holdout_loss") == pytest.approx(result.eval_metrics["loss"])
+    assert value("dptrain_charged_releases") == result.charged_releases
+    assert 1 <= result.charged_releases <= plan.releases  # at most one release per checkpoint
+    assert not any(name == "dptrain_train_loss" for name, _ in samples)  # the training loss never leaves
     assert value("dptrain_examples_per_second") > 0
     assert len(scraped_during) == 1
     assert 0 < scraped_during[0] <= result.epsilon

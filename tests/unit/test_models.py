@@ -15,6 +15,7 @@ from torch import nn
 
 from dptrain.data import BUILTIN_DATASETS
 from dptrain.errors import ModelError
+from dptrain.independence import BatchDependenceError
 from dptrain.models import build_model, register_model, registered_models, supports_ghost_clipping
 from dptrain_api.job import ModelSpec
 
@@ -199,6 +200,17 @@ def with_kwargs(**kwargs):
 def batch_norm(num_features, num_classes):
     return nn.Sequential(nn.Linear(num_features, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, num_classes))
 
+def image_batch_norm(num_features, num_classes):
+    return nn.Sequential(nn.Unflatten(1, (1, 5, 6)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(120, num_classes))
+
+class BatchCenter(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)
+
+def batch_center(num_features, num_classes):
+    return nn.Sequential(nn.Linear(num_features, 8), BatchCenter(), nn.Linear(8, num_classes))
+
 def not_a_module(num_features, num_classes):
     return {"weights": [1, 2, 3]}
 
@@ -284,14 +296,28 @@ def test_factory_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest
 
 def test_batch_norm_is_replaced_with_a_warning(factories: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="dptrain.models"):
-        model, notes = _build(_custom(f"{factories}:batch_norm"))
+        model, notes = _build(_custom(f"{factories}:image_batch_norm"))
     assert len(notes) == 1
-    assert "BatchNorm1d -> GroupNorm" in notes[0]
-    assert "1:" in notes[0]  # names the layer
+    assert "BatchNorm2d -> GroupNorm" in notes[0]
+    assert "2:" in notes[0]  # names the layer
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    assert any("BatchNorm1d -> GroupNorm" in record.getMessage() for record in caplog.records)
+    assert any("BatchNorm2d -> GroupNorm" in record.getMessage() for record in caplog.records)
     assert tuple(model(torch.rand(4, 30)).shape) == (4, 2)
+
+
+def test_a_model_that_cannot_take_one_example_is_refused(factories: str) -> None:
+    # BatchNorm1d(8) becomes GroupNorm with one value per group, which fails on a batch of one: Poisson
+    # batches can hold a single example, so this would crash in the middle of training.
+    with pytest.raises(ModelError, match="batch of one example"):
+        _build(_custom(f"{factories}:batch_norm"))
+
+
+def test_a_custom_layer_that_mixes_examples_is_refused_by_name(factories: str) -> None:
+    """The guarantee's hole 3: one record changing every record's gradient. Caught before anything is charged."""
+    with pytest.raises(BatchDependenceError, match="first at layer 1") as caught:
+        _build(_custom(f"{factories}:batch_center"))
+    assert caught.value.exit_code == 4
 
 
 # --- pretrained weights --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The operator's pure builders: trainer pods, ConfigMaps and claims are valid Kubernetes objects
-(checked against the real schemas of a recent Kubernetes) and locked down as documented."""
+"""The operator's pure builders: trainer pods and claims are valid Kubernetes objects (checked against the real
+schemas of a recent Kubernetes), locked down as documented, and named without collisions."""
 
 from __future__ import annotations
 
@@ -10,20 +10,30 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dptrain_accounting import MechanismSegment
-from dptrain_api import DPTrainingJob, PrivateDataset, load_documents, parse_resource
+from dptrain_api import DPTrainingJob, Mechanism, PrivateDataset, ReservedMechanisms, load_documents, parse_resource
 from dptrain_operator.render import (
     ATTEMPT_LABEL,
     JOB_UID_LABEL,
+    TRAINER_FINALIZER,
+    PodContract,
     checkpoint_claim,
-    job_config_map,
+    checkpoint_claim_name,
+    job_manifest,
+    pod_name,
     trainer_pod,
 )
 from dptrain_operator.settings import Settings
 from tests.support.manifests import base_manifest
 
 KUBERNETES_VERSION = "1.36.0"
-MECHANISM = MechanismSegment(1.1, 0.14, 100)
+RESERVED = ReservedMechanisms(
+    train=Mechanism(noise_multiplier=1.1, sample_rate=0.14, steps=100),
+    holdout=Mechanism(noise_multiplier=3.0, sample_rate=1.0, steps=4),
+)
+
+
+def _contract(number: int = 1, attempt: int = 1) -> PodContract:
+    return PodContract(pod_number=number, attempt=attempt, reserved=RESERVED, identity="hospital/builtin/digits")
 
 
 def _job(**spec: Any) -> DPTrainingJob:
@@ -62,16 +72,15 @@ def _validate(manifest: dict[str, Any]) -> None:
     ],
 )
 def test_trainer_pod_is_valid_kubernetes(spec: dict[str, Any]) -> None:
-    pod = trainer_pod(_job(**spec), attempt=2, mechanism=MECHANISM, dataset=None, settings=Settings())
+    pod = trainer_pod(_job(**spec), dataset=None, contract=_contract(2, 2), settings=Settings())
     _validate(pod)
 
 
 def test_children_are_valid_and_owned() -> None:
     job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
     for manifest in (
-        job_config_map(job, dataset),
         checkpoint_claim(job),
-        trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=dataset, settings=Settings()),
+        trainer_pod(job, dataset=dataset, contract=_contract(), settings=Settings()),
     ):
         _validate(manifest)
         owner = manifest["metadata"]["ownerReferences"][0]
@@ -87,7 +96,7 @@ def test_children_are_valid_and_owned() -> None:
 
 
 def test_trainer_pod_security_posture() -> None:
-    pod = trainer_pod(_job(), attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    pod = trainer_pod(_job(), dataset=None, contract=_contract(), settings=Settings())
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert spec["restartPolicy"] == "Never"
@@ -103,15 +112,19 @@ def test_trainer_pod_security_posture() -> None:
 
 def test_trainer_pod_environment_and_resources() -> None:
     pod = trainer_pod(
-        _job(resources={"cpu": "3", "gpus": 2}), attempt=4, mechanism=MECHANISM, dataset=None, settings=Settings()
+        _job(resources={"cpu": "3", "gpus": 2}), dataset=None, contract=_contract(4, 3), settings=Settings()
     )
     container = pod["spec"]["containers"][0]
     env = {item["name"]: item for item in container["env"]}
     assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["DPTRAIN_METRICS_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    assert json.loads(env["DPTRAIN_RESERVED_MECHANISM"]["value"]) == MECHANISM.to_dict()
-    assert env["DPTRAIN_ATTEMPT"]["value"] == "4"
+    assert ReservedMechanisms.model_validate_json(env["DPTRAIN_RESERVED_MECHANISM"]["value"]) == RESERVED
+    assert env["DPTRAIN_ATTEMPT"]["value"] == "3"  # from the ledger: earlier pods whose trainer ran, plus one
+    assert env["DPTRAIN_DATASET_IDENTITY"]["value"] == "hospital/builtin/digits"
+    assert container["command"][2:4] == ["--from-env", "DPTRAIN_JOB_MANIFEST"]
+    assert container["terminationMessagePolicy"] == "File"  # never the log: it is the steward's
+    assert pod["metadata"]["finalizers"] == [TRAINER_FINALIZER]
     assert container["resources"]["limits"] == {"cpu": "3", "memory": "2Gi", "nvidia.com/gpu": "2"}
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert container["terminationMessagePath"] == "/dev/termination-log"
@@ -121,13 +134,13 @@ def test_trainer_pod_environment_and_resources() -> None:
 
 
 def test_no_gpu_limit_without_gpus() -> None:
-    pod = trainer_pod(_job(), attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    pod = trainer_pod(_job(), dataset=None, contract=_contract(), settings=Settings())
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
 
 
 def test_dataset_claim_is_mounted_read_only() -> None:
     job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
-    pod = trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=dataset, settings=Settings())
+    pod = trainer_pod(job, dataset=dataset, contract=_contract(), settings=Settings())
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "cohort-data", "readOnly": True}
     mounts = {mount["name"]: mount for mount in pod["spec"]["containers"][0]["volumeMounts"]}
@@ -139,17 +152,28 @@ def test_kueue_labels_pass_through() -> None:
     document["metadata"].update(uid="u-1", namespace="ns", labels={"kueue.x-k8s.io/queue-name": "research"})
     job = parse_resource(document)
     assert isinstance(job, DPTrainingJob)
-    pod = trainer_pod(job, attempt=1, mechanism=MECHANISM, dataset=None, settings=Settings())
+    pod = trainer_pod(job, dataset=None, contract=_contract(), settings=Settings())
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
 
 
-def test_config_map_round_trips_through_the_api_models() -> None:
+def test_the_job_manifest_round_trips_through_the_api_models() -> None:
     job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
-    text = job_config_map(job, dataset)["data"]["job.yaml"]
+    text = job_manifest(job, dataset)
     documents = load_documents(text)
     assert [parse_resource(document).kind for document in documents] == ["DPTrainingJob", "PrivateDataset"]
     assert parse_resource(documents[0]).spec == job.spec  # type: ignore[union-attr]
     assert "status" not in yaml.safe_load_all(text).__next__()
+
+
+def test_child_names_never_collide_and_fit_a_dns_label() -> None:
+    long_a, long_b = "a" * 70 + "-one", "a" * 70 + "-two"  # the same first 63 characters
+    for name in (pod_name(long_a, 2), pod_name(long_b, 2), checkpoint_claim_name(long_a)):
+        assert len(name) <= 63 or name.endswith("checkpoint")
+    assert pod_name(long_a, 2) != pod_name(long_b, 2)
+    assert pod_name(long_a, 2).endswith("-attempt-2")
+    assert pod_name(long_a, 2) == pod_name(long_a, 2)  # deterministic
+    assert pod_name("short", 3) == "short-attempt-3"
+    assert checkpoint_claim_name("short") == "short-checkpoint"
 
 
 def test_settings_from_environment() -> None:

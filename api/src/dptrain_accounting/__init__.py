@@ -2,7 +2,7 @@
 
 DP-SGD training is described as a sequence of :class:`MechanismSegment` (runs of Poisson-subsampled
 Gaussian steps).  :func:`compute_epsilon` composes them with a registered accountant ("pld" by
-default, tight; "rdp", looser; the trainer registers Opacus' "prv"), and
+default, tight; "prv", Microsoft's prv_accountant, nearly as tight; "rdp", looser), and
 :func:`calibrate_noise_multiplier` finds the smallest noise that meets a target without ever
 overshooting it.  "gdp" is refused: it can under-report epsilon.
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from ._accountants import (
     PLD_DISCRETIZATION,
+    PLD_SAFETY_MARGIN,
+    PRV_EPS_ERROR,
     RDP_ORDERS,
     EpsilonFunction,
     available_accountants,
@@ -24,12 +26,15 @@ from ._accountants import (
 from ._calibration import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from ._errors import AccountingError, CalibrationError, UnsupportedAccountantError
 from ._mechanism import MechanismSegment, compact, plan_steps
-from ._plan import MechanismPlan, PlanError, plan_mechanism, training_set_size
+from ._plan import MAX_PLANNED_STEPS, MechanismPlan, PlanError, partitioned_epsilon, plan_mechanism, training_set_size
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
+    "MAX_PLANNED_STEPS",
     "MIN_NOISE_MULTIPLIER",
     "PLD_DISCRETIZATION",
+    "PLD_SAFETY_MARGIN",
+    "PRV_EPS_ERROR",
     "RDP_ORDERS",
     "AccountingError",
     "CalibrationError",
@@ -44,6 +49,7 @@ __all__ = [
     "compute_delta",
     "compute_epsilon",
     "get_accountant",
+    "partitioned_epsilon",
     "plan_mechanism",
     "plan_steps",
     "register_accountant",

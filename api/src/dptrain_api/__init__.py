@@ -22,6 +22,7 @@ from dptrain_api.contract import (
     Mechanism,
     PodEnv,
     Reason,
+    ReservedMechanisms,
     RunOutcome,
     TerminationMessage,
     TrainerMetric,
@@ -37,6 +38,7 @@ from dptrain_api.dataset import (
     PrivateDatasetStatus,
 )
 from dptrain_api.errors import DptrainApiError, ManifestError
+from dptrain_api.identity import dataset_identity, holdout_key, ledger_name, source_identity
 from dptrain_api.job import (
     Accountant,
     CheckpointSpec,
@@ -53,6 +55,13 @@ from dptrain_api.job import (
     RunPolicy,
     TrainingSpec,
 )
+from dptrain_api.ledger import (
+    BoundDataset,
+    BudgetChange,
+    PrivacyLedger,
+    PrivacyLedgerSpec,
+    PrivacyLedgerStatus,
+)
 from dptrain_api.manifests import (
     Resource,
     describe_validation_error,
@@ -60,17 +69,26 @@ from dptrain_api.manifests import (
     load_manifest_file,
     parse_resource,
 )
-from dptrain_api.planning import PlanInputs, declared_num_examples, plan_inputs
+from dptrain_api.planning import (
+    DEFAULT_EVAL_FRACTION,
+    PlanInputs,
+    declared_num_examples,
+    holdout_fraction,
+    plan_inputs,
+)
 
 __all__ = [
     "API_GROUP",
     "API_VERSION",
     "BUILTIN_DATASETS",
+    "DEFAULT_EVAL_FRACTION",
     "DEFAULT_TERMINATION_MESSAGE_PATH",
     "GROUP_VERSION",
     "MAX_TERMINATION_MESSAGE_BYTES",
     "PERMANENT_FAILURES",
     "Accountant",
+    "BoundDataset",
+    "BudgetChange",
     "BuiltinDataset",
     "BuiltinDatasetFacts",
     "CheckpointSpec",
@@ -96,6 +114,9 @@ __all__ = [
     "PlanInputs",
     "PodEnv",
     "PrivacyBudget",
+    "PrivacyLedger",
+    "PrivacyLedgerSpec",
+    "PrivacyLedgerStatus",
     "PrivacySpec",
     "PrivacyStatus",
     "PrivateDataset",
@@ -103,6 +124,7 @@ __all__ = [
     "PrivateDatasetStatus",
     "ProgressStatus",
     "Reason",
+    "ReservedMechanisms",
     "Resource",
     "ResourcesSpec",
     "RunOutcome",
@@ -111,10 +133,15 @@ __all__ = [
     "Toleration",
     "TrainerMetric",
     "TrainingSpec",
+    "dataset_identity",
     "declared_num_examples",
     "describe_validation_error",
+    "holdout_fraction",
+    "holdout_key",
+    "ledger_name",
     "load_documents",
     "load_manifest_file",
     "parse_resource",
     "plan_inputs",
+    "source_identity",
 ]

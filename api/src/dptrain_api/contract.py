@@ -26,6 +26,7 @@ __all__ = [
     "Mechanism",
     "PodEnv",
     "Reason",
+    "ReservedMechanisms",
     "RunOutcome",
     "TerminationMessage",
     "TrainerMetric",
@@ -46,7 +47,11 @@ class PodEnv(StrEnum):
     ATTEMPT = "DPTRAIN_ATTEMPT"
     """1 for the first trainer pod of a job, n for the n-th (a retry must find the journal of the earlier ones)."""
     RESERVED_MECHANISM = "DPTRAIN_RESERVED_MECHANISM"
-    """JSON :class:`Mechanism` the operator reserved in the dataset ledger; the trainer never runs more."""
+    """JSON :class:`ReservedMechanisms` the operator reserved in the dataset ledger; the trainer never runs more."""
+    DATASET_IDENTITY = "DPTRAIN_DATASET_IDENTITY"
+    """The dataset identity the job was admitted for; the trainer refuses to read any other."""
+    JOB_MANIFEST = "DPTRAIN_JOB_MANIFEST"
+    """The job (and its PrivateDataset) as YAML: part of the immutable pod spec, so nobody can swap it later."""
     METRICS_ADDRESS = "DPTRAIN_METRICS_ADDRESS"
     CPU_LIMIT = "DPTRAIN_CPU_LIMIT"
     TERMINATION_MESSAGE_PATH = "DPTRAIN_TERMINATION_MESSAGE_PATH"
@@ -65,6 +70,8 @@ class ExitCode(IntEnum):
     CHECKPOINT_UNUSABLE = 5
     """A damaged or lost privacy journal, or another job's checkpoint: retrying cannot help."""
     PRIVACY_BUDGET = 6
+    JOURNAL_LOST = 7
+    """A retry found no privacy journal: what earlier attempts spent is unknown, so nothing more may run."""
     INTERRUPTED = 130
     """SIGINT (128 + 2)."""
     TERMINATED = 143
@@ -91,6 +98,8 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     INVALID_DATASET = "InvalidDataset"
     INVALID_PLAN = "InvalidPlan"
+    PLAN_TIMEOUT = "PlanTimeout"
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"
     BUDGET_EXCEEDED = "BudgetExceeded"
     # running
     STARTED = "Started"
@@ -105,13 +114,25 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     CHECKPOINT_LOST = "CheckpointLost"
+    CHILD_NAME_TAKEN = "ChildNameTaken"
+    DELETED = "Deleted"
     INVALID_CONFIGURATION = "InvalidConfiguration"
     INVALID_DATA = "InvalidData"
     INVALID_MODEL = "InvalidModel"
     CHECKPOINT_UNUSABLE = "CheckpointUnusable"
     PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
+    JOURNAL_LOST = "JournalLost"
     # datasets
     BUDGET_TRACKED = "BudgetTracked"
+    BUDGET_SET = "BudgetSet"
+    BUDGET_RAISED = "BudgetRaised"
+    BUDGET_LOWERED = "BudgetLowered"
+    BUDGET_DELTA_CHANGED = "BudgetDeltaChanged"
+    BUDGET_BELOW_CHARGED = "BudgetBelowCharged"
+    HOLDOUT_CHANGED = "HoldoutChanged"
+    SOURCE_ALREADY_REGISTERED = "SourceAlreadyRegistered"
+    DATASET_DELETED = "DatasetDeleted"
+    JOBS_STILL_RUNNING = "JobsStillRunning"
 
 
 PERMANENT_FAILURES: Final[dict[ExitCode, Reason]] = {
@@ -120,6 +141,7 @@ PERMANENT_FAILURES: Final[dict[ExitCode, Reason]] = {
     ExitCode.INVALID_MODEL: Reason.INVALID_MODEL,
     ExitCode.CHECKPOINT_UNUSABLE: Reason.CHECKPOINT_UNUSABLE,
     ExitCode.PRIVACY_BUDGET: Reason.PRIVACY_BUDGET_EXHAUSTED,
+    ExitCode.JOURNAL_LOST: Reason.JOURNAL_LOST,
 }
 """Trainer exits that retrying cannot fix: the job fails at once with this reason."""
 
@@ -132,13 +154,17 @@ class TrainerMetric(StrEnum):
     DELTA = "dptrain_delta"
     NOISE_MULTIPLIER = "dptrain_noise_multiplier"
     SAMPLE_RATE = "dptrain_sample_rate"
-    TRAIN_LOSS = "dptrain_train_loss"
+    HOLDOUT_LOSS = "dptrain_holdout_loss"
+    """Held-out loss, released with DP (the training loss itself is never released)."""
     EVAL_ACCURACY = "dptrain_eval_accuracy"
+    """Held-out accuracy, released with DP."""
     EVAL_AUC = "dptrain_eval_auc"
+    """Held-out ROC AUC (binary tasks), released with DP."""
     EXAMPLES_PER_SECOND = "dptrain_examples_per_second"
     PROGRESS_RATIO = "dptrain_progress_ratio"
     PLANNED_STEPS = "dptrain_planned_steps"
     CHARGED_STEPS = "dptrain_charged_steps"
+    CHARGED_RELEASES = "dptrain_charged_releases"
     STEPS = "dptrain_steps"
     """A counter: exposed as ``dptrain_steps_total``."""
     ATTEMPT = "dptrain_attempt"
@@ -162,11 +188,20 @@ class Mechanism(ApiModel):
     """Number of steps."""
 
 
+class ReservedMechanisms(ApiModel):
+    """What the operator reserved for a job: DP-SGD steps on the training partition, and the Gaussian releases of
+    held-out metrics on the holdout (``sampleRate`` 1; none when the job releases none)."""
+
+    train: Mechanism
+    holdout: Mechanism | None = None
+
+
 class TerminationMessage(ApiModel):
     """What a trainer pod says when it ends (its termination message, compact JSON of at most 4096 bytes).
 
-    ``chargedSteps`` is what the write-ahead privacy journal proves was charged, over every attempt;
-    ``None`` means unknown, and the operator then keeps the whole reservation charged.
+    ``chargedSteps`` (DP-SGD steps) and ``chargedReleases`` (held-out metric releases) are what the write-ahead
+    privacy journal proves was charged, over every attempt; ``None`` means unknown, and the operator then keeps
+    the whole reservation charged. ``evalMetrics`` are the last DP-released held-out metrics.
     """
 
     # Trainers and operators of neighbouring releases may meet: ignore fields this side does not know.
@@ -191,6 +226,9 @@ class TerminationMessage(ApiModel):
     accountant: str | None = None
     max_grad_norm: float | None = None
     charged_steps: int | None = None
+    charged_releases: int | None = None
+    holdout_noise_multiplier: float | None = None
+    planned_releases: int | None = None
     steps_run: int | None = None
     attempts: int | None = None
     eval_metric: str | None = None
@@ -222,7 +260,7 @@ class TerminationMessage(ApiModel):
             text = encoded()
         if len(text.encode()) > limit:  # last resort: only the privacy numbers
             message.eval_metrics = {}
-            message.warnings = message.error = None
+            message.warnings = message.error = message.reason = None
             text = encoded()
         return text
 

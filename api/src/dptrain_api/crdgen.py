@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from dptrain_api.common import API_GROUP, API_VERSION
 from dptrain_api.dataset import PrivateDataset, PrivateDatasetSpec, PrivateDatasetStatus
 from dptrain_api.job import DPTrainingJob, DPTrainingJobSpec, DPTrainingJobStatus
+from dptrain_api.ledger import PrivacyLedger, PrivacyLedgerSpec, PrivacyLedgerStatus
 
 _DROPPED_KEYS = {"title", "examples", "$defs"}
 _RULES = "x-kubernetes-validations"
@@ -57,6 +58,7 @@ class ResourceDefinition:
     printer_columns: tuple[PrinterColumn, ...]
     categories: tuple[str, ...] = ("dptrain",)
     extra_required: tuple[str, ...] = field(default=())
+    scope: str = "Namespaced"
 
     @property
     def kind(self) -> str:
@@ -98,6 +100,23 @@ RESOURCES: tuple[ResourceDefinition, ...] = (
         short_names=("pds",),
         printer_columns=(
             PrinterColumn("Budget", ".spec.budget.epsilon", "number", "Total privacy budget (ε)"),
+            PrinterColumn("Spent", ".status.epsilonSpent", "number", "ε committed by finished jobs"),
+            PrinterColumn("Reserved", ".status.epsilonReserved", "number", "ε held by running jobs"),
+            PrinterColumn("Remaining", ".status.epsilonRemaining", "number", "ε still available"),
+            _AGE,
+        ),
+    ),
+    ResourceDefinition(
+        model=PrivacyLedger,
+        spec_model=PrivacyLedgerSpec,
+        status_model=PrivacyLedgerStatus,
+        plural="privacyledgers",
+        short_names=("pled",),
+        scope="Cluster",
+        printer_columns=(
+            PrinterColumn("Identity", ".spec.identity", "string", "The dataset identity the ledger keeps"),
+            PrinterColumn("Dataset", ".status.dataset.name", "string", "The PrivateDataset describing it now"),
+            PrinterColumn("Budget", ".status.budget.epsilon", "number", "Budget in force (ε)"),
             PrinterColumn("Spent", ".status.epsilonSpent", "number", "ε committed by finished jobs"),
             PrinterColumn("Reserved", ".status.epsilonReserved", "number", "ε held by running jobs"),
             PrinterColumn("Remaining", ".status.epsilonRemaining", "number", "ε still available"),
@@ -207,7 +226,7 @@ def custom_resource_definition(resource: ResourceDefinition) -> dict[str, Any]:
         },
         "spec": {
             "group": API_GROUP,
-            "scope": "Namespaced",
+            "scope": resource.scope,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",

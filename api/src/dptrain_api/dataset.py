@@ -9,6 +9,7 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
 from dptrain_api.common import GROUP_VERSION, BuiltinDataset, Condition, ObjectMeta, ResourceName
+from dptrain_api.contract import Mechanism
 
 
 class FeatureColumn(ApiModel):
@@ -106,9 +107,51 @@ class PrivacyBudget(ApiModel):
     """The total privacy loss the custodian allows for all jobs on this dataset together."""
 
     epsilon: Annotated[float, Field(gt=0, le=100)]
-    """Total ε for all jobs together, composed tightly (PLD), not summed."""
+    """Total ε for all jobs together, composed tightly (PLD), not summed. It may be raised; lowering it below what
+    is already charged is refused."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     """Total δ at which the composed ε is measured."""
+
+
+class LedgerEntry(ApiModel):
+    """One job's charge against a dataset: DP-SGD steps on the training partition and DP releases of held-out
+    metrics on the holdout, each a (composed) Gaussian mechanism; plus what the operator observed of the job."""
+
+    job_name: str
+    """DPTrainingJob name."""
+    job_namespace: str | None = None
+    """DPTrainingJob namespace."""
+    job_uid: str
+    """DPTrainingJob UID."""
+    state: Literal["Reserved", "Committed", "Refused"]
+    """Reserved while the job may run (charged at its full plan); Committed once final (charged at what its privacy
+    journal proves ran, or in full when that is unknown); Refused (charged nothing, never runs)."""
+    train: Mechanism | None = None
+    """DP-SGD steps: reserved (planned), or committed (charged)."""
+    holdout: Mechanism | None = None
+    """Releases of held-out metrics: reserved (planned), or committed (charged)."""
+    observed_steps: int = 0
+    """The most DP-SGD steps the operator has seen charged (scraped or reported); a commit is never lower."""
+    observed_releases: int = 0
+    """The most held-out releases the operator has seen charged."""
+    pods: int = 0
+    """Trainer pods created for the job (attempts)."""
+    settled_pods: list[str] = Field(default_factory=list)
+    """Trainer pods whose end the operator recorded."""
+    started_pods: int = 0
+    """Settled trainer pods whose container ran: every later pod must find their privacy journal."""
+    failed_pods: int = 0
+    """Settled trainer pods that failed (counted against the job's backoffLimit)."""
+    checkpoint_claim_uid: str | None = None
+    """UID of the job's checkpoint claim (a replaced claim means a lost journal)."""
+    outcome: str | None = None
+    """How the job ended (Succeeded, or the failure reason), once Committed or Refused."""
+    message: str | None = None
+    """Why the job was refused or how it ended."""
+    epsilon: float | None = None
+    """This entry alone at the budget's δ (for reading; the total is composed)."""
+    time: datetime | None = None
+    """When the entry was last changed."""
 
 
 class PrivateDatasetSpec(ApiModel):
@@ -129,10 +172,15 @@ class PrivateDatasetSpec(ApiModel):
     source: Annotated[DatasetSource, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
     """Where the data lives (immutable)."""
     num_examples: Annotated[int, Field(ge=1)] | None = None
-    """PUBLIC number of records (before the eval split). The plan uses it; the trainer refuses data of another size.
-    Required for file sources."""
+    """PUBLIC (approximate) number of records, before the holdout. The plan's sample rate uses it; the true count is
+    never checked nor reported (it is private). Required for file sources."""
     budget: PrivacyBudget
     """Total privacy budget."""
+    holdout_fraction: Annotated[
+        float, Field(ge=0, le=0.9, json_schema_extra={"x-kubernetes-validations": IMMUTABLE})
+    ] = 0.2
+    """Share of the records held out from training for evaluation, the same for every job (immutable): a record is
+    held out by a keyed hash of its own content, and held-out metrics are released with their own DP noise."""
 
     @model_validator(mode="after")
     def _file_needs_size(self) -> PrivateDatasetSpec:
@@ -141,38 +189,22 @@ class PrivateDatasetSpec(ApiModel):
         return self
 
 
-class LedgerEntry(ApiModel):
-    """One job's charge against the dataset: a Poisson-subsampled Gaussian mechanism."""
-
-    job_name: str
-    """DPTrainingJob name."""
-    job_uid: str
-    """DPTrainingJob UID."""
-    noise_multiplier: float
-    """σ."""
-    sample_rate: float
-    """q."""
-    steps: int
-    """Steps charged (reserved: planned; committed: proven to have run, crashed attempts included)."""
-    state: Literal["Reserved", "Committed"]
-    """Reserved while the job may still run; Committed once final."""
-    epsilon: float | None = None
-    """This entry alone, at the budget's δ (for reading; the total is composed tightly)."""
-    time: datetime | None = None
-    """When the entry was last changed."""
-
-
 class PrivateDatasetStatus(ApiModel):
-    """The privacy ledger, written by the operator."""
+    """A copy of the dataset's PrivacyLedger, for reading; the ledger itself (cluster-scoped, written by the
+    operator only) is the source of truth, so editing this status changes nothing."""
 
+    ledger_name: str | None = None
+    """Name of the cluster-scoped PrivacyLedger that keeps this dataset's budget."""
+    budget: PrivacyBudget | None = None
+    """The budget in force: spec.budget once the operator accepted it (it refuses one below what is charged)."""
     epsilon_spent: float | None = None
     """ε of all committed entries composed."""
     epsilon_reserved: float | None = None
     """ε of committed plus reserved entries composed, minus epsilonSpent."""
     epsilon_remaining: float | None = None
-    """budget.epsilon minus the composed ε of all entries."""
+    """The budget's ε minus the composed ε of all entries."""
     ledger: list[LedgerEntry] = Field(default_factory=list)
-    """Every job ever charged. Entries are never removed."""
+    """Every job ever charged (a copy of the PrivacyLedger's entries). Entries are never removed."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

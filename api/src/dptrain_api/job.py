@@ -115,6 +115,9 @@ class PrivacySpec(ApiModel):
     """pld (tightest, Google dp_accounting), prv (Opacus) or rdp (looser). All give valid upper bounds."""
     noise_multiplier: Annotated[float, Field(gt=0)] | None = None
     """Fix σ instead of calibrating it; the job is refused if the planned ε would exceed targetEpsilon."""
+    secure_noise: bool = True
+    """Draw each noise coordinate as the sum of four Gaussian draws (Opacus' secure_mode construction), which
+    defeats floating-point attacks on a single draw. Costs a little time (benchmarks/README.md)."""
 
 
 class TrainingSpec(ApiModel):
@@ -146,10 +149,15 @@ class TrainingSpec(ApiModel):
     """sgd only: momentum."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """L2 weight decay."""
-    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    """Share of the examples held out for evaluation (not trained on; eval metrics are not DP)."""
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """Share of the records held out for evaluation (never trained on), 0.2 when unset. A record is held out by a
+    keyed hash of its own content, so adding or removing one record moves no other. With a datasetRef the holdout
+    is the PrivateDataset's (spec.holdoutFraction): leave this unset or equal to it."""
+    eval_releases: Annotated[int, Field(ge=0, le=100)] = 4
+    """How many times held-out metrics (accuracy, loss, AUC) are released, with Gaussian noise paid from the
+    holdout's own privacy budget (evenly spaced; the last at the end). 0: none are released."""
     seed: Annotated[int, Field(ge=0)] | None = None
-    """Random seed for the split and initialisation. Noise always comes from a fresh system source."""
+    """Random seed for the initial weights. The split, the noise and the sampling never depend on it."""
 
     @model_validator(mode="after")
     def _physical_fits_logical(self) -> TrainingSpec:
@@ -257,11 +265,11 @@ class ProgressStatus(ApiModel):
     epoch: float | None = None
     """Epochs completed (fractional)."""
     loss: float | None = None
-    """Latest training loss (not differentially private)."""
+    """Latest held-out loss, released with differential privacy (clipped cross-entropy, Gaussian noise)."""
     eval_metric: str | None = None
     """Name of the evaluation metric (accuracy or auc)."""
     eval_value: float | None = None
-    """Latest evaluation metric on the held-out split (not differentially private)."""
+    """Latest held-out evaluation metric, released with differential privacy (Gaussian noise)."""
     percent: str | None = None
     """Progress as a percentage string, for kubectl get."""
     last_update_time: datetime | None = None
@@ -284,9 +292,9 @@ class DPTrainingJobStatus(ApiModel):
     """Training progress."""
     attempts: int | None = None
     """Trainer pods started so far (1 + retries)."""
-    checkpoint_claim_uid: str | None = None
-    """UID of the checkpoint claim the first attempt used. A replaced claim means the privacy journal of
-    earlier attempts is gone: the job fails (CheckpointLost) instead of retrying, and stays charged in full."""
+    ledger_name: str | None = None
+    """The cluster-scoped PrivacyLedger that keeps this job's charge (its trusted record: what this status shows
+    about attempts and ε is copied from there and from the trainer, never read back)."""
     start_time: datetime | None = None
     """When the first trainer pod was created."""
     completion_time: datetime | None = None

@@ -13,7 +13,9 @@ from dptrain_api.common import BUILTIN_DATASETS, BuiltinDataset
 from dptrain_api.dataset import PrivateDataset
 from dptrain_api.job import DPTrainingJob
 
-__all__ = ["PlanInputs", "declared_num_examples", "plan_inputs"]
+__all__ = ["DEFAULT_EVAL_FRACTION", "PlanInputs", "declared_num_examples", "holdout_fraction", "plan_inputs"]
+
+DEFAULT_EVAL_FRACTION = 0.2
 
 
 def declared_num_examples(job: DPTrainingJob, dataset: PrivateDataset | None) -> int:
@@ -28,6 +30,23 @@ def declared_num_examples(job: DPTrainingJob, dataset: PrivateDataset | None) ->
     return BUILTIN_DATASETS[builtin].num_examples
 
 
+def holdout_fraction(job: DPTrainingJob, dataset: PrivateDataset | None) -> float:
+    """The share of records held out: the PrivateDataset's (fixed per dataset), else the job's, else 0.2.
+
+    Raises ValueError when a job asks for another holdout than its PrivateDataset's.
+    """
+    asked = job.spec.training.eval_fraction
+    if dataset is None:
+        return DEFAULT_EVAL_FRACTION if asked is None else asked
+    fixed = dataset.spec.holdout_fraction
+    if asked is not None and asked != fixed:
+        raise ValueError(
+            f"training.evalFraction={asked:g} differs from the holdout of PrivateDataset {dataset.metadata.name!r} "
+            f"(spec.holdoutFraction={fixed:g}), which is fixed for every job on it; leave training.evalFraction unset"
+        )
+    return fixed
+
+
 @dataclass(frozen=True)
 class PlanInputs:
     """Keyword arguments of ``dptrain_accounting.plan_mechanism`` (hashable: plans are cached on them)."""
@@ -40,6 +59,7 @@ class PlanInputs:
     delta: float
     accountant: str
     noise_multiplier: float | None
+    eval_releases: int
 
     def as_kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,11 +70,12 @@ def plan_inputs(job: DPTrainingJob, dataset: PrivateDataset | None, *, num_examp
     spec = job.spec
     return PlanInputs(
         num_examples=declared_num_examples(job, dataset) if num_examples is None else num_examples,
-        eval_fraction=spec.training.eval_fraction,
+        eval_fraction=holdout_fraction(job, dataset),
         batch_size=spec.training.batch_size,
         epochs=spec.training.epochs,
         target_epsilon=spec.privacy.target_epsilon,
         delta=spec.privacy.delta,
         accountant=spec.privacy.accountant.value,
         noise_multiplier=spec.privacy.noise_multiplier,
+        eval_releases=spec.training.eval_releases,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dptrain_operator.kube import KubeApi
 from dptrain_operator.metrics import OperatorMetrics
 from dptrain_operator.settings import Settings
+from dptrain_operator.workers import AccountingWorkers
 
 
 @dataclass(frozen=True)
@@ -14,3 +15,4 @@ class OperatorContext:
     settings: Settings
     kube: KubeApi
     metrics: OperatorMetrics
+    workers: AccountingWorkers

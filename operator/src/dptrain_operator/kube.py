@@ -1,5 +1,5 @@
-"""A thin, typed wrapper over the Kubernetes API calls the operator makes (and nothing else: the Helm
-chart's RBAC test derives the ClusterRole from the verbs used here)."""
+"""A thin, typed wrapper over the Kubernetes API calls the operator makes (and nothing else: the Helm chart's
+RBAC test derives the ClusterRole from the verbs used here)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dptrain_api import API_GROUP, API_VERSION
 
 JOBS = "dptrainingjobs"
 DATASETS = "privatedatasets"
+LEDGERS = "privacyledgers"
 
 
 class ConflictError(Exception):
@@ -39,6 +40,21 @@ def _ignore(status: int, call: Callable[[], Any]) -> Any:
         raise
 
 
+def _precondition(name: str, call: Callable[[], Any]) -> dict[str, Any]:
+    """``call()``, a write carrying a resourceVersion: 409 becomes :class:`ConflictError`."""
+    try:
+        result: dict[str, Any] = call()
+    except ApiException as error:
+        if error.status == 409:
+            raise ConflictError(name) from None
+        raise
+    return result
+
+
+def _json(response: Any) -> dict[str, Any] | None:
+    return None if response is None else dict(json.loads(response.data))
+
+
 class KubeApi(Protocol):
     """Every API call the reconcilers make (the real :class:`Kube`, or an in-memory fake in unit tests)."""
 
@@ -47,11 +63,16 @@ class KubeApi(Protocol):
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]: ...
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
     def delete_job(self, namespace: str, name: str) -> None: ...
+    def get_ledger(self, name: str) -> dict[str, Any] | None: ...
+    def list_ledgers(self) -> list[dict[str, Any]]: ...
+    def create_ledger(self, manifest: dict[str, Any]) -> bool: ...
+    def replace_ledger_status(self, body: dict[str, Any]) -> dict[str, Any]: ...
     def create_if_absent(self, manifest: dict[str, Any]) -> bool: ...
     def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete_pod(self, namespace: str, name: str) -> None: ...
-    def delete_config_map(self, namespace: str, name: str) -> None: ...
-    def claim_uid(self, namespace: str, name: str) -> str | None: ...
+    def remove_pod_finalizer(self, pod: dict[str, Any], finalizer: str) -> None: ...
+    def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete_claim(self, namespace: str, name: str) -> None: ...
 
 
@@ -78,15 +99,12 @@ class Kube:
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """Write status only if nobody changed the dataset since `body` was read (resourceVersion precondition)."""
         metadata = body["metadata"]
-        try:
-            result: dict[str, Any] = self.custom.replace_namespaced_custom_object_status(
+        return _precondition(
+            metadata["name"],
+            lambda: self.custom.replace_namespaced_custom_object_status(
                 API_GROUP, API_VERSION, metadata["namespace"], DATASETS, metadata["name"], body
-            )
-        except ApiException as error:
-            if error.status == 409:
-                raise ConflictError(metadata["name"]) from None
-            raise
-        return result
+            ),
+        )
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         _ignore(
@@ -104,16 +122,42 @@ class Kube:
             ),
         )
 
+    # --- ledgers (cluster-scoped, the operator's own) ----------------------------------------------------
+    def get_ledger(self, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_cluster_custom_object(API_GROUP, API_VERSION, LEDGERS, name)
+        )
+        return found
+
+    def list_ledgers(self) -> list[dict[str, Any]]:
+        listed: dict[str, Any] = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, LEDGERS)
+        return list(listed.get("items", []))
+
+    def create_ledger(self, manifest: dict[str, Any]) -> bool:
+        """Create the ledger; False if it already exists."""
+        created = _ignore(
+            409, lambda: self.custom.create_cluster_custom_object(API_GROUP, API_VERSION, LEDGERS, manifest)
+        )
+        return created is not None
+
+    def replace_ledger_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Write the ledger's status only if nobody changed it since `body` was read."""
+        name = body["metadata"]["name"]
+        return _precondition(
+            name,
+            lambda: self.custom.replace_cluster_custom_object_status(API_GROUP, API_VERSION, LEDGERS, name, body),
+        )
+
     # --- children --------------------------------------------------------------------------
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object; False if it already exists (reconciliation is idempotent)."""
         namespace = manifest["metadata"]["namespace"]
         creators: dict[str, Callable[[], Any]] = {
             "Pod": lambda: self.core.create_namespaced_pod(namespace, manifest, _preload_content=False),
-            "ConfigMap": lambda: self.core.create_namespaced_config_map(namespace, manifest, _preload_content=False),
             "PersistentVolumeClaim": lambda: self.core.create_namespaced_persistent_volume_claim(
                 namespace, manifest, _preload_content=False
             ),
+            "Service": lambda: self.core.create_namespaced_service(namespace, manifest, _preload_content=False),
         }
         try:
             creators[manifest["kind"]]()
@@ -128,18 +172,39 @@ class Kube:
         items: list[dict[str, Any]] = json.loads(response.data)["items"]
         return items
 
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _json(_ignore(404, lambda: self.core.read_namespaced_pod(name, namespace, _preload_content=False)))
+
     def delete_pod(self, namespace: str, name: str) -> None:
         _ignore(404, lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False))
 
-    def delete_config_map(self, namespace: str, name: str) -> None:
-        _ignore(404, lambda: self.core.delete_namespaced_config_map(name, namespace, _preload_content=False))
+    def remove_pod_finalizer(self, pod: dict[str, Any], finalizer: str) -> None:
+        """Drop ``finalizer`` from the pod as read (a resourceVersion precondition keeps others' finalizers)."""
+        metadata = pod["metadata"]
+        kept = [item for item in metadata.get("finalizers") or [] if item != finalizer]
+        patch = {"metadata": {"finalizers": kept, "resourceVersion": metadata["resourceVersion"]}}
+        try:
+            # A JSON merge patch replaces the list (a strategic merge patch would merge it: finalizers are "merge").
+            self.core.patch_namespaced_pod(
+                metadata["name"],
+                metadata["namespace"],
+                patch,
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+            )
+        except ApiException as error:
+            if error.status == 409:
+                raise ConflictError(metadata["name"]) from None
+            if error.status != 404:
+                raise
 
-    def claim_uid(self, namespace: str, name: str) -> str | None:
-        response = _ignore(
-            404,
-            lambda: self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False),
+    def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _json(
+            _ignore(
+                404,
+                lambda: self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False),
+            )
         )
-        return None if response is None else str(json.loads(response.data)["metadata"]["uid"])
 
     def delete_claim(self, namespace: str, name: str) -> None:
         _ignore(

@@ -17,6 +17,7 @@ class TrainerSample:
     steps: int | None = None
     planned_steps: int | None = None
     charged_steps: int | None = None
+    charged_releases: int | None = None
     loss: float | None = None
     eval_metric: str | None = None
     eval_value: float | None = None
@@ -28,10 +29,11 @@ _GAUGES = {
     TrainerMetric.STEPS: "steps",
     TrainerMetric.PLANNED_STEPS: "planned_steps",
     TrainerMetric.CHARGED_STEPS: "charged_steps",
-    TrainerMetric.TRAIN_LOSS: "loss",
+    TrainerMetric.CHARGED_RELEASES: "charged_releases",
+    TrainerMetric.HOLDOUT_LOSS: "loss",
     TrainerMetric.EXAMPLES_PER_SECOND: "examples_per_second",
 }
-_INTEGERS = ("steps", "planned_steps", "charged_steps")
+_INTEGERS = ("steps", "planned_steps", "charged_steps", "charged_releases")
 
 
 def parse_metrics(text: str) -> TrainerSample:

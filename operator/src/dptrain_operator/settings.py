@@ -17,6 +17,11 @@ class Settings:
     """Namespaces to watch (comma-separated); empty = the whole cluster."""
     trainer_image: str = "ghcr.io/dptrain/trainer:0.1.0"
     """Default trainer image for jobs that set no spec.image."""
+    allowed_images: tuple[str, ...] = ()
+    """Other images (comma-separated; `repo@sha256:...` digests allowed) a job on a PrivateDataset may name in
+    spec.image. Any other image is refused: it would run code the ledger cannot trust next to the data."""
+    plan_timeout_seconds: float = 60.0
+    """The most one plan or ledger composition may take (in a worker process); longer ones fail the job."""
     image_pull_policy: str = "IfNotPresent"
     """imagePullPolicy of trainer containers."""
     metrics_port: int = 8000
@@ -27,6 +32,8 @@ class Settings:
     """Port the trainer pods serve metrics on (the operator scrapes it; Prometheus can too)."""
     scrape_interval: float = 5.0
     """Seconds between reconciliations of a running job (metrics scrape, pod check)."""
+    dataset_resync_seconds: float = 30.0
+    """Seconds between two copies of a ledger into its PrivateDataset's status."""
     trainer_service_account: str = "default"
     """ServiceAccount of trainer pods (its token is never mounted)."""
     trainer_run_as_user: int = 65532
@@ -35,8 +42,6 @@ class Settings:
     """Where the checkpoint volume is mounted in trainer pods."""
     data_mount_path: str = "/var/lib/dptrain/data"
     """Where a PrivateDataset's claim is mounted (read-only) in trainer pods."""
-    job_config_mount_path: str = "/etc/dptrain/job"
-    """Where the job ConfigMap is mounted in trainer pods."""
     scratch_mount_path: str = "/tmp"
     """Writable scratch emptyDir (the root filesystem is read-only)."""
 

@@ -173,9 +173,9 @@ class _RunCommand:
             job=job,
             example_count_source=_example_count_source(loaded),
         )
-        reserved = reserved_from_env()
-        data = load_data(job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir)
-        plan = self.report.plan = make_plan(job, num_examples=data.num_examples, reserved=reserved)
+        _check_admitted_identity(loaded)
+        # The plan uses public numbers only (the declared size); the data is read after the journal is open.
+        plan = self.report.plan = make_plan(job, dataset=loaded.dataset, reserved=reserved_from_env())
         self.exporter = PrometheusExporter(
             labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address
         )
@@ -185,9 +185,11 @@ class _RunCommand:
         with _graceful_signals(self.stop, self.received):
             result = train(
                 job,
-                data,
+                lambda: load_data(job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir),
                 plan,
                 workdir=output_dir,
+                dataset=loaded.dataset,
+                expect_journal=_attempt() > 1,
                 observers=[self.console, self.exporter, self.report],
                 stop_event=self.stop,
                 stop_exit_code=ExitCode.TERMINATED,
@@ -224,6 +226,27 @@ class _RunCommand:
             self.exporter.close()
 
 
+def _attempt() -> int:
+    """The operator's attempt number (1 outside a pod): a retry must find the journal of the earlier attempts."""
+    text = os.environ.get(PodEnv.ATTEMPT, "").strip()
+    try:
+        return int(text) if text else 1
+    except ValueError:
+        raise ConfigurationError(f"{PodEnv.ATTEMPT}={text!r} is not an attempt number") from None
+
+
+def _check_admitted_identity(loaded: LoadedManifest) -> None:
+    """In a pod: refuse to read any dataset but the one the operator admitted the job for."""
+    from dptrain_api import dataset_identity
+
+    admitted = os.environ.get(PodEnv.DATASET_IDENTITY, "").strip()
+    actual = dataset_identity(loaded.job, loaded.dataset)
+    if admitted and admitted != actual:
+        raise ConfigurationError(
+            f"this pod was admitted for dataset {admitted!r}, but its manifest names {actual!r}; refusing to read it"
+        )
+
+
 def _output_files(output_dir: Path) -> list[Path]:
     from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
     from dptrain.journal import JOURNAL_NAME
@@ -244,20 +267,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dptrain.plan import make_plan, reserved_from_env
+    from dptrain_api import declared_num_examples
 
     loaded = load_job_manifest(
         args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
     )
-    num_examples: int | None = None
-    if loaded.dataset is not None:
-        num_examples = loaded.dataset.spec.num_examples
-    if num_examples is None:
-        from dptrain.data import load_data
-
-        num_examples = load_data(
-            loaded.job.spec.dataset, private_dataset=loaded.dataset, base_dir=loaded.base_dir
-        ).num_examples
-    plan = make_plan(loaded.job, num_examples=num_examples, reserved=reserved_from_env())
+    num_examples = declared_num_examples(loaded.job, loaded.dataset)
+    plan = make_plan(loaded.job, dataset=loaded.dataset, reserved=reserved_from_env())
     if args.json:
         print(json.dumps({**plan.to_dict(), "epochs": plan.epochs, "examples": num_examples}))
         return 0
@@ -267,7 +283,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     table = Table(title=f"plan for {loaded.job.metadata.name or 'job'}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    table.add_row("examples", f"{num_examples} ({plan.train_size} train, {plan.eval_size} held out)")
+    table.add_row("examples (declared)", f"{num_examples} ({plan.train_size} train, {plan.eval_size} held out)")
     table.add_row("q (sample rate)", f"{plan.sample_rate:.6g} (batch {plan.batch_size})")
     table.add_row("steps", f"{plan.steps} ({plan.epochs:.3g} epochs)")
     source = "reserved" if plan.reserved else ("fixed" if loaded.job.spec.privacy.noise_multiplier else "calibrated")
@@ -275,6 +291,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     table.add_row(
         "planned ε", f"{format_up(plan.planned_epsilon, 5)} at δ={plan.delta:g} (target {plan.target_epsilon:g})"
     )
+    if plan.releases:
+        table.add_row(
+            "held-out releases", f"{plan.releases}, σ={format_up(plan.holdout_noise_multiplier or 0, 6)} (calibrated)"
+        )
     table.add_row("accountant", plan.accountant)
     table.add_row("clipping norm C", f"{plan.max_grad_norm:g}")
     Console().print(table)
@@ -282,7 +302,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_epsilon(args: argparse.Namespace) -> int:
-    from dptrain import prv
     from dptrain_accounting import (
         AccountingError,
         MechanismSegment,
@@ -291,7 +310,6 @@ def _cmd_epsilon(args: argparse.Namespace) -> int:
         plan_steps,
     )
 
-    prv.register()
     if args.sample_rate is not None and args.steps is not None:
         sample_rate, steps = float(args.sample_rate), int(args.steps)
     elif None not in (args.dataset_size, args.batch_size, args.epochs):

@@ -53,7 +53,7 @@ class ConsoleProgress:
                 TextColumn("[bold]training"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("holdout loss {task.fields[loss]}"),
                 TextColumn("ε {task.fields[eps]}/{task.fields[target]}"),
                 TextColumn("{task.fields[metric]}"),
                 TimeElapsedColumn(),
@@ -85,7 +85,8 @@ class ConsoleProgress:
             return
         if progress.checkpointed:
             self._line(
-                f"step {progress.step}/{progress.total_steps} epoch {progress.epoch:.2f} loss {_fmt(progress.loss)} "
+                f"step {progress.step}/{progress.total_steps} epoch {progress.epoch:.2f} "
+                f"holdout loss {_fmt(progress.loss)} "
                 f"ε {format_up(progress.epsilon_spent, 5)}/{self.plan.target_epsilon if self.plan else '?'} {metric} "
                 f"{progress.examples_per_second:.0f} ex/s"
             )
@@ -119,12 +120,18 @@ def print_summary(result: TrainingResult, *, output_dir: Path, files: Sequence[P
     )
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row("σ (noise multiplier)", format_up(plan.noise_multiplier, 5))
-    table.add_row("q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size})")
+    table.add_row("q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size} declared)")
     table.add_row("steps", f"{result.steps_run} run, {result.charged_steps} charged, {plan.steps} planned")
+    if plan.releases:
+        table.add_row(
+            "held-out releases",
+            f"{result.charged_releases} charged of {plan.releases}, "
+            f"σ={format_up(plan.holdout_noise_multiplier or 0, 5)}",
+        )
     table.add_row("accountant", plan.accountant)
     for name, value in sorted(result.eval_metrics.items()):
         marker = " (headline)" if name == result.eval_metric else ""
-        table.add_row(f"eval {name}{marker}", f"{value:.4f} (held-out, not DP)")
+        table.add_row(f"held-out {name}{marker}", f"{value:.4f} (released with DP)")
     table.add_row("clipping", f"{result.clipping_mode}, C={plan.max_grad_norm:g}")
     table.add_row("device", f"{result.device}, {result.threads} thread(s)")
     table.add_row("time", f"{result.elapsed_seconds:.1f} s")

@@ -3,12 +3,14 @@
 Every transformation here uses PUBLIC constants only (clinical bounds declared in code or in the
 PrivateDataset manifest). Nothing is fitted to the data: a mean, a median or a min/max taken from
 the private records would leak outside the privacy budget, which covers the DP-SGD steps only.
-Error messages name files, columns, row numbers and counts, but never echo a cell's value, because
-they end up in pod logs and Kubernetes status conditions.
+Error messages name files and columns, never a record's value, position or how many records there are:
+they end up in Kubernetes status conditions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +24,6 @@ from torch.utils.data import TensorDataset
 
 import dptrain_api
 from dptrain.errors import ConfigurationError, DataError
-from dptrain_accounting import PlanError, training_set_size
 from dptrain_api import BuiltinDataset, BuiltinDatasetFacts
 from dptrain_api.dataset import FileSource, PrivateDataset
 from dptrain_api.job import DatasetSpec
@@ -32,12 +33,14 @@ __all__ = [
     "DatasetInfo",
     "FeatureBounds",
     "PreparedData",
+    "holdout_mask",
     "load_builtin",
     "load_data",
     "load_file",
-    "train_eval_split",
-    "train_size",
+    "split_holdout",
 ]
+
+logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -305,18 +308,28 @@ def load_builtin(name: str) -> PreparedData:
 
 
 # --- files ---------------------------------------------------------------------------------------
+#
+# Only what holds for every neighbouring dataset may stop a run or appear in an error: a missing file or column is
+# a property of the file's schema, not of any record. A record whose values are unusable (not a number, missing,
+# infinite, a label out of range) is skipped: dropping it depends on that record alone, so training on what is left
+# is still DP with respect to adding or removing a record, and nothing outside the pod learns that it was there.
+# The pod log (which only the data's steward should read) says which columns had unusable values, and how many.
+
+
+def _unreadable(path: Path, file_format: str, error: Exception) -> DataError:
+    # Parser messages quote lines, positions and values of records: those go to the pod log only.
+    logger.warning("cannot read %s as %s: %s: %s", path, file_format, type(error).__name__, error)
+    return DataError(f"cannot read {path} as {file_format} (the pod log has the parser's message)")
 
 
 def _read_columns(path: Path, file_format: str, wanted: Sequence[str]) -> Any:
-    """Read the wanted columns as a DataFrame; DataError for unreadable, empty or column-less files."""
+    """Read the wanted columns as a DataFrame; DataError for a missing or unreadable file or missing columns."""
     import pandas as pd
 
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
         raise DataError(f"data file {path} is not a regular file")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
     try:
         if file_format == "parquet":
             import pyarrow.parquet as pq
@@ -326,55 +339,41 @@ def _read_columns(path: Path, file_format: str, wanted: Sequence[str]) -> Any:
             # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename column 1.
             available = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
     except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} is empty (no header row)") from None
+        raise DataError(f"data file {path} has no header row") from None
     except Exception as error:  # pandas/pyarrow raise many types for malformed files
-        raise DataError(f"cannot read {path} as {file_format}: {type(error).__name__}: {error}") from error
-
+        raise _unreadable(path, file_format, error) from None
     missing = [name for name in wanted if name not in available]
     if missing:
-        raise DataError(f"data file {path} lacks column(s) {missing} (it has {len(available)} columns)")
+        raise DataError(f"data file {path} lacks column(s) {missing}")
     try:
         if file_format == "parquet":
-            frame = pd.read_parquet(path, columns=list(wanted))
-        else:
-            # Strings keep every cell as written, so non-numeric values are found and reported below.
-            frame = pd.read_csv(path, usecols=list(wanted), dtype=str, keep_default_na=True, encoding="utf-8-sig")
+            return pd.read_parquet(path, columns=list(wanted))
+        # Strings keep every cell as written. A line with too many fields is a malformed record and is skipped
+        # (all columns are read: with `usecols` pandas would keep its first fields instead).
+        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig", on_bad_lines="skip")
+        return frame[list(wanted)]
     except Exception as error:
-        raise DataError(f"cannot read {path} as {file_format}: {type(error).__name__}: {error}") from error
-    if len(frame) == 0:
-        raise DataError(f"data file {path} has no data rows (only a header)")
-    return frame
+        raise _unreadable(path, file_format, error) from None
 
 
-def _numeric_column(path: Path, frame: Any, column: str, role: str) -> FloatArray:
-    """One column as float64; DataError naming the column and the first non-numeric row."""
+def _numeric_column(frame: Any, column: str) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+    """One column as float64, and which rows hold a usable (finite) number."""
     import pandas as pd
 
     raw = frame[column]
     if pd.api.types.is_numeric_dtype(raw):  # Parquet numbers and booleans (nullable ones included)
         values = np.asarray(raw.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
-    else:  # CSV strings, or Parquet text/mixed/categorical columns
-        objects = raw.astype(object)
-        numeric = pd.to_numeric(objects, errors="coerce")
-        bad = numeric.isna() & objects.notna()
-        if bad.any():
-            positions = np.flatnonzero(bad.to_numpy())
-            raise DataError(
-                f"data file {path}: {role} column {column!r} has {len(positions)} non-numeric value(s), "
-                f"first at data row {int(positions[0]) + 1} (rows counted from 1, header excluded)"
-            )
+    else:  # CSV strings, or Parquet text/mixed/categorical columns: what does not parse becomes NaN
+        numeric = pd.to_numeric(raw.astype(object), errors="coerce")
         values = np.asarray(numeric.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
-    missing = int(np.isnan(values).sum())
-    if missing:
-        raise DataError(f"data file {path}: {role} column {column!r} has {missing} missing (NaN) value(s)")
-    infinite = int(np.isinf(values).sum())
-    if infinite:
-        raise DataError(f"data file {path}: {role} column {column!r} has {infinite} infinite value(s)")
-    return values
+    return values, np.isfinite(values)
 
 
 def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
-    """Load a CSV or Parquet file at ``base_dir / source.path``: clip to the declared bounds, scale to [0, 1]."""
+    """Load a CSV or Parquet file at ``base_dir / source.path``: clip to the declared bounds, scale to [0, 1].
+
+    Records with an unusable value are skipped (see above); the pod log counts them per column.
+    """
     path = Path(base_dir) / source.path
     bounds = tuple(FeatureBounds(f.name, f.min, f.max) for f in source.features)
     names = [b.name for b in bounds]
@@ -383,27 +382,23 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
     if source.label_column in names:
         raise ConfigurationError(f"{source.path}: label column {source.label_column!r} is also listed as a feature")
     frame = _read_columns(path, source.format, [*names, source.label_column])
-
-    values = np.column_stack([_numeric_column(path, frame, name, "feature") for name in names])
-    raw_labels = _numeric_column(path, frame, source.label_column, "label")
-    fractional = np.flatnonzero(raw_labels != np.round(raw_labels))
-    if fractional.size:
-        raise DataError(
-            f"data file {path}: label column {source.label_column!r} has {fractional.size} non-integer value(s), "
-            f"first at data row {int(fractional[0]) + 1}"
-        )
-    outside = np.flatnonzero((raw_labels < 0) | (raw_labels >= source.num_classes))
-    if outside.size:
-        raise DataError(
-            f"data file {path}: label column {source.label_column!r} has {outside.size} value(s) outside "
-            f"[0, {source.num_classes}) (numClasses={source.num_classes}), first at data row {int(outside[0]) + 1}"
-        )
-    # A class that never occurs is fine: the class set is public metadata, its frequency is not.
-    scaled = _scale(values, bounds)
+    columns = [_numeric_column(frame, name) for name in names]
+    labels, usable_label = _numeric_column(frame, source.label_column)
+    with np.errstate(invalid="ignore"):
+        usable_label &= (labels == np.round(labels)) & (labels >= 0) & (labels < source.num_classes)
+    usable = usable_label.copy()
+    skipped: dict[str, int] = {}
+    for name, (_, ok) in zip([*names, source.label_column], [*columns, (labels, usable_label)], strict=True):
+        usable &= ok
+        if not ok.all():
+            skipped[name] = int((~ok).sum())
+    if skipped:  # the pod log only: counts of unusable values are statistics of private records
+        logger.warning("%s: skipped records with unusable values (column: records) %s", path, skipped)
+    values = np.column_stack([values for values, _ in columns])[usable] if names else np.zeros((0, 0))
     return PreparedData(
         name=source.path,
-        features=torch.from_numpy(scaled.astype(np.float32)),
-        labels=torch.from_numpy(raw_labels.astype(np.int64)),
+        features=torch.from_numpy(_scale(values, bounds).astype(np.float32)),
+        labels=torch.from_numpy(labels[usable].astype(np.int64)),
         num_classes=source.num_classes,
         input_shape=(len(bounds),),
         # AUC for binary outcomes: clinical outcomes are usually rare, and accuracy hides that.
@@ -415,7 +410,11 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
 def load_data(
     spec: DatasetSpec, *, private_dataset: PrivateDataset | None = None, base_dir: Path = Path(".")
 ) -> PreparedData:
-    """The job's data: a builtin, or the source of the PrivateDataset that ``spec.dataset_ref`` names."""
+    """The job's data: a builtin, or the source of the PrivateDataset that ``spec.dataset_ref`` names.
+
+    The number of records is never compared with the declared ``numExamples`` (it is private): the plan
+    samples each record at the planned rate however many there are.
+    """
     if spec.builtin is not None:
         return load_builtin(spec.builtin)
     if spec.dataset_ref is None:
@@ -426,48 +425,42 @@ def load_data(
     actual = private_dataset.metadata.name
     if actual != wanted:
         raise ConfigurationError(f"dataset.datasetRef names PrivateDataset {wanted!r}, but the one given is {actual!r}")
-
     source = private_dataset.spec.source
     if source.builtin is not None:
         data = load_builtin(source.builtin)
-        where = f"builtin {source.builtin}"
     elif source.file is not None:
         data = load_file(source.file, base_dir=base_dir)
-        where = str(Path(base_dir) / source.file.path)
     else:
         raise ConfigurationError(f"PrivateDataset {wanted!r}: set exactly one of source.builtin or source.file")
-
-    declared = private_dataset.spec.num_examples
-    if declared is not None and declared != data.num_examples:
-        # The sampling rate, hence ε, was planned from the declared public size.
-        raise DataError(
-            # The true count is itself private (add/remove-one neighbours): say that it differs, not what it is.
-            f"PrivateDataset {wanted!r} declares numExamples={declared}, but {where} holds a different number "
-            "of rows; the privacy plan was made for the declared size: fix numExamples or the data"
-        )
     return replace(data, name=wanted)
 
 
 # --- split ---------------------------------------------------------------------------------------
 
 
-def train_size(num_examples: int, eval_fraction: float) -> int:
-    """Training examples left after the eval hold-out: the shared planning function, so the operator's
-    reservation and the trainer's sampling rate agree exactly."""
-    try:
-        return training_set_size(num_examples, eval_fraction)
-    except PlanError as error:
-        raise ConfigurationError(str(error)) from None
+def holdout_mask(data: PreparedData, *, fraction: float, key: bytes) -> torch.Tensor:
+    """Which records are held out: those whose keyed hash of their own content falls below ``fraction``.
+
+    A record's side depends on that record (and the dataset's key) alone, never on the other records, their
+    number or their order: adding or removing one record moves no other between training and holdout.
+    """
+    count = data.num_examples
+    if fraction <= 0.0 or count == 0:
+        return torch.zeros(count, dtype=torch.bool)
+    features = data.features.reshape(count, -1).to(torch.float32).contiguous().numpy()
+    labels = data.labels.to(torch.int64).numpy()
+    threshold = int(fraction * 2**64)
+    held_out = [
+        int.from_bytes(hashlib.blake2b(row.tobytes() + label.tobytes(), key=key[:64], digest_size=8).digest(), "little")
+        < threshold
+        for row, label in zip(features, labels, strict=True)
+    ]
+    return torch.tensor(held_out, dtype=torch.bool)
 
 
-def train_eval_split(data: PreparedData, *, eval_fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """A seeded random split into (train, eval) TensorDatasets of (features, labels)."""
-    total = data.num_examples
-    n_train = train_size(total, eval_fraction)
-    # A private generator: the split must not depend on (or disturb) the global RNG.
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=generator)
-    eval_idx, train_idx = order[: total - n_train], order[total - n_train :]
-    train = TensorDataset(data.features[train_idx], data.labels[train_idx])
-    evaluation = TensorDataset(data.features[eval_idx], data.labels[eval_idx])
-    return train, evaluation
+def split_holdout(data: PreparedData, *, fraction: float, key: bytes) -> tuple[TensorDataset, TensorDataset]:
+    """(training, holdout) TensorDatasets of (features, labels), by :func:`holdout_mask`."""
+    held_out = holdout_mask(data, fraction=fraction, key=key)
+    train = TensorDataset(data.features[~held_out], data.labels[~held_out])
+    holdout = TensorDataset(data.features[held_out], data.labels[held_out])
+    return train, holdout

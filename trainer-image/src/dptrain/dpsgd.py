@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain.errors import ModelError
+from dptrain.independence import reused_modules
 from dptrain.models import supports_ghost_clipping
 
 __all__ = ["PoissonSampler", "PrivateTraining", "auto_clipping_mode", "make_optimizer", "make_private_training"]
@@ -58,10 +59,14 @@ def make_optimizer(parameters: Any, training: Any) -> torch.optim.Optimizer:
     raise ModelError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 
-def auto_clipping_mode(model: nn.Module) -> str:
-    """The fastest clipping mode that is exact for ``model`` (benchmarks/step_time.py)."""
+def auto_clipping_mode(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
+    """The fastest clipping mode that is exact for ``model`` (benchmarks/step_time.py). Tied weights or a layer
+    called twice per forward pass need Opacus' hooks mode: it sums a shared parameter's per-example gradients
+    over its uses before clipping, the other modes would clip each use apart (or refuse)."""
     from dptrain.bookkeeping import supports_bookkeeping
 
+    if input_shape is not None and reused_modules(model, input_shape):
+        return "hooks"
     if supports_bookkeeping(model):
         return "bookkeeping"
     return "ghost" if supports_ghost_clipping(model) else "hooks"
@@ -79,11 +84,9 @@ class PrivateTraining:
     steps_taken: list[int] = field(default_factory=lambda: [0])
     """steps_taken[0] counts optimizer steps that added noise (one per logical batch)."""
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One DP-SGD step on a logical batch; returns (sum of the batch's losses, batch size)."""
-        size = len(labels)
-        starts = list(range(0, size, self.physical_batch_size)) or [0]  # an empty batch: one empty pass
-        loss_sum = 0.0
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """One DP-SGD step on a logical batch. Its loss is not read: it is a statistic of private records."""
+        starts = list(range(0, len(labels), self.physical_batch_size)) or [0]  # an empty batch: one empty pass
         for index, start in enumerate(starts):
             stop = start + self.physical_batch_size
             loss = self.criterion(self.model(features[start:stop]), labels[start:stop])
@@ -93,8 +96,6 @@ class PrivateTraining:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.item()) * len(labels[start:stop])
-        return loss_sum, size
 
 
 def _opacus_wrap(
@@ -144,15 +145,19 @@ def make_private_training(
     physical_batch_size: int,
     noise_generator: torch.Generator | None,
     clipping_mode: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    secure_noise: bool = True,
 ) -> PrivateTraining:
     """Wrap for DP-SGD: per-example clipping at ``max_grad_norm``, noise σ·C, mean over the expected batch.
 
     ``clipping_mode``: "bookkeeping" (Linear-only models, dptrain.bookkeeping), or Opacus' "ghost" /
-    "hooks"; automatic by default (the fastest that is exact for the model).
+    "hooks"; automatic by default (the fastest that is exact for the model, given ``input_shape``).
+    ``secure_noise`` draws each noise coordinate as Opacus' secure_mode does (four draws), which defeats the
+    floating-point attacks on a single Gaussian draw; it needs no torchcsprng.
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError("the model has no trainable parameters")
-    mode = clipping_mode or auto_clipping_mode(model)
+    mode = clipping_mode or auto_clipping_mode(model, input_shape)
     if mode not in CLIPPING_MODES:
         raise ModelError(f"unknown clipping mode {mode!r}; use one of {', '.join(CLIPPING_MODES)}")
     if mode == "bookkeeping":
@@ -180,6 +185,7 @@ def make_private_training(
         )
     # Mean reduction divides the noised sum by the EXPECTED batch size q·n (data-independent).
     private_optimizer.expected_batch_size = expected_batch_size
+    private_optimizer.secure_mode = secure_noise
     private = PrivateTraining(
         model=private_model,
         optimizer=private_optimizer,

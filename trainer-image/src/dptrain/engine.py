@@ -10,6 +10,10 @@ finish; the local CLI drives it through :func:`train`. Privacy invariants (each 
   A crash mid-chunk leaves the chunk charged; the resumed run continues from the checkpoint and
   charges its steps again, so it ends up to one chunk early per crash.
 * The journal never charges more than ``plan.steps`` in total, so the final ε is at most ε(plan).
+* Held-out metrics leave the run only as DP releases (:mod:`dptrain.evaluation`), each charged to the
+  holdout partition before it is computed; the training loss is never read.
+* A retry (attempt > 1) that finds no journal fails (:class:`JournalLostError`) instead of starting a
+  fresh one: what the earlier attempts spent would be lost.
 * The reported ε is the journal's composition (the plan's accountant, never Opacus' GDP), i.e.
   a valid upper bound for everything that ran, crashed attempts included.
 * Noise and sampling come from generators seeded freshly from the OS on every attempt (never from
@@ -22,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import random
 import threading
 import time
@@ -30,11 +33,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.checkpoint import (
@@ -49,28 +50,29 @@ from dptrain.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from dptrain.data import PreparedData, train_eval_split
+from dptrain.data import PreparedData, split_holdout
 from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
-from dptrain.errors import DataError, JournalError, TrainingInterrupted
+from dptrain.errors import JournalError, JournalLostError, TrainingInterrupted
+from dptrain.evaluation import dp_release, release_schedule
 from dptrain.events import FailureObserver, Progress, TrainingObserver, TrainingResult
-from dptrain.journal import JOURNAL_NAME, PrivacyJournal, workdir_lock
+from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, workdir_lock
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan
 from dptrain.runtime import configure_threads, fresh_generator, select_device
-from dptrain_accounting import MechanismSegment
-from dptrain_api import DPTrainingJob, ExitCode
+from dptrain_api import DPTrainingJob, ExitCode, PrivateDataset, dataset_identity, holdout_key
 
-__all__ = ["TrainingRun", "evaluate", "resolve_seed", "train"]
+__all__ = ["DataSource", "TrainingRun", "resolve_seed", "train"]
 
 logger = logging.getLogger(__name__)
 
-_EVAL_BATCH: Final = 4096
+DataSource = PreparedData | Callable[[], PreparedData]
+"""The data, or how to load it (after the journal is opened, so a retry fails closed before reading any data)."""
 
 
 def resolve_seed(job: DPTrainingJob) -> int:
     """The job's seed, else one derived from the job's fingerprint (stable across attempts of one job).
 
-    It drives the train/eval split and the initial weights only, never the DP noise or sampling.
+    It drives the initial weights only, never the split, the DP noise or the sampling.
     """
     seed = job.spec.training.seed
     if seed is not None:
@@ -78,42 +80,12 @@ def resolve_seed(job: DPTrainingJob) -> int:
     return int(hashlib.sha256(job_fingerprint(job).encode()).hexdigest()[:15], 16)
 
 
-def evaluate(model: nn.Module, eval_set: TensorDataset, *, num_classes: int, device: torch.device) -> dict[str, float]:
-    """accuracy, loss, and auc (binary tasks with both classes present) on the held-out split. NOT DP."""
-    features, labels = eval_set.tensors
-    if len(labels) == 0:
-        return {}
-    module = unwrap_model(model)
-    was_training = module.training
-    module.eval()
-    logits = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(labels), _EVAL_BATCH):
-                batch = features[start : start + _EVAL_BATCH].to(device)
-                logits.append(module(batch).float().cpu())
-    finally:
-        module.train(was_training)
-    scores = torch.cat(logits)
-    targets = labels.cpu()
-    metrics = {
-        "accuracy": float((scores.argmax(dim=1) == targets).float().mean()),
-        "loss": float(nn.functional.cross_entropy(scores, targets)),
-    }
-    if num_classes == 2 and len(torch.unique(targets)) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        probabilities = torch.softmax(scores, dim=1)[:, 1].numpy()
-        metrics["auc"] = float(roc_auc_score(targets.numpy(), probabilities))
-    return metrics
-
-
 class TrainingRun:
     """One attempt of a job's training, resumable from ``workdir``'s checkpoint and charged through its journal.
 
     Use as a context manager (it holds the output folder's lock): :meth:`open`, then :meth:`start`,
     :meth:`run_chunk` until :attr:`done`, then :meth:`finish`. Every chunk is charged in the journal
-    before it runs and checkpointed after.
+    before it runs and checkpointed after; held-out metrics are released (and charged) at the scheduled steps.
     """
 
     def __init__(
@@ -128,8 +100,9 @@ class TrainingRun:
         observers: Sequence[TrainingObserver],
         device: torch.device,
         threads: int,
-        clipping_mode: str | None,
-        base_dir: Path | None,
+        holdout_key: bytes,
+        clipping_mode: str | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.job, self.data, self.plan, self.workdir, self.journal = job, data, plan, workdir, journal
         self.observers = list(observers)
@@ -141,9 +114,13 @@ class TrainingRun:
         self.checkpointed_step = self.step
         self.history: list[dict[str, float]] = list(checkpoint.history) if checkpoint is not None else []
         self.eval_metrics: dict[str, float] = dict(checkpoint.eval_metrics) if checkpoint is not None else {}
-        self.train_set, self.eval_set = self._split()
+        self.train_set, self.holdout_set = split_holdout(data, fraction=plan.holdout_fraction, key=holdout_key)
+        if device.type != "cpu":
+            self.train_set = TensorDataset(*(t.to(device) for t in self.train_set.tensors))
         self.private, self.model_warnings = self._build(checkpoint, clipping_mode, base_dir)
         self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, generator=fresh_generator())
+        self.release_noise = fresh_generator()
+        self.schedule = release_schedule(steps=plan.steps, releases=plan.releases)
         self._lock: contextlib.ExitStack | None = None
 
     # --- preparing -----------------------------------------------------------------------------------
@@ -152,25 +129,30 @@ class TrainingRun:
     def open(
         cls,
         job: DPTrainingJob,
-        data: PreparedData,
+        data: DataSource,
         plan: TrainingPlan,
         *,
         workdir: Path,
+        dataset: PrivateDataset | None = None,
+        expect_journal: bool = False,
         observers: Sequence[TrainingObserver] = (),
         device: torch.device | None = None,
         clipping_mode: str | None = None,
         base_dir: Path | None = None,
     ) -> TrainingRun:
-        """Lock ``workdir``, open (or create) its journal, load its checkpoint and build the model."""
+        """Lock ``workdir``, open (or create) its journal, load its checkpoint, then the data, and build the model.
+
+        ``expect_journal`` (a retry): a missing journal is :class:`JournalLostError`, never a fresh start.
+        """
         workdir = Path(workdir)
         threads = configure_threads()
         lock = contextlib.ExitStack()
         lock.enter_context(workdir_lock(workdir))
         try:
-            journal, checkpoint = _open_journal(job, plan, workdir)
+            journal, checkpoint = _open_journal(job, plan, workdir, expect_journal=expect_journal)
             run = cls(
                 job=job,
-                data=data,
+                data=data() if callable(data) else data,
                 plan=plan,
                 workdir=workdir,
                 journal=journal,
@@ -178,6 +160,7 @@ class TrainingRun:
                 observers=observers,
                 device=select_device(device),
                 threads=threads,
+                holdout_key=holdout_key(dataset_identity(job, dataset)),
                 clipping_mode=clipping_mode,
                 base_dir=base_dir,
             )
@@ -186,18 +169,6 @@ class TrainingRun:
             raise
         run._lock = lock
         return run
-
-    def _split(self) -> tuple[TensorDataset, TensorDataset]:
-        seed = resolve_seed(self.job)
-        train_set, eval_set = train_eval_split(self.data, eval_fraction=self.job.spec.training.eval_fraction, seed=seed)
-        if len(train_set) != self.plan.train_size:
-            raise DataError(
-                f"the data has {len(train_set)} training examples but the plan was made for {self.plan.train_size}; "
-                "the sample rate would differ from the one charged"
-            )
-        if self.device.type != "cpu":
-            train_set = TensorDataset(*(t.to(self.device) for t in train_set.tensors))
-        return train_set, eval_set
 
     def _build(
         self, checkpoint: Checkpoint | None, clipping_mode: str | None, base_dir: Path | None
@@ -225,6 +196,8 @@ class TrainingRun:
             physical_batch_size=plan.physical_batch_size,
             noise_generator=fresh_generator(self.device),
             clipping_mode=clipping_mode,
+            input_shape=self.data.input_shape,
+            secure_noise=spec.privacy.secure_noise,
         )
         if checkpoint is not None:
             private.optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -253,6 +226,10 @@ class TrainingRun:
         """True once the journal has charged every planned step (nothing more may run)."""
         return self.journal.charged_steps >= self.plan.steps
 
+    def epsilon(self) -> float:
+        """ε of everything the journal charged (both partitions), by the plan's accountant."""
+        return self.journal.epsilon(self.plan.delta, self.plan.accountant)
+
     def start(self) -> None:
         """Tell the observers where this attempt starts."""
         if self.resumed_from_step or self.journal.charged_steps:
@@ -266,47 +243,61 @@ class TrainingRun:
         for observer in self.observers:
             observer.on_start(self.plan, resumed_from_step=self.resumed_from_step, attempt=self.attempt)
 
-    def run_step(self) -> float:
-        """One DP-SGD step on a fresh Poisson batch; returns the batch's mean loss (NaN when it is empty)."""
+    def run_step(self) -> None:
+        """One DP-SGD step on a fresh Poisson batch."""
         index = self.sampler.next_batch().to(self.train_set.tensors[0].device)
         features, labels = (tensor[index].to(self.device, non_blocking=True) for tensor in self.train_set.tensors)
         taken = self.private.steps_taken[0]
-        loss_sum, count = self.private.step(features, labels)
+        self.private.step(features, labels)
         if self.private.steps_taken[0] != taken + 1:  # pragma: no cover - defensive: one noise draw per step
             raise RuntimeError("the optimizer did not take exactly one noisy step")
         self.step += 1
-        return loss_sum / count if count else math.nan
 
     def run_chunk(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Charge the next chunk in the journal, then run it; True if it ran to its end (else ``stop`` fired)."""
-        chunk = min(self.job.spec.checkpoint.every_steps, self.plan.steps - self.journal.charged_steps)
+        chunk = min(self.job.spec.checkpoint.every_steps, self.journal.remaining(TRAIN))
         if chunk <= 0:
             return True
         # Write-ahead: the chunk is durably charged before any of its steps runs.
-        self.journal.append_intent(
-            MechanismSegment(self.plan.noise_multiplier, self.plan.sample_rate, chunk),
-            attempt=self.attempt,
-            start_step=self.step,
-        )
-        spent = self.journal.epsilon(self.plan.delta, self.plan.accountant)
+        self.journal.append_intent(chunk, attempt=self.attempt, start_step=self.step)
+        spent = self.epsilon()
         chunk_started = time.monotonic()
         for index in range(chunk):
             if stop():  # a signal arrived between steps: run no further step
                 return False
-            loss = self.run_step()
-            self.history.append({"step": float(self.step), "epsilon": spent, "loss": loss})
+            self.run_step()
+            self.history.append({"step": float(self.step), "epsilon": spent})
             last = index == chunk - 1 or stop()
             if last:
-                self.evaluate()
+                if self._release_due():
+                    self.release()
+                    spent = self.epsilon()
                 self.save_checkpoint()
             elapsed = max(time.monotonic() - chunk_started, 1e-9)
-            self._notify_step(loss, spent, examples_per_second=self.plan.batch_size * (index + 1) / elapsed, last=last)
+            self._notify_step(spent, examples_per_second=self.plan.batch_size * (index + 1) / elapsed, last=last)
         return True
 
-    def evaluate(self) -> None:
-        self.eval_metrics = evaluate(
-            self.private.model, self.eval_set, num_classes=self.data.num_classes, device=self.device
+    def _release_due(self) -> bool:
+        released = self.journal.charged_releases
+        return (
+            self.journal.remaining(HOLDOUT) > 0
+            and released < len(self.schedule)
+            and (self.step >= self.schedule[released] or self.done)
         )
+
+    def release(self) -> None:
+        """Release the held-out metrics with DP: charge one release to the holdout partition, then compute it."""
+        self.journal.append_intent(1, attempt=self.attempt, start_step=self.step, partition=HOLDOUT)
+        assert self.plan.holdout_noise_multiplier is not None  # a holdout partition exists in the journal
+        self.eval_metrics = dp_release(
+            self.private.model,
+            self.holdout_set,
+            num_classes=self.data.num_classes,
+            noise_multiplier=self.plan.holdout_noise_multiplier,
+            generator=self.release_noise,
+            device=self.device,
+        )
+        self.history.append({"step": float(self.step), "epsilon": self.epsilon(), "released": 1.0, **self.eval_metrics})
 
     def save_checkpoint(self) -> None:
         """Write the checkpoint (atomically): model, optimizer, step, RNG states and where the journal stood."""
@@ -329,17 +320,18 @@ class TrainingRun:
         self.checkpointed_step = self.step
         logger.debug("checkpoint at step %d (%d steps charged)", self.step, self.journal.charged_steps)
 
-    def _notify_step(self, loss: float, spent: float, *, examples_per_second: float, last: bool) -> None:
+    def _notify_step(self, spent: float, *, examples_per_second: float, last: bool) -> None:
         progress = Progress(
             step=self.step,
             total_steps=self.plan.steps,
             epoch=self.step * self.plan.sample_rate,
-            loss=loss,
+            loss=self.eval_metrics.get("loss"),
             epsilon_spent=spent,
             eval_metric=self.data.eval_metric,
             eval_value=self.eval_metrics.get(self.data.eval_metric),
             examples_per_second=examples_per_second,
             charged_steps=self.journal.charged_steps,
+            charged_releases=self.journal.charged_releases,
             attempt=self.attempt,
             checkpointed=last,
             eval_metrics=dict(self.eval_metrics),
@@ -352,7 +344,6 @@ class TrainingRun:
     def interrupt(self, exit_code: int) -> TrainingInterrupted:
         """Checkpoint what ran since the last checkpoint; the error to raise for a requested stop."""
         if self.checkpointed_step != self.step:
-            self.evaluate()
             self.save_checkpoint()
         return TrainingInterrupted(
             f"stopped by a signal after step {self.step} of {self.plan.steps}; checkpointed, and the journal already "
@@ -362,9 +353,10 @@ class TrainingRun:
         )
 
     def finish(self) -> TrainingResult:
-        """Export the model and report the result (ε of everything the journal charged)."""
-        if self.step == self.resumed_from_step and self.resumed_from_step and not self.eval_metrics:
-            self.evaluate()
+        """Release held-out metrics if none was, export the model and report the result."""
+        if self.journal.remaining(HOLDOUT) > 0 and not self.eval_metrics:  # at least one release of a final model
+            self.release()
+            self.save_checkpoint()
         run_warnings = list(self.model_warnings)
         if self.step < self.plan.steps:
             message = (
@@ -376,7 +368,7 @@ class TrainingRun:
         result = TrainingResult(
             plan=self.plan,
             steps_run=self.step,
-            epsilon=self.journal.epsilon(self.plan.delta, self.plan.accountant),
+            epsilon=self.epsilon(),
             journal=self.journal.entries,
             eval_metrics=self.eval_metrics,
             history=self.history,
@@ -385,6 +377,7 @@ class TrainingRun:
             attempts=max(self.journal.attempts, 1),
             model_path=export_model(self.workdir / MODEL_NAME, self.private.model),
             charged_steps=self.journal.charged_steps,
+            charged_releases=self.journal.charged_releases,
             resumed_from_step=self.resumed_from_step,
             eval_metric=self.data.eval_metric,
             dataset=self.data.name,
@@ -400,7 +393,7 @@ class TrainingRun:
     def notify_failure(self, error: BaseException) -> None:
         """Tell observers that can hear it (``on_failure``) what the journal charged before ``error``."""
         try:
-            spent = self.journal.epsilon(self.plan.delta, self.plan.accountant) if self.journal.exists else 0.0
+            spent = self.epsilon() if self.journal.exists else 0.0
         except Exception:  # pragma: no cover - accounting must not mask the original error
             spent = self.plan.planned_epsilon  # the most the journal can ever hold
         for observer in self.observers:
@@ -413,9 +406,16 @@ class TrainingRun:
                     logger.exception("observer %r failed in on_failure", observer)
 
 
-def _open_journal(job: DPTrainingJob, plan: TrainingPlan, workdir: Path) -> tuple[PrivacyJournal, Checkpoint | None]:
+def _open_journal(
+    job: DPTrainingJob, plan: TrainingPlan, workdir: Path, *, expect_journal: bool
+) -> tuple[PrivacyJournal, Checkpoint | None]:
     """The journal (created, or checked to belong to this job and plan) and the checkpoint it covers."""
     journal = PrivacyJournal(workdir / JOURNAL_NAME)
+    if expect_journal and not journal.exists:
+        raise JournalLostError(
+            f"this is a retry, but the privacy journal {journal.path} is missing: what the earlier attempts spent "
+            "is unknown, so nothing more may run (their reservation stays charged in full); create a new job"
+        )
     checkpoint_path = workdir / CHECKPOINT_NAME
     checkpoint = load_checkpoint(checkpoint_path, job_hash=job_fingerprint(job), plan=plan.mechanism_key())
     if checkpoint is not None and not journal.exists:
@@ -423,12 +423,7 @@ def _open_journal(job: DPTrainingJob, plan: TrainingPlan, workdir: Path) -> tupl
             f"{checkpoint_path} is at step {checkpoint.step} but the privacy journal {journal.path} is missing: "
             "the privacy spent by the steps that ran is unknown; refusing to train"
         )
-    journal.initialise(
-        job_hash=job_fingerprint(job),
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        max_steps=plan.steps,
-    )
+    journal.initialise(job_hash=job_fingerprint(job), mechanisms=plan.mechanisms())
     if checkpoint is not None and max(checkpoint.step, checkpoint.charged_steps) > journal.charged_steps:
         raise JournalError(
             f"{checkpoint_path} is at step {checkpoint.step} (with {checkpoint.charged_steps} steps charged) but "
@@ -439,10 +434,12 @@ def _open_journal(job: DPTrainingJob, plan: TrainingPlan, workdir: Path) -> tupl
 
 def train(
     job: DPTrainingJob,
-    data: PreparedData,
+    data: DataSource,
     plan: TrainingPlan,
     *,
     workdir: Path,
+    dataset: PrivateDataset | None = None,
+    expect_journal: bool = False,
     observers: Sequence[TrainingObserver] = (),
     device: torch.device | None = None,
     stop_event: threading.Event | None = None,
@@ -452,10 +449,11 @@ def train(
 ) -> TrainingResult:
     """Train ``job`` on ``data`` under ``plan``, resuming from ``workdir``'s checkpoint when there is one.
 
-    ``stop_event`` (set by a SIGTERM handler) ends training after the current step: the model is
-    checkpointed and :class:`TrainingInterrupted` raised (exit code ``stop_exit_code``).
-    ``clipping_mode`` forces "bookkeeping" or Opacus' grad_sample_mode ("ghost"/"hooks"); auto by default.
-    ``base_dir`` resolves a relative ``model.pretrainedWeights`` path (the manifest's folder).
+    ``dataset`` is the job's PrivateDataset (its identity fixes the holdout). ``expect_journal`` (a retry):
+    a missing journal fails instead of starting afresh. ``stop_event`` (set by a SIGTERM handler) ends
+    training after the current step: the model is checkpointed and :class:`TrainingInterrupted` raised
+    (exit code ``stop_exit_code``). ``clipping_mode`` forces "bookkeeping" or Opacus' grad_sample_mode
+    ("ghost"/"hooks"); auto by default. ``base_dir`` resolves a relative ``model.pretrainedWeights`` path.
     """
 
     def stop() -> bool:
@@ -466,6 +464,8 @@ def train(
         data,
         plan,
         workdir=workdir,
+        dataset=dataset,
+        expect_journal=expect_journal,
         observers=observers,
         device=device,
         clipping_mode=clipping_mode,

@@ -48,6 +48,13 @@ class JournalError(CheckpointError):
     """The write-ahead privacy journal is damaged or inconsistent; training is refused (ε would be unknown)."""
 
 
+class JournalLostError(JournalError):
+    """A retry found no privacy journal: what the earlier attempts spent is unknown, so nothing more may run
+    (a fresh journal would under-report). The job fails and stays charged in full."""
+
+    exit_code = ExitCode.JOURNAL_LOST
+
+
 class PrivacyBudgetError(DptrainError):
     """Running would charge more than the plan (or the dataset's reservation) allows."""
 

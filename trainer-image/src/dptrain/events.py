@@ -23,24 +23,26 @@ class Progress:
     """Steps in the plan."""
     epoch: float
     """Expected epochs completed: step × sample rate."""
-    loss: float
-    """Training loss of this step's batch (NOT differentially private; NaN for an empty Poisson batch)."""
+    loss: float | None
+    """Latest DP-released held-out loss (None before the first release). The training loss is never read."""
     epsilon_spent: float
     """ε charged by the journal so far, including the whole current chunk (a valid upper bound)."""
     eval_metric: str
     """Name of the headline eval metric (accuracy or auc)."""
     eval_value: float | None
-    """Latest value of the eval metric on the held-out split (NOT DP); None before the first evaluation."""
+    """Latest DP-released value of the held-out eval metric; None before the first release."""
     examples_per_second: float
     """Expected examples (batchSize per step) per second over the current chunk; data-independent."""
     charged_steps: int = 0
     """Steps the journal has charged (at least ``step``)."""
+    charged_releases: int = 0
+    """DP releases of held-out metrics the journal has charged."""
     attempt: int = 1
     """This attempt's number (1 + earlier attempts that charged steps)."""
     checkpointed: bool = False
-    """True when this step ended a chunk and a checkpoint (with a fresh evaluation) was saved."""
+    """True when this step ended a chunk and a checkpoint was saved."""
     eval_metrics: Mapping[str, float] = field(default_factory=dict)
-    """All latest held-out metrics (accuracy, loss, auc for binary tasks). NOT DP."""
+    """The latest DP release of held-out metrics (accuracy, loss, auc for binary tasks)."""
 
 
 @dataclass
@@ -55,9 +57,9 @@ class TrainingResult:
     journal: list[dict[str, Any]]
     """The journal's entries (one per charged chunk, across attempts)."""
     eval_metrics: dict[str, float]
-    """Final metrics on the held-out split (accuracy; auc for binary tasks; loss). NOT DP."""
+    """The last DP release of held-out metrics (accuracy; auc for binary tasks; clipped loss)."""
     history: list[dict[str, float]]
-    """Per step: step, epsilon (charged), loss."""
+    """Per step: step and ε charged; per release also ``released`` = 1 and the released metrics."""
     clipping_mode: str
     """"bookkeeping" (dptrain.bookkeeping), or Opacus grad_sample_mode "ghost" or "hooks"."""
     elapsed_seconds: float
@@ -66,6 +68,7 @@ class TrainingResult:
     """Attempts that charged steps (this one included)."""
     model_path: Path
     charged_steps: int = 0
+    charged_releases: int = 0
     resumed_from_step: int = 0
     eval_metric: str = "accuracy"
     dataset: str = ""

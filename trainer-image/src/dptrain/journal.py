@@ -3,20 +3,23 @@
 File format: ``privacy-journal.jsonl`` in the checkpoint directory, one JSON object per line.
 
 * Line 1 is the header, written atomically when the journal is created (temporary file, fsync,
-  rename, fsync of the directory): ``{"type": "header", "version", "jobHash", "noiseMultiplier",
-  "sampleRate", "maxSteps", "created"}``. ``maxSteps`` is the plan's (or the reservation's) step
-  ceiling; the journal refuses to charge beyond it.
+  rename, fsync of the directory): ``{"type": "header", "version", "jobHash", "mechanisms", "created"}``
+  where ``mechanisms`` maps each partition of the dataset ("train": the DP-SGD steps; "holdout": the
+  DP releases of held-out metrics) to ``{"noiseMultiplier", "sampleRate", "maxSteps"}``. ``maxSteps``
+  is the plan's (or the reservation's) ceiling; the journal refuses to charge beyond it.
 * Every other line is an intent, appended with one ``write`` then ``fsync`` before
-  :meth:`PrivacyJournal.append_intent` returns: ``{"type": "intent", "seq", "attempt",
-  "noiseMultiplier", "sampleRate", "steps", "startStep", "time"}``. The engine runs the steps only
-  after that, so a step that ran is always on disk, whatever crashes later.
+  :meth:`PrivacyJournal.append_intent` returns: ``{"type": "intent", "seq", "attempt", "partition",
+  "noiseMultiplier", "sampleRate", "steps", "startStep", "time"}``. The engine runs the steps (or
+  computes the release) only after that, so what ran is always on disk, whatever crashes later.
+* ε of the journal: each partition's intents compose sequentially, the two partitions in parallel
+  (a record is in one of them only), see ``dptrain_accounting.partitioned_epsilon``.
 
 Torn writes. A crash (power loss, a node dying) in the middle of an append can leave an incomplete
 or garbled tail: bytes without a final newline, NUL-filled blocks, or a line that does not parse.
 The steps of such an intent never ran if ``fsync`` is honest (``append_intent`` had not returned),
-but storage can lie, so the journal assumes the worst: a torn tail is charged as an intent for ALL
-the steps the header still allows (``maxSteps`` minus the complete intents) -- the most any intent
-could have charged, since the journal never charges beyond ``maxSteps``. A torn write therefore
+but storage can lie, so the journal assumes the worst: a torn tail is charged as intents for ALL
+the steps the header still allows in every partition (``maxSteps`` minus the complete intents) -- the
+most any intent could have charged, since the journal never charges beyond ``maxSteps``. A torn write therefore
 can only over-charge, and the total never exceeds the plan. Reading a torn journal reports that
 charge in memory; :meth:`PrivacyJournal.repair` (run by :meth:`PrivacyJournal.initialise`, i.e.
 before any training) makes it durable by atomically replacing the file with the complete lines,
@@ -42,12 +45,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from dptrain.errors import CheckpointError, JournalError, PrivacyBudgetError
-from dptrain_accounting import MechanismSegment, compact, compute_epsilon
+from dptrain_accounting import MechanismSegment, compact, partitioned_epsilon
 
 __all__ = [
     "FORMAT_VERSION",
+    "HOLDOUT",
     "JOURNAL_NAME",
     "LOCK_NAME",
+    "PARTITIONS",
+    "TRAIN",
     "JournalHeader",
     "PrivacyJournal",
     "atomic_write",
@@ -58,7 +64,10 @@ __all__ = [
 
 JOURNAL_NAME: Final = "privacy-journal.jsonl"
 LOCK_NAME: Final = ".dptrain.lock"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+TRAIN: Final = "train"
+HOLDOUT: Final = "holdout"
+PARTITIONS: Final = (TRAIN, HOLDOUT)
 
 _INTENT_KEYS: Final = ("seq", "attempt", "noiseMultiplier", "sampleRate", "steps", "startStep", "time")
 
@@ -109,12 +118,11 @@ def _encode(record: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class JournalHeader:
-    """The journal's first line: whose it is and the most it may ever charge."""
+    """The journal's first line: whose it is and the most it may ever charge, per partition."""
 
     job_hash: str
-    noise_multiplier: float
-    sample_rate: float
-    max_steps: int
+    mechanisms: Mapping[str, MechanismSegment]
+    """Partition → (σ, q, the most steps that may ever be charged)."""
     created: str = ""
     version: int = FORMAT_VERSION
 
@@ -123,9 +131,10 @@ class JournalHeader:
             "type": "header",
             "version": self.version,
             "jobHash": self.job_hash,
-            "noiseMultiplier": self.noise_multiplier,
-            "sampleRate": self.sample_rate,
-            "maxSteps": self.max_steps,
+            "mechanisms": {
+                partition: {"noiseMultiplier": m.noise_multiplier, "sampleRate": m.sample_rate, "maxSteps": m.steps}
+                for partition, m in self.mechanisms.items()
+            },
             "created": self.created,
         }
 
@@ -134,19 +143,22 @@ class JournalHeader:
         if d.get("type") != "header":
             raise ValueError("the first line is not a journal header")
         version = d.get("version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"unsupported journal version {version!r} (this trainer reads {FORMAT_VERSION})")
-        segment = MechanismSegment(d["noiseMultiplier"], d["sampleRate"], d["maxSteps"])
+        if version == 1:  # one mechanism, the training partition's
+            raw = {TRAIN: d}
+        elif version == FORMAT_VERSION:
+            raw = d["mechanisms"]
+        else:
+            raise ValueError(f"unsupported journal version {version!r} (this trainer reads 1 and {FORMAT_VERSION})")
+        if not isinstance(raw, Mapping) or TRAIN not in raw or not set(raw) <= set(PARTITIONS):
+            raise ValueError(f"the header's mechanisms must be {list(PARTITIONS)}")
+        mechanisms = {
+            partition: MechanismSegment(m["noiseMultiplier"], m["sampleRate"], m["maxSteps"])
+            for partition, m in raw.items()
+        }
         job_hash = d["jobHash"]
         if not isinstance(job_hash, str):
             raise ValueError("jobHash must be a string")
-        return cls(
-            job_hash=job_hash,
-            noise_multiplier=segment.noise_multiplier,
-            sample_rate=segment.sample_rate,
-            max_steps=segment.steps,
-            created=str(d.get("created", "")),
-        )
+        return cls(job_hash=job_hash, mechanisms=mechanisms, created=str(d.get("created", "")), version=int(version))
 
 
 def _parse_intent(line: bytes) -> dict[str, Any]:
@@ -161,6 +173,9 @@ def _parse_intent(line: bytes) -> dict[str, Any]:
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{key} must be a non-negative integer")
+    record.setdefault("partition", TRAIN)  # version 1 intents: DP-SGD steps
+    if record["partition"] not in PARTITIONS:
+        raise ValueError(f"unknown partition {record['partition']!r}")
     MechanismSegment(record["noiseMultiplier"], record["sampleRate"], record["steps"])  # validates the numbers
     return record
 
@@ -174,13 +189,13 @@ class PrivacyJournal:
         self.header: JournalHeader | None = None
         self._entries: list[dict[str, Any]] = []
         self._complete_size = 0  # bytes of the file up to the end of the last valid line
-        self._torn: dict[str, Any] | None = None  # the conservative charge for a torn tail, until repaired
+        self._torn: list[dict[str, Any]] = []  # the conservative charges of a torn tail, until repaired
         self._load()
 
     # --- reading ------------------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self.header, self._entries, self._complete_size, self._torn = None, [], 0, None
+        self.header, self._entries, self._complete_size, self._torn = None, [], 0, []
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -225,25 +240,37 @@ class PrivacyJournal:
             offset += len(line) + 1
         self._complete_size = offset
         if offset < len(data):  # an unterminated or unparsable tail: a torn append
-            self._torn = self._conservative_entry()
+            self._torn = self._conservative_entries()
 
-    def _conservative_entry(self) -> dict[str, Any]:
+    def _conservative_entries(self) -> list[dict[str, Any]]:
+        """The most a torn intent can have charged: everything the header still allows, in every partition."""
         assert self.header is not None
-        complete_steps = sum(int(entry["steps"]) for entry in self._entries)
         last = self._entries[-1] if self._entries else None
-        return {
-            "type": "intent",
-            "seq": len(self._entries) + 1,
-            "attempt": int(last["attempt"]) if last else 1,
-            "noiseMultiplier": self.header.noise_multiplier,
-            "sampleRate": self.header.sample_rate,
-            # The most the torn intent can have charged: everything the header still allows.
-            "steps": max(0, self.header.max_steps - complete_steps),
-            "startStep": int(last["startStep"]) + int(last["steps"]) if last else 0,
-            "time": _now(),
-            "repaired": True,
-            "note": "conservative charge for a torn append (crash mid-write): all steps the plan still allowed",
-        }
+        entries: list[dict[str, Any]] = []
+        for partition, mechanism in self.header.mechanisms.items():
+            remaining = mechanism.steps - self._charged(self._entries, partition)
+            if remaining <= 0:
+                continue
+            entries.append(
+                {
+                    "type": "intent",
+                    "seq": len(self._entries) + len(entries) + 1,
+                    "attempt": int(last["attempt"]) if last else 1,
+                    "partition": partition,
+                    "noiseMultiplier": mechanism.noise_multiplier,
+                    "sampleRate": mechanism.sample_rate,
+                    "steps": remaining,
+                    "startStep": int(last["startStep"]) + int(last["steps"]) if last else 0,
+                    "time": _now(),
+                    "repaired": True,
+                    "note": "conservative charge for a torn append (crash mid-write): all steps the plan still allowed",
+                }
+            )
+        return entries
+
+    @staticmethod
+    def _charged(entries: Sequence[Mapping[str, Any]], partition: str) -> int:
+        return sum(int(entry["steps"]) for entry in entries if entry.get("partition", TRAIN) == partition)
 
     @property
     def exists(self) -> bool:
@@ -252,30 +279,44 @@ class PrivacyJournal:
     @property
     def torn(self) -> bool:
         """True if the file ends in a torn append that :meth:`repair` has not yet made durable."""
-        return self._torn is not None
+        return bool(self._torn)
 
     @property
     def entries(self) -> list[dict[str, Any]]:
-        """Every charge, in order (copies), including the conservative charge of an unrepaired torn tail."""
-        entries = [dict(entry) for entry in self._entries]
-        if self._torn is not None:
-            entries.append(dict(self._torn))
-        return entries
+        """Every charge, in order (copies), including the conservative charges of an unrepaired torn tail."""
+        return [dict(entry) for entry in [*self._entries, *self._torn]]
 
-    def segments(self) -> list[MechanismSegment]:
-        """The charged mechanism, one segment per entry (compose with :func:`dptrain_accounting.compact`)."""
+    def segments(self, partition: str = TRAIN) -> list[MechanismSegment]:
+        """What ``partition`` was charged, one segment per entry (compose with :func:`dptrain_accounting.compact`)."""
         return [
-            MechanismSegment(entry["noiseMultiplier"], entry["sampleRate"], entry["steps"]) for entry in self.entries
+            MechanismSegment(entry["noiseMultiplier"], entry["sampleRate"], entry["steps"])
+            for entry in self.entries
+            if entry["partition"] == partition
         ]
+
+    def charged(self, partition: str) -> int:
+        """Steps (for "holdout": releases) charged to ``partition``, crashed attempts and torn tails included."""
+        return self._charged(self.entries, partition)
 
     @property
     def charged_steps(self) -> int:
-        return sum(int(entry["steps"]) for entry in self.entries)
+        """DP-SGD steps charged (the training partition)."""
+        return self.charged(TRAIN)
+
+    @property
+    def charged_releases(self) -> int:
+        """DP releases of held-out metrics charged (the holdout partition)."""
+        return self.charged(HOLDOUT)
+
+    def remaining(self, partition: str = TRAIN) -> int:
+        """What the header still allows ``partition`` (0 without a header or without that partition)."""
+        if self.header is None or partition not in self.header.mechanisms:
+            return 0
+        return max(0, self.header.mechanisms[partition].steps - self.charged(partition))
 
     @property
     def remaining_steps(self) -> int:
-        """Steps the header still allows (0 without a header)."""
-        return 0 if self.header is None else max(0, self.header.max_steps - self.charged_steps)
+        return self.remaining(TRAIN)
 
     @property
     def attempts(self) -> int:
@@ -283,24 +324,24 @@ class PrivacyJournal:
         return max((int(entry["attempt"]) for entry in self.entries), default=0)
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
-        """ε(δ) of everything charged, by ``accountant`` (a valid upper bound for every step that ran)."""
-        return compute_epsilon(compact(self.segments()), delta=delta, accountant=accountant)
+        """ε(δ) of everything charged, by ``accountant`` (a valid upper bound for everything that ran): each
+        partition composes sequentially, the two in parallel."""
+        return partitioned_epsilon(
+            compact(self.segments(TRAIN)), compact(self.segments(HOLDOUT)), delta=delta, accountant=accountant
+        )
 
     # --- writing ------------------------------------------------------------------------------------------
 
-    def initialise(self, *, job_hash: str, noise_multiplier: float, sample_rate: float, max_steps: int) -> None:
+    def initialise(self, *, job_hash: str, mechanisms: Mapping[str, MechanismSegment]) -> None:
         """Create the journal (atomically) or check that the existing one belongs to this job and plan.
 
-        Repairs a torn tail (durably charging it) before anything else can be appended.
+        ``mechanisms`` maps partitions ("train", and "holdout" when held-out metrics are released) to their
+        (σ, q, the most steps ever charged). Repairs a torn tail (durably charging it) before anything else
+        can be appended.
         """
-        wanted = JournalHeader(
-            job_hash=job_hash,
-            noise_multiplier=float(noise_multiplier),
-            sample_rate=float(sample_rate),
-            max_steps=int(max_steps),
-            created=_now(),
-        )
-        MechanismSegment(wanted.noise_multiplier, wanted.sample_rate, wanted.max_steps)  # validate
+        if TRAIN not in mechanisms or not set(mechanisms) <= set(PARTITIONS):
+            raise ValueError(f"mechanisms must name the partitions {list(PARTITIONS)} (train at least)")
+        wanted = JournalHeader(job_hash=job_hash, mechanisms=dict(mechanisms), created=_now())
         if self.header is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():  # appeared since we read it: another writer
@@ -317,61 +358,56 @@ class PrivacyJournal:
                 f"output dir {self.path.parent} holds a different job (its privacy journal was written for another "
                 "job spec); use a new --output"
             )
-        if (current.noise_multiplier, current.sample_rate, current.max_steps) != (
-            wanted.noise_multiplier,
-            wanted.sample_rate,
-            wanted.max_steps,
-        ):
+        if dict(current.mechanisms) != dict(wanted.mechanisms):
             raise CheckpointError(
-                f"the privacy journal {self.path} was written for σ={current.noise_multiplier!r}, "
-                f"q={current.sample_rate!r}, {current.max_steps} steps, but the plan now is "
-                f"σ={wanted.noise_multiplier!r}, q={wanted.sample_rate!r}, {wanted.max_steps} steps; refusing to "
-                "mix mechanisms in one run (use a new --output)"
+                f"the privacy journal {self.path} was written for the mechanisms {_describe(current.mechanisms)}, "
+                f"but the plan now is {_describe(wanted.mechanisms)}; refusing to mix mechanisms in one run "
+                "(use a new --output)"
             )
-        if self._torn is not None:
+        if self._torn:
             self.repair()
 
     def repair(self) -> None:
-        """Make the conservative charge of a torn tail durable (atomic replace; complete lines kept verbatim)."""
-        if self._torn is None:
+        """Make the conservative charges of a torn tail durable (atomic replace; complete lines kept verbatim)."""
+        if not self._torn:
             return
         with self.path.open("rb") as file:
             kept = file.read(self._complete_size)
         if len(kept) != self._complete_size:
             raise JournalError(f"the privacy journal {self.path} shrank while repairing it; refusing")
-        atomic_write(self.path, kept + _encode(self._torn))
+        atomic_write(self.path, kept + b"".join(_encode(entry) for entry in self._torn))
         self._load()
-        if self._torn is not None:
+        if self._torn:
             raise JournalError(f"repairing the privacy journal {self.path} failed; refusing to train")
 
-    def append_intent(self, segment: MechanismSegment, *, attempt: int, start_step: int) -> dict[str, Any]:
-        """Durably charge ``segment`` (write, flush, fsync) and return the entry. Call BEFORE running its steps.
+    def append_intent(self, steps: int, *, attempt: int, start_step: int, partition: str = TRAIN) -> dict[str, Any]:
+        """Durably charge ``steps`` of ``partition``'s mechanism (write, flush, fsync) and return the entry.
+        Call BEFORE running them.
 
-        Refuses (:class:`PrivacyBudgetError`) to charge beyond the header's ``maxSteps`` or another mechanism.
+        Refuses (:class:`PrivacyBudgetError`) to charge beyond the header's ``maxSteps`` for that partition.
         """
         if self.header is None:
             raise JournalError(f"the privacy journal {self.path} has not been initialised")
-        if self._torn is not None:
+        if self._torn:
             raise JournalError(f"the privacy journal {self.path} ends in a torn write; repair() it first")
-        if (segment.noise_multiplier, segment.sample_rate) != (self.header.noise_multiplier, self.header.sample_rate):
-            raise PrivacyBudgetError(
-                f"refusing to charge σ={segment.noise_multiplier!r}, q={segment.sample_rate!r}: the journal's plan is "
-                f"σ={self.header.noise_multiplier!r}, q={self.header.sample_rate!r}"
-            )
-        if segment.steps < 1:
+        mechanism = self.header.mechanisms.get(partition)
+        if mechanism is None:
+            raise PrivacyBudgetError(f"refusing to charge {partition!r}: the journal's plan has no such partition")
+        if steps < 1:
             raise ValueError("an intent must charge at least one step")
-        if self.charged_steps + segment.steps > self.header.max_steps:
+        if self.charged(partition) + steps > mechanism.steps:
             raise PrivacyBudgetError(
-                f"refusing to charge {segment.steps} more steps: {self.charged_steps} of the plan's "
-                f"{self.header.max_steps} are already charged"
+                f"refusing to charge {steps} more {partition} steps: {self.charged(partition)} of the plan's "
+                f"{mechanism.steps} are already charged"
             )
         entry = {
             "type": "intent",
             "seq": len(self._entries) + 1,
             "attempt": int(attempt),
-            "noiseMultiplier": segment.noise_multiplier,
-            "sampleRate": segment.sample_rate,
-            "steps": int(segment.steps),
+            "partition": partition,
+            "noiseMultiplier": mechanism.noise_multiplier,
+            "sampleRate": mechanism.sample_rate,
+            "steps": int(steps),
             "startStep": int(start_step),
             "time": _now(),
         }
@@ -394,6 +430,12 @@ class PrivacyJournal:
         self._entries.append(entry)
         self._complete_size += len(data)
         return dict(entry)
+
+
+def _describe(mechanisms: Mapping[str, MechanismSegment]) -> str:
+    return ", ".join(
+        f"{p}: σ={m.noise_multiplier!r} q={m.sample_rate!r} ≤{m.steps} steps" for p, m in mechanisms.items()
+    )
 
 
 @contextlib.contextmanager
@@ -427,7 +469,11 @@ def workdir_lock(workdir: Path, *, wait_seconds: float | None = None) -> Iterato
         os.close(fd)  # closing releases the lock
 
 
-def summarize(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, float | int]]:
-    """The charged mechanism as compacted segments (camelCase dicts), for reports and status."""
-    segments = [MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"]) for e in entries]
+def summarize(entries: Sequence[Mapping[str, Any]], partition: str = TRAIN) -> list[dict[str, float | int]]:
+    """What ``partition`` was charged, as compacted segments (camelCase dicts), for reports and status."""
+    segments = [
+        MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"])
+        for e in entries
+        if e.get("partition", TRAIN) == partition
+    ]
     return [segment.to_dict() for segment in compact(segments)]

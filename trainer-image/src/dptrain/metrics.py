@@ -1,8 +1,8 @@
 """Prometheus exporter for a training run (an observer of the engine), on its own registry.
 
 Every series carries ``job`` and ``namespace`` labels. ε, δ, σ, q and the step counts are privacy
-parameters (public); loss, eval metrics and throughput are NOT differentially private and should
-be treated like any other model output.
+parameters (public); the held-out loss and eval metrics are the DP releases (the training loss is
+never exported); throughput comes from the expected batch size and wall time (timing is not DP).
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ class PrometheusExporter:
             TrainerMetric.NOISE_MULTIPLIER, "σ: Gaussian noise std relative to the clipping norm"
         )
         self.sample_rate = gauge(TrainerMetric.SAMPLE_RATE, "Poisson sampling rate q")
-        self.train_loss = gauge(TrainerMetric.TRAIN_LOSS, "Latest training loss (NOT differentially private)")
-        self.eval_accuracy = gauge(TrainerMetric.EVAL_ACCURACY, "Held-out accuracy (NOT differentially private)")
-        self.eval_auc = gauge(TrainerMetric.EVAL_AUC, "Held-out ROC AUC, binary tasks (NOT differentially private)")
+        self.holdout_loss = gauge(TrainerMetric.HOLDOUT_LOSS, "Latest held-out loss, released with DP")
+        self.eval_accuracy = gauge(TrainerMetric.EVAL_ACCURACY, "Latest held-out accuracy, released with DP")
+        self.eval_auc = gauge(TrainerMetric.EVAL_AUC, "Latest held-out ROC AUC (binary tasks), released with DP")
         self.examples_per_second = gauge(TrainerMetric.EXAMPLES_PER_SECOND, "Expected training examples per second")
         self.progress_ratio = gauge(TrainerMetric.PROGRESS_RATIO, "Completed steps / planned steps")
         self.planned_steps = gauge(TrainerMetric.PLANNED_STEPS, "Steps in the privacy plan")
+        self.charged_releases = gauge(
+            TrainerMetric.CHARGED_RELEASES, "DP releases of held-out metrics charged by the privacy journal"
+        )
         self.charged_steps = gauge(
             TrainerMetric.CHARGED_STEPS, "Steps charged by the privacy journal (crashed ones too)"
         )
@@ -98,6 +101,7 @@ class PrometheusExporter:
             gauge.labels(**self.labels).set(value)
 
     def _set_eval(self, metrics: Mapping[str, float]) -> None:
+        self._set(self.holdout_loss, metrics.get("loss"))
         self._set(self.eval_accuracy, metrics.get("accuracy"))
         if "auc" in metrics:
             self._set(self.eval_auc, metrics["auc"])
@@ -119,7 +123,8 @@ class PrometheusExporter:
     def on_step(self, progress: Progress) -> None:
         self._set(self.epsilon_spent, progress.epsilon_spent)
         self._set(self.charged_steps, progress.charged_steps)
-        self._set(self.train_loss, progress.loss)
+        self._set(self.holdout_loss, progress.loss)
+        self._set(self.charged_releases, progress.charged_releases)
         self._set(self.examples_per_second, progress.examples_per_second)
         self._set(self.progress_ratio, progress.step / progress.total_steps)
         self._set_eval(progress.eval_metrics)
@@ -130,6 +135,7 @@ class PrometheusExporter:
     def on_finish(self, result: TrainingResult) -> None:
         self._set(self.epsilon_spent, result.epsilon)
         self._set(self.charged_steps, result.charged_steps)
+        self._set(self.charged_releases, result.charged_releases)
         self._set(self.progress_ratio, result.steps_run / result.plan.steps)
         self._set_eval(result.eval_metrics)
         if result.steps_run > self._steps_seen:

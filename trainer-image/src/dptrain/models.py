@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dptrain.errors import ModelError
+from dptrain.independence import check_per_example_independence
 from dptrain_api.job import ModelSpec
 
 __all__ = [
@@ -280,7 +281,8 @@ def _check_output(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
 def build_model(
     spec: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int, base_dir: Path | None = None
 ) -> tuple[nn.Module, list[str]]:
-    """Build the model (in training mode), make it Opacus-compatible and load pretrained weights.
+    """Build the model (in training mode), make it Opacus-compatible, load pretrained weights, and refuse it
+    when examples of a batch influence each other (:mod:`dptrain.independence`).
 
     Returns the model and human-readable warnings (layers Opacus replaced). ``base_dir`` resolves a
     relative ``pretrainedWeights`` path (the manifest's folder); the working directory otherwise.
@@ -304,6 +306,7 @@ def build_model(
     if spec.pretrained_weights is not None:
         _load_pretrained(model, spec.pretrained_weights, base_dir)
     _check_output(model, input_shape, num_classes)
+    check_per_example_independence(model, input_shape)
     return model, warnings
 
 

@@ -17,14 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dptrain import prv
 from dptrain.errors import ConfigurationError, PlanMismatchError
 from dptrain_accounting import AccountingError, MechanismPlan, MechanismSegment, plan_mechanism
-from dptrain_api import DPTrainingJob, Mechanism, PodEnv, PrivateDataset, plan_inputs
+from dptrain_api import DPTrainingJob, PodEnv, PrivateDataset, ReservedMechanisms, plan_inputs
 
 __all__ = ["SAMPLE_RATE_TOLERANCE", "TrainingPlan", "make_plan", "reserved_from_env"]
-
-prv.register()
 
 SAMPLE_RATE_TOLERANCE = 1e-9
 """Largest relative difference between the reserved and the actual sample rate that is accepted."""
@@ -44,15 +41,38 @@ class TrainingPlan:
     batch_size: int
     physical_batch_size: int
     train_size: int
+    """Expected training records, from the public declared size (the true count is never used)."""
     eval_size: int
+    """Expected held-out records, from the public declared size."""
     planned_epsilon: float
+    """ε of the whole plan: max over the training partition and the holdout (parallel composition)."""
+    holdout_fraction: float = 0.0
+    """Share of the records held out (by a keyed hash of each record)."""
+    holdout_noise_multiplier: float | None = None
+    """σ of the DP releases of held-out metrics (noise std / their L2 sensitivity)."""
+    releases: int = 0
+    """Planned DP releases of held-out metrics."""
     reserved: bool = False
     """True when σ and the step ceiling came from the operator's ledger reservation."""
 
     @property
     def segment(self) -> MechanismSegment:
-        """The whole plan as one mechanism segment."""
+        """The DP-SGD steps of the plan (training partition) as one mechanism segment."""
         return MechanismSegment(self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def holdout_segment(self) -> MechanismSegment | None:
+        """The planned releases of held-out metrics (holdout partition: Gaussian, sample rate 1)."""
+        if self.holdout_noise_multiplier is None or self.releases == 0:
+            return None
+        return MechanismSegment(self.holdout_noise_multiplier, 1.0, self.releases)
+
+    def mechanisms(self) -> dict[str, MechanismSegment]:
+        """Partition → the most it may ever be charged (the journal's header)."""
+        mechanisms = {"train": self.segment}
+        if self.holdout_segment is not None:
+            mechanisms["holdout"] = self.holdout_segment
+        return mechanisms
 
     @property
     def epochs(self) -> float:
@@ -71,7 +91,18 @@ class TrainingPlan:
 
     def mechanism_key(self) -> dict[str, Any]:
         """The fields that define the privacy mechanism: a resumed run must match them exactly."""
-        keys = ("noise_multiplier", "sample_rate", "steps", "delta", "accountant", "max_grad_norm", "batch_size")
+        keys = (
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "delta",
+            "accountant",
+            "max_grad_norm",
+            "batch_size",
+            "holdout_fraction",
+            "holdout_noise_multiplier",
+            "releases",
+        )
         key = {_camel(name): getattr(self, name) for name in keys}
         key["trainSize"] = self.train_size
         return key
@@ -82,57 +113,68 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def reserved_from_env(environ: Mapping[str, str] | None = None) -> MechanismSegment | None:
-    """The reserved mechanism from ``DPTRAIN_RESERVED_MECHANISM`` (JSON {noiseMultiplier, sampleRate, steps})."""
+def reserved_from_env(environ: Mapping[str, str] | None = None) -> ReservedMechanisms | None:
+    """What the operator reserved, from ``DPTRAIN_RESERVED_MECHANISM`` (JSON :class:`ReservedMechanisms`)."""
     env = os.environ if environ is None else environ
     text = env.get(PodEnv.RESERVED_MECHANISM, "").strip()
     if not text:
         return None
     try:
-        mechanism = Mechanism.model_validate_json(text)
-        return MechanismSegment(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)
+        return ReservedMechanisms.model_validate_json(text)
     except (ValidationError, ValueError) as error:
         raise ConfigurationError(
-            f"{PodEnv.RESERVED_MECHANISM} must be JSON {{noiseMultiplier, sampleRate, steps}}: {error}"
+            f"{PodEnv.RESERVED_MECHANISM} must be JSON {{train: {{noiseMultiplier, sampleRate, steps}}, holdout}}: "
+            f"{error}"
         ) from None
 
 
-def _check_reserved(mechanism: MechanismPlan, reserved: MechanismSegment, batch_size: int) -> None:
-    relative = abs(mechanism.sample_rate - reserved.sample_rate) / reserved.sample_rate
+def _check_reserved(plan: MechanismPlan, reserved: ReservedMechanisms, batch_size: int) -> None:
+    relative = abs(plan.sample_rate - reserved.train.sample_rate) / reserved.train.sample_rate
     if relative > SAMPLE_RATE_TOLERANCE:
         raise PlanMismatchError(
-            f"the data gives sample rate q={mechanism.sample_rate:.12g} (batchSize {batch_size} / "
-            f"{mechanism.train_size} training examples) but the operator reserved q={reserved.sample_rate:.12g}; "
+            f"the plan gives sample rate q={plan.sample_rate:.12g} (batchSize {batch_size} / "
+            f"{plan.train_size} training examples) but the operator reserved q={reserved.train.sample_rate:.12g}; "
             "refusing to train (nothing was charged)"
         )
-    if mechanism.steps > reserved.steps:
+    if plan.steps > reserved.train.steps:
         raise PlanMismatchError(
-            f"the plan needs {mechanism.steps} steps but only {reserved.steps} were reserved; refusing to train "
+            f"the plan needs {plan.steps} steps but only {reserved.train.steps} were reserved; refusing to train "
             "(nothing was charged)"
+        )
+    holdout = plan.holdout_segment
+    reserved_holdout = reserved.holdout
+    if holdout is not None and (reserved_holdout is None or holdout.steps > reserved_holdout.steps):
+        raise PlanMismatchError(
+            f"the plan releases held-out metrics {holdout.steps} times at σ={holdout.noise_multiplier:.6g}, which the "
+            f"operator did not reserve ({reserved_holdout}); refusing to train (nothing was charged)"
         )
 
 
 def make_plan(
     job: DPTrainingJob,
     *,
-    num_examples: int,
-    reserved: MechanismSegment | None = None,
+    num_examples: int | None = None,
+    reserved: ReservedMechanisms | None = None,
     dataset: PrivateDataset | None = None,
 ) -> TrainingPlan:
-    """The plan for ``job`` on a dataset of ``num_examples`` (public) records.
+    """The plan for ``job`` on ``dataset`` from its PUBLIC declared size (``num_examples`` overrides it).
 
-    With ``reserved`` (the mechanism the operator reserved in the dataset ledger), σ is the reserved
-    one and the data must give the reserved sample rate and at most the reserved steps; otherwise
+    With ``reserved`` (what the operator reserved in the dataset ledger), σ is the reserved one and the plan
+    must give the reserved sample rate and at most the reserved steps and releases; otherwise
     :class:`PlanMismatchError` is raised before anything is charged.
     """
-    inputs = plan_inputs(job, dataset, num_examples=num_examples)
-    if reserved is not None:
-        inputs = type(inputs)(**{**inputs.as_kwargs(), "noise_multiplier": reserved.noise_multiplier})
     try:
-        mechanism = plan_mechanism(**inputs.as_kwargs())
+        inputs = plan_inputs(job, dataset, num_examples=num_examples)
+        kwargs = inputs.as_kwargs()
+        if reserved is not None:
+            kwargs["noise_multiplier"] = reserved.train.noise_multiplier
+            if reserved.holdout is not None:
+                kwargs["holdout_noise_multiplier"] = reserved.holdout.noise_multiplier
+        mechanism = plan_mechanism(**kwargs)
     except (AccountingError, ValueError) as error:
-        kind = PlanMismatchError if reserved is not None else ConfigurationError
-        raise kind(f"{error}{'; refusing to train (nothing was charged)' if reserved is not None else ''}") from None
+        if reserved is not None:
+            raise PlanMismatchError(f"{error}; refusing to train (nothing was charged)") from None
+        raise ConfigurationError(str(error)) from None
     training = job.spec.training
     if reserved is not None:
         _check_reserved(mechanism, reserved, training.batch_size)
@@ -147,7 +189,10 @@ def make_plan(
         batch_size=training.batch_size,
         physical_batch_size=training.physical_batch_size,
         train_size=mechanism.train_size,
-        eval_size=num_examples - mechanism.train_size,
+        eval_size=inputs.num_examples - mechanism.train_size,
         planned_epsilon=mechanism.epsilon,
+        holdout_fraction=inputs.eval_fraction,
+        holdout_noise_multiplier=mechanism.holdout_noise_multiplier,
+        releases=mechanism.releases,
         reserved=reserved is not None,
     )

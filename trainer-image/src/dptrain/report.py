@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from dptrain.errors import DptrainError, TrainingInterrupted
 from dptrain.events import Progress, TrainingResult
-from dptrain.journal import JOURNAL_NAME, PrivacyJournal, atomic_write
-from dptrain_accounting import MechanismSegment, compact, compute_epsilon
+from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, atomic_write
+from dptrain_accounting import MechanismSegment, compact, compute_epsilon, partitioned_epsilon
 from dptrain_api import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
     ExitCode,
@@ -53,22 +53,29 @@ REPORT_NAME: Final = "privacy-report.json"
 CURVES_NAME: Final = "training-curves.png"
 OTHER_DELTAS: Final = (1e-6, 1e-7)
 
-_NOT_DP: Final = [
-    "training loss (per step, in logs, metrics and training-curves.png)",
-    "evaluation metrics (accuracy, AUC, loss) on the held-out split",
-    "examples per second (computed from the expected batch size, so it does not depend on the data)",
-]
-_EVAL_NOTE: Final = (
-    "Evaluation uses a held-out split that DP-SGD never trains on. The eval metrics are NOT covered by the "
-    "(ε, δ) guarantee: they are exact statistics of the held-out records, so publishing them reveals a little "
-    "about those records outside the privacy budget."
+RELATION: Final = (
+    "add or remove one record: D and D' differ by one record, anywhere in the dataset (training partition or "
+    "holdout alike). Nothing the job does depends on the exact number of records: the sample rate comes from the "
+    "declared (public) size, a record is held out by a keyed hash of its own content, records with unusable values "
+    "are skipped one by one, and no exact count is reported."
+)
+COMPOSITION: Final = (
+    "Each record is in exactly one partition: training (DP-SGD steps) or holdout (releases of held-out metrics). "
+    "Mechanisms on one partition compose sequentially (by the accountant); the two partitions compose in parallel, "
+    "so the job's ε is the larger of the two."
 )
 _RNG_NOTE: Final = (
-    "Opacus secure_mode is unavailable (torchcsprng does not install with torch 2.x): the Gaussian noise and the "
-    "Poisson sampling come from torch's pseudo-random generators (Mersenne Twister on CPU, Philox on CUDA), seeded "
-    "from os.urandom on every attempt and never restored from a checkpoint. They are not cryptographically secure, "
-    "and the floating-point mitigation of secure_mode is not applied."
+    "The Gaussian noise and the Poisson sampling come from torch's pseudo-random generators (Mersenne Twister on "
+    "CPU, Philox on CUDA), seeded from os.urandom on every attempt and never restored from a checkpoint; they are "
+    "not cryptographically secure (Opacus' secure_mode needs torchcsprng, which does not install with torch 2.x). "
+    "With privacy.secureNoise (the default) each noise coordinate is the sum of four draws, the construction "
+    "Opacus uses against floating-point attacks on a single Gaussian draw."
 )
+_NOT_COVERED: Final = [
+    "timing: how long steps take depends on the sizes of the Poisson batches (wall time and throughput are not DP)",
+    "the pod log: it may name columns with unusable values and how many records were skipped (steward only)",
+    "anything computed from the data outside dptrain (a custom model factory, a custom image)",
+]
 
 
 def format_up(value: float, significant: int = 4) -> str:
@@ -105,9 +112,22 @@ def _first_attempt(environ: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+def _exit_code(error: BaseException) -> int:
+    """The exit code `dptrain run` ends with for ``error`` (what the operator reads)."""
+    from dptrain_api import ManifestError
+
+    if isinstance(error, DptrainError):
+        return int(error.exit_code)
+    return ExitCode.INVALID_CONFIGURATION if isinstance(error, ManifestError) else ExitCode.CRASHED
+
+
 def _segments(entries: Sequence[Mapping[str, Any]]) -> list[Mechanism]:
-    """The charged mechanism of journal entries, compacted (consecutive equal steps merged)."""
-    segments = compact(MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"]) for e in entries)
+    """The DP-SGD steps of journal entries (training partition), compacted (consecutive equal steps merged)."""
+    segments = compact(
+        MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"])
+        for e in entries
+        if e.get("partition", TRAIN) == TRAIN
+    )
     return [Mechanism(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, steps=s.steps) for s in segments]
 
 
@@ -117,7 +137,7 @@ def _finite(value: float | None) -> float | None:
 
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("torch", "opacus", "dp-accounting", "numpy", "dptrain", "dptrain-api"):
+    for package in ("torch", "opacus", "dp-accounting", "prv-accountant", "numpy", "dptrain", "dptrain-api"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -127,24 +147,25 @@ def _versions() -> dict[str, str]:
 
 def _accountant_details(accountant: str) -> dict[str, Any]:
     if accountant == "pld":
-        from dptrain_accounting import PLD_DISCRETIZATION
+        from dptrain_accounting import PLD_DISCRETIZATION, PLD_SAFETY_MARGIN
 
         return {
             "name": "pld",
             "implementation": "Google dp_accounting PLDAccountant (privacy loss distributions)",
             "discretization": {"valueDiscretizationInterval": PLD_DISCRETIZATION, "pessimistic": True},
-            "bound": "valid upper bound (pessimistic discretization rounds privacy loss up)",
-            "neighbouringRelation": "add or remove one example",
+            "safetyMargin": {"absolute": PLD_SAFETY_MARGIN[0], "relative": PLD_SAFETY_MARGIN[1]},
+            "bound": "valid upper bound (pessimistic discretization rounds privacy loss up; a small margin covers "
+            "the discretization's non-monotonicity)",
         }
     if accountant == "prv":
-        from dptrain.prv import PRV_EPS_ERROR
+        from dptrain_accounting import PRV_EPS_ERROR
 
         return {
             "name": "prv",
-            "implementation": "Opacus PRVAccountant (Gopi et al. 2021, FFT composition of privacy random variables)",
+            "implementation": "prv_accountant (Gopi, Lee & Wutschitz 2021: FFT composition of privacy random "
+            "variables)",
             "discretization": {"epsError": PRV_EPS_ERROR, "deltaError": "delta / 1000"},
             "bound": "upper end of the error bracket (eps_upper)",
-            "neighbouringRelation": "add or remove one example",
         }
     if accountant == "rdp":
         from dptrain_accounting import RDP_ORDERS
@@ -154,20 +175,20 @@ def _accountant_details(accountant: str) -> dict[str, Any]:
             "implementation": "Google dp_accounting RdpAccountant (Rényi DP, converted to (ε, δ))",
             "orders": {"count": len(RDP_ORDERS), "min": min(RDP_ORDERS), "max": max(RDP_ORDERS)},
             "bound": "valid upper bound (looser than PLD)",
-            "neighbouringRelation": "add or remove one example",
         }
     return {"name": accountant}
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: Path, *, plan: TrainingPlan | None = None) -> Path:
-    """ε (charged) and training loss over steps, as a PNG (matplotlib Agg)."""
+    """ε (charged) over steps, and the DP-released held-out metric and loss at each release, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [entry["step"] for entry in history]
-    figure, (eps_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    releases = [entry for entry in history if entry.get("released")]
+    figure, (eps_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
     eps_axis.step(steps, [entry["epsilon"] for entry in history], where="post", label="ε charged (journal)")
     if plan is not None:
         eps_axis.axhline(
@@ -178,10 +199,14 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: Path, *, plan: Tra
     eps_axis.set_ylabel("ε")
     eps_axis.set_title(f"privacy spent (δ = {plan.delta:g})" if plan is not None else "privacy spent")
     eps_axis.legend(loc="lower right")
-    loss_axis.plot(steps, [entry["loss"] for entry in history], linewidth=0.8, color="tab:orange")
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("training loss (not DP)")
-    loss_axis.set_title("training loss")
+    for key, color in (("accuracy", "tab:green"), ("auc", "tab:purple"), ("loss", "tab:orange")):
+        points = [(entry["step"], entry[key]) for entry in releases if key in entry]
+        if points:
+            metric_axis.plot(*zip(*points, strict=True), marker="o", color=color, label=f"held-out {key}")
+    metric_axis.set_xlabel("step")
+    metric_axis.set_title("held-out metrics, released with DP")
+    if releases:
+        metric_axis.legend(loc="best")
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.tmp")
     figure.savefig(temporary, format="png", dpi=100)
@@ -238,6 +263,8 @@ class ReportWriter:
             "planned_epsilon": plan.planned_epsilon,
             "accountant": plan.accountant,
             "max_grad_norm": plan.max_grad_norm,
+            "holdout_noise_multiplier": plan.holdout_noise_multiplier,
+            "planned_releases": plan.releases,
         }
 
     # --- observer -----------------------------------------------------------------------------------
@@ -263,6 +290,7 @@ class ReportWriter:
             epsilon=result.epsilon,
             **self._mechanism(result.plan),
             charged_steps=result.charged_steps,
+            charged_releases=result.charged_releases,
             steps_run=result.steps_run,
             attempts=result.attempts,
             eval_metric=result.eval_metric,
@@ -291,6 +319,7 @@ class ReportWriter:
         """Termination message for a run that did not finish: the ε the journal charged so far."""
         plan = plan or self.plan
         journal_entries: int | None = None
+        charged_releases: int | None = None
         segments: list[Mechanism] = []
         journal_path = self.output_dir / JOURNAL_NAME
         if journal_path.exists():
@@ -304,12 +333,13 @@ class ReportWriter:
                 if charged_steps is None:
                     charged_steps = journal.charged_steps
                 journal_entries, segments = len(journal.entries), _segments(journal.entries)
+                charged_releases = journal.charged_releases
                 if epsilon_spent is None and plan is not None:
                     epsilon_spent = journal.epsilon(plan.delta, plan.accountant)
             except Exception as journal_error:
                 # Unknown charges: say so (the operator then keeps the whole reservation charged).
                 logger.warning("cannot read the privacy journal: %s", journal_error)
-                charged_steps = epsilon_spent = None
+                charged_steps = epsilon_spent = charged_releases = None
         elif (self.output_dir.is_dir() or not self.output_dir.exists()) and _first_attempt():
             # No journal in the output directory of a first attempt: this job has charged nothing.
             # (On a retry a missing journal proves nothing -- the volume may have been replaced --
@@ -317,16 +347,17 @@ class ReportWriter:
             if charged_steps is None:
                 charged_steps = 0
                 epsilon_spent = 0.0 if epsilon_spent is None else epsilon_spent
-            journal_entries = 0
+            journal_entries = charged_releases = 0
         interrupted = isinstance(error, TrainingInterrupted)
         message = TerminationMessage(
             status=RunOutcome.INTERRUPTED if interrupted else RunOutcome.FAILED,
             reason=type(error).__name__,
-            exit_code=error.exit_code if isinstance(error, DptrainError) else ExitCode.CRASHED,
+            exit_code=_exit_code(error),
             error=str(error),
             epsilon=epsilon_spent,
             **self._mechanism(plan),
             charged_steps=charged_steps,
+            charged_releases=charged_releases,
             steps_run=step,
             journal_entries=journal_entries,
             segments=segments,
@@ -337,25 +368,10 @@ class ReportWriter:
     # --- the auditor's report -------------------------------------------------------------------------
 
     def write_privacy_report(self, result: TrainingResult) -> Path:
-        plan = result.plan
-        segments = compact(
-            [
-                MechanismSegment(entry["noiseMultiplier"], entry["sampleRate"], entry["steps"])
-                for entry in result.journal
-            ]
-        )
-        other: dict[str, float | None] = {}
-        for delta in OTHER_DELTAS:
-            if delta == plan.delta:
-                continue
-            try:
-                other[f"{delta:g}"] = compute_epsilon(segments, delta=delta, accountant=plan.accountant)
-            except Exception as error:
-                logger.warning("cannot compute ε at δ=%g: %s", delta, error)
-                other[f"{delta:g}"] = None
+        """privacy-report.json: the guarantee, how it was computed, and every number the job released."""
         job = self.job
         report: dict[str, Any] = {
-            "schemaVersion": 1,
+            "schemaVersion": 2,
             "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "job": {
                 "name": job.metadata.name if job else None,
@@ -363,57 +379,24 @@ class ReportWriter:
                 "uid": job.metadata.uid if job else None,
             },
             "status": "Succeeded",
-            "guarantee": {
-                "epsilon": result.epsilon,
-                "delta": plan.delta,
-                "targetEpsilon": plan.target_epsilon,
-                "withinTarget": result.epsilon <= plan.target_epsilon,
-                "epsilonAtOtherDeltas": other,
-                "statement": (
-                    f"The released model is ({format_up(result.epsilon)}, {plan.delta:g})-differentially private with "
-                    "respect to adding or removing one training record; ε composes every step the privacy journal "
-                    "charged, including steps of attempts that crashed and were rolled back."
-                ),
-            },
-            "mechanism": {
-                "algorithm": "DP-SGD with per-example gradient clipping (flat L2) and Gaussian noise",
-                "sampling": "Poisson subsampling: each training example joins each batch independently with "
-                "probability sampleRate (empty batches still take a noise-only step)",
-                "noise": "N(0, (noiseMultiplier * maxGradNorm)^2) added to the sum of clipped per-example gradients",
-                "noiseMultiplier": plan.noise_multiplier,
-                "sampleRate": plan.sample_rate,
-                "expectedBatchSize": plan.batch_size,
-                "physicalBatchSize": plan.physical_batch_size,
-                "maxGradNorm": plan.max_grad_norm,
-                "clippingMode": result.clipping_mode,
-                "plannedSteps": plan.steps,
-                "chargedSteps": result.charged_steps,
-                "stepsRun": result.steps_run,
-                "plannedEpsilon": plan.planned_epsilon,
-                "reservedByOperator": plan.reserved,
-            },
-            "accountant": _accountant_details(plan.accountant),
-            "journal": {
-                "file": JOURNAL_NAME,
-                "design": "write-ahead: each chunk of steps is fsynced to the journal before it runs; a torn "
-                "append is charged with every step the plan still allowed",
-                "attempts": result.attempts,
-                "entries": result.journal,
-                "segments": [segment.to_dict() for segment in segments],
-            },
+            "guarantee": _guarantee(result),
+            "mechanism": _mechanism_section(result),
+            "accountant": _accountant_details(result.plan.accountant),
+            "journal": _journal_section(result),
             "dataset": {
                 "name": result.dataset,
-                "trainingExamples": plan.train_size,
-                "evalExamples": plan.eval_size,
-                "exampleCountSource": self.example_count_source
-                or "the number of records of the dataset (public metadata)",
+                "declaredTrainingExamples": result.plan.train_size,
+                "declaredHoldoutExamples": result.plan.eval_size,
+                "countSource": self.example_count_source or "the declared number of records (public metadata)",
+                "note": "declared (public) sizes; the true number of records is private and never reported",
             },
+            "released": _released(result),
             "evaluation": {
                 "metric": result.eval_metric,
                 "metrics": {k: _finite(v) for k, v in result.eval_metrics.items()},
-                "note": _EVAL_NOTE,
+                "protection": "the last DP release of held-out metrics (see released)",
             },
-            "notDifferentiallyPrivate": _NOT_DP,
+            "notCovered": _NOT_COVERED,
             "randomness": _RNG_NOTE,
             "software": _versions(),
             "runtime": {
@@ -427,3 +410,113 @@ class ReportWriter:
         path = self.output_dir / REPORT_NAME
         atomic_write(path, (json.dumps(report, indent=2, allow_nan=False, default=str) + "\n").encode())
         return path
+
+
+def _partition_segments(entries: Sequence[Mapping[str, Any]], partition: str) -> list[MechanismSegment]:
+    return compact(
+        MechanismSegment(e["noiseMultiplier"], e["sampleRate"], e["steps"])
+        for e in entries
+        if e.get("partition", TRAIN) == partition
+    )
+
+
+def _guarantee(result: TrainingResult) -> dict[str, Any]:
+    plan = result.plan
+    train = _partition_segments(result.journal, TRAIN)
+    holdout = _partition_segments(result.journal, HOLDOUT)
+    other: dict[str, float | None] = {}
+    for delta in OTHER_DELTAS:
+        if delta == plan.delta:
+            continue
+        try:
+            other[f"{delta:g}"] = partitioned_epsilon(train, holdout, delta=delta, accountant=plan.accountant)
+        except Exception as error:
+            logger.warning("cannot compute ε at δ=%g: %s", delta, error)
+            other[f"{delta:g}"] = None
+    return {
+        "epsilon": result.epsilon,
+        "delta": plan.delta,
+        "targetEpsilon": plan.target_epsilon,
+        "withinTarget": result.epsilon <= plan.target_epsilon,
+        "epsilonTrainingPartition": compute_epsilon(train, delta=plan.delta, accountant=plan.accountant),
+        "epsilonHoldoutPartition": compute_epsilon(holdout, delta=plan.delta, accountant=plan.accountant),
+        "epsilonAtOtherDeltas": other,
+        "neighbouringRelation": RELATION,
+        "composition": COMPOSITION,
+        "statement": (
+            f"Everything this job released (the model, the held-out metrics, and the numbers listed under "
+            f"'released') is ({format_up(result.epsilon)}, {plan.delta:g})-differentially private with respect to "
+            "adding or removing one record; ε composes everything the privacy journal charged, including steps of "
+            "attempts that crashed and were rolled back."
+        ),
+    }
+
+
+def _mechanism_section(result: TrainingResult) -> dict[str, Any]:
+    plan = result.plan
+    return {
+        "algorithm": "DP-SGD with per-example gradient clipping (flat L2) and Gaussian noise",
+        "sampling": "Poisson subsampling: each training record joins each batch independently with probability "
+        "sampleRate (empty batches still take a noise-only step)",
+        "noise": "N(0, (noiseMultiplier * maxGradNorm)^2) added to the sum of clipped per-example gradients, "
+        "divided by the expected batch size",
+        "noiseMultiplier": plan.noise_multiplier,
+        "sampleRate": plan.sample_rate,
+        "expectedBatchSize": plan.batch_size,
+        "physicalBatchSize": plan.physical_batch_size,
+        "maxGradNorm": plan.max_grad_norm,
+        "clippingMode": result.clipping_mode,
+        "plannedSteps": plan.steps,
+        "chargedSteps": result.charged_steps,
+        "stepsRun": result.steps_run,
+        "holdoutFraction": plan.holdout_fraction,
+        "holdoutNoiseMultiplier": plan.holdout_noise_multiplier,
+        "plannedReleases": plan.releases,
+        "chargedReleases": result.charged_releases,
+        "plannedEpsilon": plan.planned_epsilon,
+        "reservedByOperator": plan.reserved,
+    }
+
+
+def _journal_section(result: TrainingResult) -> dict[str, Any]:
+    return {
+        "file": JOURNAL_NAME,
+        "design": "write-ahead: each chunk of steps (and each release) is fsynced to the journal before it runs; "
+        "a torn append is charged with everything the plan still allowed",
+        "attempts": result.attempts,
+        "entries": result.journal,
+        "segments": {
+            partition: [segment.to_dict() for segment in _partition_segments(result.journal, partition)]
+            for partition in (TRAIN, HOLDOUT)
+        },
+    }
+
+
+def _released(result: TrainingResult) -> list[dict[str, str]]:
+    """Every number or artefact the job lets out of its pod, and how it is protected."""
+    plan = result.plan
+    released = [
+        {"what": "model weights (model.pt, checkpoint.pt)", "protection": "DP-SGD on the training partition"},
+        {
+            "what": "held-out accuracy, loss (cross-entropy clipped at 2 ln(classes)) and AUC (binary tasks), in "
+            "status, metrics, the termination message, this report and training-curves.png",
+            "protection": f"Gaussian mechanism on the holdout partition, σ={plan.holdout_noise_multiplier} times "
+            f"the sums' L2 sensitivity, {result.charged_releases} release(s) charged",
+        },
+        {
+            "what": "ε, δ, σ, q, planned and charged steps and releases, attempts",
+            "protection": "public: functions of the public plan and of how many steps ran (never of the data)",
+        },
+        {
+            "what": "declared dataset sizes, feature bounds, model architecture, clipping mode",
+            "protection": "public: from the manifests",
+        },
+        {
+            "what": "errors and exit codes",
+            "protection": "public: about the manifest, the model, the file's schema or the journal, never about a "
+            "record (records with unusable values are skipped, not reported)",
+        },
+    ]
+    if plan.releases == 0:
+        released.pop(1)
+    return released

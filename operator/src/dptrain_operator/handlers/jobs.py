@@ -1,6 +1,10 @@
-"""Reconciliation of a DPTrainingJob: level-triggered and idempotent. Every call reads the world
-(the job, its dataset, its pods) and moves it one step towards the spec; create/update events and
-a timer all call the same function, so a restarted operator converges without duplicate pods."""
+"""Reconciliation of a DPTrainingJob: level-triggered and idempotent. Every call reads the world (the job, its
+dataset, its PrivacyLedger entry, its pods) and moves it one step towards the spec; create/update events and a
+timer all call the same function, so a restarted operator converges without duplicate pods.
+
+What a job may spend, how many pods it has had and what they were seen to charge live in its ledger entry,
+which only the operator writes; the job's status is a display of it, never an input.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +12,47 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
 from pydantic import ValidationError
 
-from dptrain_accounting import AccountingError, MechanismSegment
+from dptrain_accounting import AccountingError, MechanismPlan
 from dptrain_api import (
     PERMANENT_FAILURES,
     ConditionType,
     DPTrainingJob,
     ExitCode,
     JobPhase,
+    LedgerEntry,
     PrivacyStatus,
     PrivateDataset,
     ProgressStatus,
     Reason,
+    ReservedMechanisms,
     TerminationMessage,
+    dataset_identity,
     describe_validation_error,
+    holdout_fraction,
+    ledger_name,
 )
-from dptrain_operator import admission, ledger
+from dptrain_operator import admission, ledger, pods
 from dptrain_operator.conditions import get_condition, now
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.jobstate import FINISHED, JobState
 from dptrain_operator.render import (
-    ATTEMPT_LABEL,
-    JOB_UID_LABEL,
+    TRAINER_FINALIZER,
+    PodContract,
     checkpoint_claim,
     checkpoint_claim_name,
-    config_map_name,
-    job_config_map,
+    owned_by,
+    pod_name,
     trainer_pod,
 )
-from dptrain_operator.scrape import exit_code, scrape, termination_message
+from dptrain_operator.scrape import scrape
+from dptrain_operator.workers import AccountingTimeout
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Pod = dict[str, Any]
+_STOPPED_BY_US = (ExitCode.TERMINATED, ExitCode.INTERRUPTED)
 
 
 def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger) -> JobState | None:
@@ -49,7 +61,7 @@ def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: st
     Returns the state (its events still to be posted), or None when the job is gone or was re-created.
     """
     fresh = ctx.kube.get_job(namespace, name)
-    if fresh is None or fresh["metadata"]["uid"] != uid:
+    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
         return None
     state = reconcile_job(fresh, ctx, logger)
     if state.changed():
@@ -60,248 +72,523 @@ def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: st
     return state
 
 
+class Reconciliation:
+    """One reconciliation of one job: the job as read, its dataset, its ledger, and the status being written."""
+
+    def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+        self.state = JobState.read(body)
+        self.ctx, self.logger = ctx, logger
+        self.job: DPTrainingJob
+        self.dataset: PrivateDataset | None = None
+        self.ledger = ""
+
+    @property
+    def namespace(self) -> str:
+        return self.state.namespace
+
+    @property
+    def uid(self) -> str:
+        return self.state.uid
+
+    # --- entry point ---------------------------------------------------------------------------------------
+
+    def run(self) -> JobState:
+        try:
+            self.job = DPTrainingJob.model_validate(self.state.body)
+        except ValidationError as error:
+            self.state.fail(Reason.INVALID_SPEC, "; ".join(describe_validation_error(error, prefix="")))
+            return self.state
+        if not self._load_dataset():
+            return self.state
+        # A job that ended before admission (a bad spec or plan) has no entry: only its TTL is left to do. A
+        # status saying "ended" never stops a job that has an entry: the entry decides.
+        entry = self._entry(admit=self.state.phase not in FINISHED)
+        if entry is None:
+            self._ttl()
+            return self.state
+        self._show_plan(entry)
+        if entry.state == "Refused":
+            self._settle_all(entry)
+            self.state.fail(Reason(entry.outcome or Reason.BUDGET_EXCEEDED), entry.message or "refused")
+        elif entry.state == "Committed":
+            self._finished(entry)
+        else:
+            self._run(entry)
+        return self.state
+
+    # --- dataset, ledger, admission ------------------------------------------------------------------------
+
+    def _load_dataset(self) -> bool:
+        reference = self.job.spec.dataset.dataset_ref
+        if reference is None:
+            return True
+        raw = self.ctx.kube.get_dataset(self.namespace, reference.name)
+        if raw is None:
+            message = f"PrivateDataset {reference.name!r} not found in namespace {self.namespace}; create it"
+            self.state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
+            return False
+        try:
+            self.dataset = PrivateDataset.model_validate(raw)
+        except ValidationError as error:
+            problems = "; ".join(describe_validation_error(error))
+            self.state.fail(Reason.INVALID_DATASET, f"PrivateDataset {reference.name!r} is invalid: {problems}")
+            return False
+        return True
+
+    def _entry(self, *, admit: bool) -> LedgerEntry | None:
+        """The job's ledger entry, admitting the job first when it has none and ``admit`` (None: the job failed,
+        waits, or was not to be admitted)."""
+        identity = admission.job_identity(self.job, self.dataset)
+        self.ledger = ledger_name(identity)
+        try:
+            initial = holdout_fraction(self.job, self.dataset)
+            _, status = admission.open_ledger(
+                self.ctx, identity=identity, namespace=self.namespace, dataset=self.dataset, holdout=initial
+            )
+            self.state.status.ledger_name = self.ledger
+            if not self._bound(status):
+                return None
+            entry = ledger.find_entry(status, self.uid)
+            if entry is not None or not admit:
+                return entry
+            holdout = admission.holdout_of(self.job, self.dataset, status)
+        except ValueError as error:
+            self.state.fail(Reason.INVALID_SPEC, str(error))
+            return None
+        plan = self._plan(holdout)
+        if plan is None or not self._image_allowed():
+            return None
+        entry = admission.admit_job(self.ctx, self.ledger, job=self.job, plan=plan)
+        if entry.state == "Reserved":
+            message = f"planned σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {plan.steps} steps"
+            if plan.releases:
+                message += f", {plan.releases} held-out releases (σ={plan.holdout_noise_multiplier:.4g})"
+            if self.dataset is not None:
+                message += f"; reserved in PrivateDataset {self.dataset.metadata.name} (ledger {self.ledger})"
+            self.state.condition(ConditionType.ADMITTED, True, Reason.ADMITTED, message)
+            self.state.event(Reason.ADMITTED, message)
+            self.logger.info(message)
+        return entry
+
+    def _bound(self, status: Any) -> bool:
+        """The ledger describes this job's PrivateDataset (not another one over the same source)."""
+        if self.dataset is None:
+            return True
+        bound = status.dataset
+        if bound is not None and bound.uid == self.dataset.metadata.uid:
+            return True
+        if bound is None:
+            message = f"PrivateDataset {self.dataset.metadata.name!r} is not ready yet (its ledger is being opened)"
+            self.state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
+            return False
+        self.state.fail(
+            Reason.INVALID_DATASET,
+            f"PrivateDataset {self.dataset.metadata.name!r} describes the same records as PrivateDataset "
+            f"{bound.name!r}, which keeps their budget; use that one",
+        )
+        return False
+
+    def _plan(self, holdout: float) -> MechanismPlan | None:
+        try:
+            return admission.plan_job(self.ctx, self.job, self.dataset, holdout)
+        except (AccountingError, ValueError) as error:
+            self.state.fail(Reason.INVALID_PLAN, str(error))
+        except AccountingTimeout:
+            self.state.fail(
+                Reason.PLAN_TIMEOUT,
+                f"planning did not finish in {self.ctx.settings.plan_timeout_seconds:g}s; lower epochs or raise "
+                "batchSize (fewer steps plan faster)",
+            )
+        return None
+
+    def _image_allowed(self) -> bool:
+        image = self.job.spec.image
+        settings = self.ctx.settings
+        if self.dataset is None or image is None or image == settings.trainer_image or image in settings.allowed_images:
+            return True
+        self.state.fail(
+            Reason.IMAGE_NOT_ALLOWED,
+            f"spec.image {image!r} is not an allowed trainer image: only the operator's images may run next to a "
+            "PrivateDataset's records (ask the operator's administrator to add it to trainer.allowedImages, or "
+            "leave spec.image unset)",
+        )
+        return False
+
+    def _show_plan(self, entry: LedgerEntry) -> None:
+        privacy = self.state.status.privacy or PrivacyStatus(epsilon_spent=0.0, steps=0)
+        spec = self.job.spec.privacy
+        train = entry.train
+        assert train is not None
+        self.state.status.privacy = privacy.model_copy(
+            update={
+                "target_epsilon": spec.target_epsilon,
+                "delta": spec.delta,
+                "noise_multiplier": train.noise_multiplier,
+                "sample_rate": train.sample_rate,
+                "planned_steps": train.steps if entry.state == "Reserved" else privacy.planned_steps or train.steps,
+                "accountant": spec.accountant,
+            }
+        )
+        if self.state.status.progress is None:
+            self.state.status.progress = ProgressStatus(step=0, total_steps=train.steps, percent="0%")
+        self.state.status.attempts = entry.pods
+
+    # --- finished jobs ---------------------------------------------------------------------------------------
+
+    def _finished(self, entry: LedgerEntry) -> None:
+        """A committed entry is final whatever the job's status says: stop what runs, show the outcome, TTL."""
+        for pod in pods.job_pods(self.ctx.kube, self.namespace, self.uid):
+            if not pods.ended(pod):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+        self._settle_all(entry)
+        if entry.outcome == Reason.SUCCEEDED:
+            if self.state.phase != JobPhase.SUCCEEDED:
+                self.state.succeed(entry.message or "succeeded")
+        elif self.state.phase != JobPhase.FAILED:
+            self.state.fail(_reason(entry.outcome), entry.message or "failed")
+        self._ttl()
+
+    def _ttl(self) -> None:
+        """Delete a finished job ttlSecondsAfterFinished after it finished."""
+        ttl = self.job.spec.run_policy.ttl_seconds_after_finished
+        finished = self.state.status.completion_time
+        if self.state.phase not in FINISHED or ttl is None or finished is None:
+            return
+        if (datetime.now(UTC) - finished).total_seconds() >= ttl:
+            self.ctx.kube.delete_job(self.namespace, self.state.name)
+
+    def _settle_all(self, entry: LedgerEntry) -> None:
+        """Release every ended pod the ledger no longer needs to hear from (the entry is final)."""
+        for pod in pods.job_pods(self.ctx.kube, self.namespace, self.uid):
+            if pods.ended(pod) and TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
+                _remove_finalizer(self.ctx, pod)
+
+    def _commit(self, *, report: TerminationMessage | None, outcome: str, message: str) -> None:
+        steps = report.charged_steps if report is not None else None
+        releases = report.charged_releases if report is not None else None
+        status = admission.write_ledger(
+            self.ctx,
+            self.ledger,
+            lambda status: ledger.commit(
+                status, self.uid, steps=steps, releases=releases, outcome=outcome, message=message
+            ),
+        )
+        entry = ledger.find_entry(status, self.uid)
+        if entry is not None:  # the entry is final: no ended pod has anything more to tell
+            self._settle_all(entry)
+
+    # --- running ----------------------------------------------------------------------------------------------
+
+    def _run(self, entry: LedgerEntry) -> None:
+        if self.job.spec.run_policy.suspend:
+            self._suspend(entry)
+            return
+        if self._deadline_exceeded(entry):
+            return
+        if self.job.spec.checkpoint.volume == "persistentVolumeClaim" and not self._claim_intact(entry):
+            return
+        if self.state.phase == JobPhase.SUSPENDED:
+            self.state.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
+        live = pods.job_pods(self.ctx.kube, self.namespace, self.uid)
+        if any(pods.terminating(pod) for pod in live):
+            return  # an old trainer is still stopping (it holds the checkpoint): start none beside it
+        current = next((pod for pod in live if pods.number(pod) == entry.pods), None)
+        latest_settled = pod_name(self.state.name, entry.pods) in entry.settled_pods
+        if entry.pods == 0 or latest_settled:
+            self._start_pod(entry, number=entry.pods + 1)  # the last pod's end is recorded: the next attempt
+        elif current is None:
+            self._start_pod(entry, number=entry.pods)  # recorded in the ledger, not created yet (a crash between)
+        elif not pods.ended(current):
+            self._observe(entry, current)
+        else:
+            self._pod_ended(entry, current)
+        for pod in live:  # pods whose end the ledger has recorded no longer need their finalizer
+            if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
+                _remove_finalizer(self.ctx, pod)
+
+    def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
+        if number > entry.pods:
+            entry = self._update(lambda e: e.model_copy(update={"pods": number}))
+        assert entry.train is not None  # a Reserved entry holds its plan
+        contract = PodContract(
+            pod_number=number,
+            attempt=entry.started_pods + 1,
+            reserved=ReservedMechanisms(train=entry.train, holdout=entry.holdout),
+            identity=dataset_identity(self.job, self.dataset),  # what the trainer may read (not the ledger's key)
+        )
+        manifest = trainer_pod(self.job, dataset=self._dataset_for_pod(), contract=contract, settings=self.ctx.settings)
+        name = manifest["metadata"]["name"]
+        if self.ctx.kube.create_if_absent(manifest):
+            self.state.event(Reason.POD_CREATED, f"created trainer pod {name}")
+        elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
+            self._fail_and_commit(
+                Reason.CHILD_NAME_TAKEN,
+                f"a pod named {name} exists and was not created for this job; delete it or rename the job",
+                report=None if entry.started_pods else _nothing_ran(),
+            )
+            return
+        self.state.status.attempts = number
+        if self.state.status.start_time is None:
+            self.state.status.start_time = now()
+        self.state.transition(JobPhase.PENDING, Reason.STARTED, f"attempt {number} started")
+        self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {number})")
+        self.state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
+
+    def _dataset_for_pod(self) -> PrivateDataset | None:
+        """The PrivateDataset as the trainer must see it: with the holdout the ledger fixed for it."""
+        if self.dataset is None:
+            return None
+        raw = self.ctx.kube.get_ledger(self.ledger) or {}
+        fixed = (raw.get("status") or {}).get("holdoutFraction")
+        if fixed is None:
+            return self.dataset
+        spec = self.dataset.spec.model_copy(update={"holdout_fraction": fixed})
+        return self.dataset.model_copy(update={"spec": spec})
+
+    def _observe(self, entry: LedgerEntry, pod: Pod) -> None:
+        if pods.phase(pod) != "Running":
+            return
+        self.state.transition(JobPhase.RUNNING, Reason.RUNNING, f"trainer pod {pod['metadata']['name']} is running")
+        pod_ip = pod.get("status", {}).get("podIP")
+        sample = scrape(pod_ip, self.ctx.settings.trainer_metrics_port) if pod_ip else None
+        if sample is None:
+            return
+        steps, releases = sample.charged_steps or 0, sample.charged_releases or 0
+        if steps > entry.observed_steps or releases > entry.observed_releases:  # the operator's own record
+            self._update(
+                lambda e: e.model_copy(
+                    update={
+                        "observed_steps": max(e.observed_steps, steps),
+                        "observed_releases": max(e.observed_releases, releases),
+                    }
+                )
+            )
+        _show_sample(self.state, sample)
+
+    def _pod_ended(self, entry: LedgerEntry, pod: Pod) -> None:
+        report = pods.report(pod)
+        if report is not None:
+            _show_report(self.state, report)
+        if pods.phase(pod) == "Succeeded":
+            message = _success_message(self.state, self.job)
+            self._commit(report=report, outcome=Reason.SUCCEEDED, message=message)
+            self.state.succeed(message)
+            progress = self.state.status.progress or ProgressStatus()
+            self.state.status.progress = progress.model_copy(update={"percent": "100%"})
+            return
+        code = pods.code(pod)
+        error = (report.error if report else None) or f"trainer exited with code {code}"
+        final = self._final_failure(entry, code, error)
+        if final is not None:
+            self._fail_and_commit(*final, report=report)
+            return
+        self.logger.warning(f"attempt {entry.pods} failed ({error}); retrying from the last checkpoint")
+        self.state.event(Reason.ATTEMPT_FAILED, f"attempt {entry.pods} failed: {error}; retrying", warning=True)
+        entry = self._settle(pod, report=report, failed=True)
+        self._start_pod(entry, number=entry.pods + 1)
+
+    def _final_failure(self, entry: LedgerEntry, code: int | None, error: str) -> tuple[Reason, str] | None:
+        """Why a failed pod ends the job (None: retry from the checkpoint)."""
+        permanent = _permanent(code)
+        if permanent is not None:
+            return permanent, error
+        if self.job.spec.checkpoint.volume == "emptyDir":  # no persistent journal: a retry could not know the spend
+            return Reason.POD_FAILED, f"{error} (checkpoint.volume emptyDir cannot resume; use persistentVolumeClaim)"
+        failures, limit = entry.failed_pods + 1, self.job.spec.run_policy.backoff_limit
+        if failures > limit:
+            return (
+                Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"{failures} trainer pods failed (backoffLimit {limit}); last: {error}",
+            )
+        return None
+
+    def _settle(self, pod: Pod, *, report: TerminationMessage | None, failed: bool) -> LedgerEntry:
+        """Record in the ledger that ``pod`` ended: whether its trainer ran, what it reported charged."""
+        name = pod["metadata"]["name"]
+
+        def record(entry: LedgerEntry) -> LedgerEntry:
+            if name in entry.settled_pods:
+                return entry
+            return entry.model_copy(
+                update={
+                    "settled_pods": [*entry.settled_pods, name],
+                    "started_pods": entry.started_pods + (1 if pods.trainer_ran(pod) else 0),
+                    "failed_pods": entry.failed_pods + (1 if failed else 0),
+                    "observed_steps": max(entry.observed_steps, (report.charged_steps or 0) if report else 0),
+                    "observed_releases": max(entry.observed_releases, (report.charged_releases or 0) if report else 0),
+                }
+            )
+
+        return self._update(record)
+
+    def _update(self, change: Any) -> LedgerEntry:
+        status = admission.write_ledger(self.ctx, self.ledger, lambda s: ledger.update_entry(s, self.uid, change))
+        entry = ledger.find_entry(status, self.uid)
+        assert entry is not None
+        return entry
+
+    def _fail_and_commit(self, reason: Reason, message: str, *, report: TerminationMessage | None) -> None:
+        self._commit(report=report, outcome=reason, message=message)
+        self.state.fail(reason, message)
+
+    # --- stopping: suspend, deadline, lost checkpoint ---------------------------------------------------
+
+    def _stop_and_settle(self, entry: LedgerEntry) -> tuple[LedgerEntry, TerminationMessage | None] | None:
+        """Delete the job's live pods; once all have ended, record them: (the entry, the last report), or None while
+        a pod still runs. What to commit: the last report, or, when no trainer ever ran, nothing at all."""
+        live = pods.job_pods(self.ctx.kube, self.namespace, self.uid)
+        for pod in live:
+            if not pods.ended(pod) and not pod["metadata"].get("deletionTimestamp"):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+        if any(not pods.ended(pod) for pod in live):
+            return None
+        report = None
+        for pod in live:
+            if pod["metadata"]["name"] not in entry.settled_pods:
+                code = pods.code(pod)
+                entry = self._settle(pod, report=pods.report(pod), failed=code not in (*_STOPPED_BY_US, 0, None))
+            report = pods.report(pod) or report
+            _remove_finalizer(self.ctx, pod)
+        if report is None and not entry.started_pods:
+            report = _nothing_ran()
+        return entry, report
+
+    def _suspend(self, entry: LedgerEntry) -> None:
+        stopped = self._stop_and_settle(entry)
+        message = "suspended: trainer pod deleted, checkpoint kept; set spec.runPolicy.suspend=false to resume"
+        if stopped is not None:
+            self.state.transition(JobPhase.SUSPENDED, Reason.SUSPENDED, message)
+        self.state.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, message)
+        self.state.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, message)
+
+    def _deadline_exceeded(self, entry: LedgerEntry) -> bool:
+        deadline = self.job.spec.run_policy.active_deadline_seconds
+        started = self.state.status.start_time
+        if deadline is None or started is None:
+            return False
+        elapsed = (datetime.now(UTC) - started).total_seconds()
+        if elapsed <= deadline:
+            return False
+        stopped = self._stop_and_settle(entry)
+        if stopped is not None:
+            message = f"job ran {elapsed:.0f}s, longer than activeDeadlineSeconds={deadline}"
+            self._fail_and_commit(Reason.DEADLINE_EXCEEDED, message, report=stopped[1])
+        return True
+
+    def _claim_intact(self, entry: LedgerEntry) -> bool:
+        """Create the claim on first use and record its UID in the ledger. A claim this job did not create, or one
+        replaced since (deleted and re-created empty), means the journal of earlier attempts is unknown or gone:
+        the job fails instead of retrying, charged in full unless nothing ever ran."""
+        name = checkpoint_claim_name(self.state.name)
+        self.ctx.kube.create_if_absent(checkpoint_claim(self.job))
+        claim = self.ctx.kube.get_claim(self.namespace, name)
+        if claim is None:
+            return False  # created a moment ago and not readable yet: next time
+        uid = str(claim["metadata"]["uid"])
+        if not owned_by(claim, self.uid):
+            reason = Reason.CHILD_NAME_TAKEN
+            message = (
+                f"a PersistentVolumeClaim named {name} exists and was not created for this job; delete it or "
+                "rename the job (its contents cannot be trusted as this job's privacy journal)"
+            )
+        elif entry.checkpoint_claim_uid is None:
+            self._update(lambda e: e.model_copy(update={"checkpoint_claim_uid": uid}))
+            return True
+        elif entry.checkpoint_claim_uid == uid:
+            return True
+        else:
+            reason = Reason.CHECKPOINT_LOST
+            message = (
+                f"checkpoint claim {name} was replaced while the job ran: the privacy journal of earlier attempts "
+                "is gone, so their spend stays charged in full; create a new job to train again"
+            )
+        stopped = self._stop_and_settle(entry)
+        if stopped is not None:  # what the journal said is no longer to be trusted: in full, unless nothing ran
+            self._fail_and_commit(reason, message, report=None if stopped[0].started_pods else _nothing_ran())
+        return False
+
+
 def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> JobState:
     """One reconciliation step; returns the state whose status the caller writes and whose events it posts."""
-    state = JobState.read(body)
-    if state.phase in FINISHED:
-        _finish_cleanup(state, ctx)
-        return state
+    return Reconciliation(body, ctx, logger).run()
+
+
+def delete_children(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+    """On deletion: stop the trainer pods, wait until they have ended (their finalizers keep them), commit the
+    ledger entry at what the last pod's journal reported (in full when unknown), then remove pods and claim."""
+    work = Reconciliation(body, ctx, logger)
     try:
-        job = DPTrainingJob.model_validate(body)
-    except ValidationError as error:
-        state.fail(Reason.INVALID_SPEC, "; ".join(describe_validation_error(error, prefix="")))
-        return state
-    dataset = _load_dataset(job, state, ctx)
-    if dataset is None and job.spec.dataset.dataset_ref is not None:
-        return state
-    mechanism = _admit(job, dataset, state, ctx, logger)
-    if mechanism is None:
-        return state
-    if job.spec.run_policy.suspend:
-        _suspend(state, ctx)
-    elif _deadline_exceeded(job, state):
-        _stop_pods(state, ctx)
-        _commit(state, ctx, steps_ran=None)
-    else:
-        _run(job, dataset, mechanism, state, ctx, logger)
-    return state
-
-
-# --- dataset and admission -------------------------------------------------------------------
-
-
-def _load_dataset(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> PrivateDataset | None:
-    reference = job.spec.dataset.dataset_ref
-    if reference is None:
-        return None
-    raw = ctx.kube.get_dataset(state.namespace, reference.name)
-    if raw is None:
-        message = f"PrivateDataset {reference.name!r} not found in namespace {state.namespace}; create it"
-        state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
-        state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
-        return None
-    try:
-        return PrivateDataset.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(describe_validation_error(error))
-        state.fail(Reason.INVALID_DATASET, f"PrivateDataset {reference.name!r} is invalid: {problems}")
-        return None
-
-
-def _admit(
-    job: DPTrainingJob, dataset: PrivateDataset | None, state: JobState, ctx: OperatorContext, logger: Logger
-) -> MechanismSegment | None:
-    """The job's mechanism, reserved in the dataset's ledger (or None after marking the job Failed)."""
-    privacy = state.status.privacy
-    if privacy and privacy.noise_multiplier and privacy.planned_steps and privacy.sample_rate:
-        # Planned before (the plan is immutable): never recalibrate, the reservation holds this one.
-        return MechanismSegment(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)
-    try:
-        mechanism = admission.plan_job(job, dataset).segment
-    except (AccountingError, ValueError) as error:
-        state.fail(Reason.INVALID_PLAN, str(error))
-        return None
-    if dataset is not None:
-        refusal = admission.reserve(
-            ctx,
-            namespace=state.namespace,
-            dataset=dataset.metadata.name or "",
-            job_name=state.name,
-            job_uid=state.uid,
-            mechanism=mechanism,
-        )
-        _post_privacy(state, mechanism=mechanism, job=job)
-        if refusal is not None:
-            state.fail(Reason.BUDGET_EXCEEDED, refusal)
-            return None
-    _post_privacy(state, mechanism=mechanism, job=job)
-    message = f"planned σ={mechanism.noise_multiplier:.4g}, q={mechanism.sample_rate:.4g}, {mechanism.steps} steps"
-    if dataset is not None:
-        message += f"; reserved in PrivateDataset {dataset.metadata.name}"
-    state.condition(ConditionType.ADMITTED, True, Reason.ADMITTED, message)
-    state.event(Reason.ADMITTED, message)
-    logger.info(message)
-    return mechanism
-
-
-def _post_privacy(state: JobState, *, mechanism: MechanismSegment, job: DPTrainingJob) -> None:
-    state.status.privacy = PrivacyStatus(
-        epsilon_spent=0.0,
-        target_epsilon=job.spec.privacy.target_epsilon,
-        delta=job.spec.privacy.delta,
-        noise_multiplier=mechanism.noise_multiplier,
-        sample_rate=mechanism.sample_rate,
-        steps=0,
-        planned_steps=mechanism.steps,
-        accountant=job.spec.privacy.accountant,
+        work.job = DPTrainingJob.model_validate(body)
+    except ValidationError:
+        return
+    identity_dataset = None
+    reference = work.job.spec.dataset.dataset_ref
+    if reference is not None:
+        raw = ctx.kube.get_dataset(work.namespace, reference.name)
+        identity_dataset = PrivateDataset.model_validate(raw) if raw is not None else None
+    work.dataset = identity_dataset
+    work.ledger = (
+        ledger_name(admission.job_identity(work.job, identity_dataset))
+        if (reference is None or identity_dataset is not None)
+        else ""
     )
-    if state.status.progress is None:
-        state.status.progress = ProgressStatus(step=0, total_steps=mechanism.steps, percent="0%")
+    entry = _find_entry(ctx, work)
+    if entry is not None and entry.state == "Reserved":
+        stopped = work._stop_and_settle(entry)
+        if stopped is None:
+            raise kopf.TemporaryError("waiting for the trainer pods to stop", delay=2)
+        work._commit(report=stopped[1], outcome=Reason.DELETED, message="the job was deleted")
+    for pod in pods.job_pods(ctx.kube, work.namespace, work.uid):
+        if not pods.ended(pod):
+            ctx.kube.delete_pod(work.namespace, pod["metadata"]["name"])
+        _remove_finalizer(ctx, pod)
+    claim = ctx.kube.get_claim(work.namespace, checkpoint_claim_name(work.state.name))
+    if claim is not None and owned_by(claim, work.uid):
+        ctx.kube.delete_claim(work.namespace, checkpoint_claim_name(work.state.name))
+    ctx.metrics.observe_job(work.uid, None)
 
 
-def _dataset_name(state: JobState) -> str | None:
-    reference = (state.body.get("spec") or {}).get("dataset", {}).get("datasetRef")
-    return str(reference["name"]) if reference else None
+def _find_entry(ctx: OperatorContext, work: Reconciliation) -> LedgerEntry | None:
+    """The job's entry: in the ledger its dataset names, else (its dataset is gone) in whichever ledger has it."""
+    candidates = [work.ledger] if work.ledger else []
+    candidates += [
+        raw["metadata"]["name"] for raw in ctx.kube.list_ledgers() if raw["metadata"]["name"] not in candidates
+    ]
+    for name in candidates:
+        raw = ctx.kube.get_ledger(name)
+        if raw is None:
+            continue
+        entry = ledger.find_entry(admission.parse_status(raw), work.uid)
+        if entry is not None:
+            work.ledger = name
+            return entry
+    return None
 
 
-def _commit(state: JobState, ctx: OperatorContext, *, steps_ran: int | None) -> None:
-    """Make the ledger entry final with what the journal proves ran (None: unknown, all stays charged)."""
-    dataset = _dataset_name(state)
-    if dataset is not None:
-        admission.commit(ctx, namespace=state.namespace, dataset=dataset, job_uid=state.uid, steps_ran=steps_ran)
+# --- small helpers ------------------------------------------------------------------------------------------
 
 
-# --- running ---------------------------------------------------------------------------------
+def _nothing_ran() -> TerminationMessage:
+    """What to commit when no trainer of the job ever started: nothing was charged."""
+    from dptrain_api import RunOutcome
+
+    return TerminationMessage(status=RunOutcome.FAILED, exit_code=0, charged_steps=0, charged_releases=0)
 
 
-def _job_pods(state: JobState, ctx: OperatorContext) -> list[Pod]:
-    pods = ctx.kube.list_pods(state.namespace, f"{JOB_UID_LABEL}={state.uid}")
-    return sorted(pods, key=_pod_attempt)
-
-
-def _finished(pod: Pod) -> bool:
-    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-
-
-def _pod_attempt(pod: Pod) -> int:
-    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
-
-
-def _stop_pods(state: JobState, ctx: OperatorContext) -> None:
-    for pod in _job_pods(state, ctx):
-        if not _finished(pod):
-            ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
-
-
-def _suspend(state: JobState, ctx: OperatorContext) -> None:
-    for pod in _job_pods(state, ctx):
-        ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
-    message = "suspended: trainer pod deleted, checkpoint kept; set spec.runPolicy.suspend=false to resume"
-    state.transition(JobPhase.SUSPENDED, Reason.SUSPENDED, message)
-    state.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, message)
-    state.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, message)
-
-
-def _deadline_exceeded(job: DPTrainingJob, state: JobState) -> bool:
-    deadline = job.spec.run_policy.active_deadline_seconds
-    started = state.status.start_time
-    if deadline is None or started is None:
-        return False
-    elapsed = (datetime.now(UTC) - started).total_seconds()
-    if elapsed <= deadline:
-        return False
-    state.fail(Reason.DEADLINE_EXCEEDED, f"job ran {elapsed:.0f}s, longer than activeDeadlineSeconds={deadline}")
-    return True
-
-
-def _run(  # noqa: PLR0917
-    job: DPTrainingJob,
-    dataset: PrivateDataset | None,
-    mechanism: MechanismSegment,
-    state: JobState,
-    ctx: OperatorContext,
-    logger: Logger,
-) -> None:
-    if state.phase == JobPhase.SUSPENDED:
-        state.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
-    ctx.kube.create_if_absent(job_config_map(job, dataset))
-    if job.spec.checkpoint.volume == "persistentVolumeClaim" and not _checkpoint_claim_intact(job, state, ctx):
-        return
-    pods = _job_pods(state, ctx)
-    if any(pod["metadata"].get("deletionTimestamp") and not _finished(pod) for pod in pods):
-        return  # an old trainer is still stopping (it holds the checkpoint): start none beside it
-    live = [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
-    current = live[-1] if live else None
-    # Pods are the truth: a status write lost in an operator crash is recovered from their labels.
-    attempts = max(state.status.attempts or 0, max((_pod_attempt(pod) for pod in pods), default=0))
-    state.status.attempts = attempts
-    if current is None or _pod_attempt(current) < attempts:
-        _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempts + 1)
-        return
-    phase = current.get("status", {}).get("phase", "Pending")
-    if phase in ("Pending", "Running", "Unknown"):
-        _observe_running(current, state, ctx)
-        return
-    summary = termination_message(current)
-    if summary is not None:
-        _apply_summary(summary, state)
-    if phase == "Succeeded":
-        _succeed(job, state, ctx, summary)
-    else:
-        _attempt_failed(job, dataset, mechanism, state, ctx, logger, pods=pods, pod=current, summary=summary)
-
-
-def _succeed(job: DPTrainingJob, state: JobState, ctx: OperatorContext, summary: TerminationMessage | None) -> None:
-    _commit(state, ctx, steps_ran=summary.charged_steps if summary else None)
-    privacy = state.status.privacy or PrivacyStatus()
-    message = f"trained {privacy.steps} steps"
-    if privacy.epsilon_spent is not None:
-        message += f", ε={privacy.epsilon_spent:.4g} ≤ {job.spec.privacy.target_epsilon:g}"
-    state.succeed(message)
-    progress = state.status.progress or ProgressStatus()
-    state.status.progress = progress.model_copy(update={"percent": "100%"})
-
-
-def _attempt_failed(  # noqa: PLR0917
-    job: DPTrainingJob,
-    dataset: PrivateDataset | None,
-    mechanism: MechanismSegment,
-    state: JobState,
-    ctx: OperatorContext,
-    logger: Logger,
-    *,
-    pods: list[Pod],
-    pod: Pod,
-    summary: TerminationMessage | None,
-) -> None:
-    """A failed trainer pod: fail the job (permanent error, no resumable storage, backoff spent) or retry."""
-    code = exit_code(pod)
-    error = (summary.error if summary else None) or f"trainer exited with code {code}"
-    charged = summary.charged_steps if summary else None
-    permanent = _permanent_failure(code)
-    failures = sum(1 for candidate in pods if candidate.get("status", {}).get("phase") == "Failed")
-    if permanent is not None:
-        reason, message = permanent, str(error)
-    elif job.spec.checkpoint.volume == "emptyDir":
-        # Without a persistent journal a retry could not know what the failed attempt spent.
-        reason, message = (
-            Reason.POD_FAILED,
-            f"{error} (checkpoint.volume emptyDir cannot resume; use persistentVolumeClaim)",
+def _remove_finalizer(ctx: OperatorContext, pod: Pod) -> None:
+    if TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
+        admission.retry_on_conflict(
+            lambda: ctx.kube.remove_pod_finalizer(
+                ctx.kube.get_pod(pod["metadata"]["namespace"], pod["metadata"]["name"]) or pod, TRAINER_FINALIZER
+            ),
+            what=f"releasing pod {pod['metadata']['name']}",
+            retries=5,
         )
-    elif failures > job.spec.run_policy.backoff_limit:
-        reason = Reason.BACKOFF_LIMIT_EXCEEDED
-        message = f"{failures} trainer pods failed (backoffLimit {job.spec.run_policy.backoff_limit}); last: {error}"
-    else:
-        attempt = state.status.attempts or 0
-        logger.warning(f"attempt {attempt} failed ({error}); retrying from the last checkpoint")
-        state.event(Reason.ATTEMPT_FAILED, f"attempt {attempt} failed: {error}; retrying", warning=True)
-        _start_attempt(job, dataset, mechanism, state, ctx, attempt=attempt + 1)
-        return
-    _commit(state, ctx, steps_ran=charged)
-    state.fail(reason, message)
 
 
-def _permanent_failure(code: int | None) -> Reason | None:
+def _permanent(code: int | None) -> Reason | None:
     """The failure reason of a trainer exit that retrying cannot fix (None: retry)."""
     try:
         return PERMANENT_FAILURES.get(ExitCode(code)) if code is not None else None
@@ -309,61 +596,29 @@ def _permanent_failure(code: int | None) -> Reason | None:
         return None
 
 
-def _checkpoint_claim_intact(job: DPTrainingJob, state: JobState, ctx: OperatorContext) -> bool:
-    """Create the claim on first use and remember its UID. Should it later be replaced (deleted and
-    re-created empty), the journal of earlier attempts is gone: a retry would start a fresh journal
-    and the ledger could no longer learn what those attempts spent, so the job fails instead."""
-    ctx.kube.create_if_absent(checkpoint_claim(job))
-    uid = ctx.kube.claim_uid(state.namespace, checkpoint_claim_name(state.name))
-    known = state.status.checkpoint_claim_uid
-    if uid is not None and known is None:
-        state.status.checkpoint_claim_uid = uid
-    if known is None or uid == known:
-        return True
-    _stop_pods(state, ctx)
-    _commit(state, ctx, steps_ran=None)
-    state.fail(
-        Reason.CHECKPOINT_LOST,
-        f"checkpoint claim {checkpoint_claim_name(state.name)} was replaced while the job ran: the privacy journal "
-        "of earlier attempts is gone, so their spend stays charged in full; create a new job to train again",
-    )
-    return False
+def _reason(outcome: str | None) -> Reason:
+    try:
+        return Reason(outcome or Reason.POD_FAILED)
+    except ValueError:
+        return Reason.POD_FAILED
 
 
-def _start_attempt(
-    job: DPTrainingJob,
-    dataset: PrivateDataset | None,
-    mechanism: MechanismSegment,
-    state: JobState,
-    ctx: OperatorContext,
-    *,
-    attempt: int,
-) -> None:
-    pod = trainer_pod(job, attempt=attempt, mechanism=mechanism, dataset=dataset, settings=ctx.settings)
-    name = pod["metadata"]["name"]
-    if ctx.kube.create_if_absent(pod):
-        state.event(Reason.POD_CREATED, f"created trainer pod {name}")
-    state.status.attempts = attempt
-    if state.status.start_time is None:
-        state.status.start_time = now()
-    state.transition(JobPhase.PENDING, Reason.STARTED, f"attempt {attempt} started")
-    state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {attempt})")
-    state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
+def _success_message(state: JobState, job: DPTrainingJob) -> str:
+    privacy = state.status.privacy or PrivacyStatus()
+    message = f"trained {privacy.steps} steps"
+    if privacy.epsilon_spent is not None:
+        message += f", ε={privacy.epsilon_spent:.4g} ≤ {job.spec.privacy.target_epsilon:g}"
+    return message
 
 
-def _observe_running(pod: Pod, state: JobState, ctx: OperatorContext) -> None:
-    if pod.get("status", {}).get("phase") != "Running":
-        return
-    state.transition(JobPhase.RUNNING, Reason.RUNNING, f"trainer pod {pod['metadata']['name']} is running")
-    pod_ip = pod.get("status", {}).get("podIP")
-    sample = scrape(pod_ip, ctx.settings.trainer_metrics_port) if pod_ip else None
-    if sample is None:
-        return
+def _show_sample(state: JobState, sample: Any) -> None:
     privacy = state.status.privacy or PrivacyStatus()
     progress = state.status.progress or ProgressStatus()
     if sample.epsilon_spent is not None:
         # Never lower what status shows: a fresh attempt reports from its journal, which only grows.
         privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(sample.epsilon_spent))
+    if sample.charged_steps is not None:
+        privacy.steps = max(privacy.steps or 0, sample.charged_steps)
     if sample.steps is not None:
         progress.step = sample.steps
     total = sample.planned_steps or progress.total_steps
@@ -377,42 +632,22 @@ def _observe_running(pod: Pod, state: JobState, ctx: OperatorContext) -> None:
     state.status.privacy, state.status.progress = privacy, progress
 
 
-def _apply_summary(summary: TerminationMessage, state: JobState) -> None:
+def _show_report(state: JobState, report: TerminationMessage) -> None:
     privacy = state.status.privacy or PrivacyStatus()
     progress = state.status.progress or ProgressStatus()
-    if summary.epsilon is not None:
-        privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(summary.epsilon))
-    if summary.charged_steps is not None:
-        privacy.steps = summary.charged_steps
-    if summary.steps_run is not None:
-        progress.step = summary.steps_run
-    name = summary.eval_metric
-    if name is not None and name in summary.eval_metrics:
-        progress.eval_metric, progress.eval_value = name, summary.eval_metrics[name]
+    if report.epsilon is not None:
+        privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(report.epsilon))
+    if report.charged_steps is not None:
+        privacy.steps = report.charged_steps
+    if report.steps_run is not None:
+        progress.step = report.steps_run
+    name = report.eval_metric
+    if name is not None and name in report.eval_metrics:
+        progress.eval_metric, progress.eval_value = name, report.eval_metrics[name]
+    if "loss" in report.eval_metrics:
+        progress.loss = report.eval_metrics["loss"]
     progress.last_update_time = now()
     state.status.privacy, state.status.progress = privacy, progress
 
 
-# --- finished jobs and deletion ----------------------------------------------------------------
-
-
-def _finish_cleanup(state: JobState, ctx: OperatorContext) -> None:
-    """TTL after completion; nothing else changes on a finished job."""
-    ttl = (state.body.get("spec") or {}).get("runPolicy", {}).get("ttlSecondsAfterFinished")
-    finished = state.status.completion_time
-    if ttl is None or finished is None:
-        return
-    if (datetime.now(UTC) - finished).total_seconds() >= ttl:
-        ctx.kube.delete_job(state.namespace, state.name)
-
-
-def delete_children(body: dict[str, Any], ctx: OperatorContext) -> None:
-    """On deletion: remove pods, ConfigMap and claim (don't rely on garbage collection alone) and make
-    the ledger entry final. A job that started pods and did not report stays charged in full."""
-    state = JobState.read(body)
-    for pod in _job_pods(state, ctx):
-        ctx.kube.delete_pod(state.namespace, pod["metadata"]["name"])
-    ctx.kube.delete_config_map(state.namespace, config_map_name(state.name))
-    ctx.kube.delete_claim(state.namespace, checkpoint_claim_name(state.name))
-    _commit(state, ctx, steps_ran=0 if not state.status.attempts else None)
-    ctx.metrics.observe_job(state.uid, None)
+__all__ = ["FINISHED", "delete_children", "reconcile_and_write", "reconcile_job"]

@@ -1,11 +1,12 @@
 """Pure builders: manifests of the objects a job runs as. No I/O, no cluster."""
 
 from dptrain_operator.render.children import (
-    JOB_FILE,
     TERMINATION_MESSAGE_PATH,
     TRAINER_CONTAINER,
+    TRAINER_FINALIZER,
+    PodContract,
     checkpoint_claim,
-    job_config_map,
+    job_manifest,
     trainer_pod,
 )
 from dptrain_operator.render.labels import (
@@ -13,23 +14,26 @@ from dptrain_operator.render.labels import (
     JOB_NAME_LABEL,
     JOB_UID_LABEL,
     checkpoint_claim_name,
-    config_map_name,
+    child_name,
     job_labels,
+    owned_by,
     pod_name,
 )
 
 __all__ = [
     "ATTEMPT_LABEL",
-    "JOB_FILE",
     "JOB_NAME_LABEL",
     "JOB_UID_LABEL",
     "TERMINATION_MESSAGE_PATH",
     "TRAINER_CONTAINER",
+    "TRAINER_FINALIZER",
+    "PodContract",
     "checkpoint_claim",
     "checkpoint_claim_name",
-    "config_map_name",
-    "job_config_map",
+    "child_name",
     "job_labels",
+    "job_manifest",
+    "owned_by",
     "pod_name",
     "trainer_pod",
 ]

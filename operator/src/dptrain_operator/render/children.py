@@ -1,4 +1,4 @@
-"""Pure builders of the objects a DPTrainingJob runs as: ConfigMap, checkpoint PVC, trainer Pod.
+"""Pure builders of the objects a DPTrainingJob runs as: checkpoint PVC and trainer Pods.
 
 They return plain manifests (dicts), so unit tests validate them against the real Kubernetes
 schemas without a cluster.
@@ -6,37 +6,35 @@ schemas without a cluster.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from dptrain_accounting import MechanismSegment
-from dptrain_api import DEFAULT_TERMINATION_MESSAGE_PATH, DPTrainingJob, Mechanism, PodEnv, PrivateDataset
+from dptrain_api import DEFAULT_TERMINATION_MESSAGE_PATH, DPTrainingJob, PodEnv, PrivateDataset, ReservedMechanisms
 from dptrain_operator.render.labels import (
     ATTEMPT_LABEL,
     checkpoint_claim_name,
     child_metadata,
-    config_map_name,
     pod_name,
 )
 from dptrain_operator.settings import Settings
 
-JOB_FILE = "job.yaml"
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_MESSAGE_PATH
 TRAINER_CONTAINER = "trainer"
 
 
-def job_config_map(job: DPTrainingJob, dataset: PrivateDataset | None) -> dict[str, Any]:
-    """The manifest the trainer runs: the job, plus the PrivateDataset its datasetRef names."""
+TRAINER_FINALIZER = "dptrain.io/record-outcome"
+"""Kept on trainer pods until the operator has recorded how the pod ended (its termination message)."""
+
+
+def job_manifest(job: DPTrainingJob, dataset: PrivateDataset | None) -> str:
+    """The manifest the trainer runs (the job, plus the PrivateDataset its datasetRef names), as YAML. It goes
+    into the pod's environment: part of the immutable pod spec, so nobody can swap it after admission."""
     documents = [_spec_only(job.to_wire())]
     if dataset is not None:
         documents.append(_spec_only(dataset.to_wire()))
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": child_metadata(job, config_map_name(job.metadata.name or "")),
-        "data": {JOB_FILE: yaml.safe_dump_all(documents, sort_keys=False)},
-    }
+    return yaml.safe_dump_all(documents, sort_keys=False)
 
 
 def _spec_only(document: dict[str, Any]) -> dict[str, Any]:
@@ -65,18 +63,29 @@ def checkpoint_claim(job: DPTrainingJob) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class PodContract:
+    """What the operator hands one trainer pod, from its own (trusted) ledger entry."""
+
+    pod_number: int
+    """The n-th pod of the job (its name)."""
+    attempt: int
+    """1 + the earlier pods whose trainer ran: any attempt > 1 must find their privacy journal."""
+    reserved: ReservedMechanisms
+    identity: str
+    """The dataset identity the job was admitted for."""
+
+
 def trainer_pod(
-    job: DPTrainingJob,
-    *,
-    attempt: int,
-    mechanism: MechanismSegment,
-    dataset: PrivateDataset | None,
-    settings: Settings,
+    job: DPTrainingJob, *, dataset: PrivateDataset | None, contract: PodContract, settings: Settings
 ) -> dict[str, Any]:
     """The trainer pod of one attempt. Locked down: it reads patient data, so it gets no API token,
-    no root, no writable root filesystem, no capabilities and no privilege escalation."""
+    no root, no writable root filesystem, no capabilities and no privilege escalation. Its finalizer keeps it
+    until the operator has read how it ended."""
     name = job.metadata.name or ""
     volumes, mounts = _volumes(job, dataset, settings)
+    container = _trainer_container(job, mounts=mounts, settings=settings)
+    container["env"] = _trainer_env(job, dataset=dataset, contract=contract, settings=settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": settings.trainer_service_account,
@@ -89,7 +98,7 @@ def trainer_pod(
             "fsGroup": settings.trainer_run_as_user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_trainer_container(job, attempt=attempt, mechanism=mechanism, mounts=mounts, settings=settings)],
+        "containers": [container],
         "volumes": volumes,
     }
     resources = job.spec.resources
@@ -99,7 +108,10 @@ def trainer_pod(
         pod_spec["tolerations"] = [toleration.to_wire() for toleration in resources.tolerations]
     if resources.priority_class_name:
         pod_spec["priorityClassName"] = resources.priority_class_name
-    metadata = child_metadata(job, pod_name(name, attempt), extra_labels={ATTEMPT_LABEL: str(attempt)})
+    metadata = child_metadata(
+        job, pod_name(name, contract.pod_number), extra_labels={ATTEMPT_LABEL: str(contract.pod_number)}
+    )
+    metadata["finalizers"] = [TRAINER_FINALIZER]
     metadata["annotations"] = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(settings.trainer_metrics_port),
@@ -110,14 +122,12 @@ def trainer_pod(
 def _volumes(
     job: DPTrainingJob, dataset: PrivateDataset | None, settings: Settings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The pod's volumes and the trainer's mounts: job config and data read-only, checkpoint and scratch writable."""
+    """The pod's volumes and the trainer's mounts: data read-only, checkpoint and scratch writable."""
     volumes: list[dict[str, Any]] = [
-        {"name": "job-config", "configMap": {"name": config_map_name(job.metadata.name or "")}},
         {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
         _checkpoint_volume(job),
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": "job-config", "mountPath": settings.job_config_mount_path, "readOnly": True},
         {"name": "scratch", "mountPath": settings.scratch_mount_path},
         {"name": "checkpoint", "mountPath": settings.checkpoint_mount_path},
     ]
@@ -128,12 +138,11 @@ def _volumes(
     return volumes, mounts
 
 
-def _trainer_env(job: DPTrainingJob, *, attempt: int, mechanism: MechanismSegment, settings: Settings) -> list[Any]:
+def _trainer_env(
+    job: DPTrainingJob, *, dataset: PrivateDataset | None, contract: PodContract, settings: Settings
+) -> list[Any]:
     cpu_limit = {"resourceFieldRef": {"containerName": TRAINER_CONTAINER, "resource": "limits.cpu", "divisor": "1"}}
     pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
-    reserved = Mechanism(
-        noise_multiplier=mechanism.noise_multiplier, sample_rate=mechanism.sample_rate, steps=mechanism.steps
-    )
     return [
         {"name": "POD_IP", "valueFrom": pod_ip},
         # The metrics server binds to the pod IP only (not 0.0.0.0): nothing else in the pod listens.
@@ -144,16 +153,16 @@ def _trainer_env(job: DPTrainingJob, *, attempt: int, mechanism: MechanismSegmen
         {"name": PodEnv.JOB_NAME, "value": job.metadata.name or ""},
         {"name": PodEnv.JOB_NAMESPACE, "value": job.metadata.namespace or "default"},
         {"name": PodEnv.JOB_UID, "value": job.metadata.uid or ""},
-        {"name": PodEnv.ATTEMPT, "value": str(attempt)},
-        {"name": PodEnv.RESERVED_MECHANISM, "value": reserved.model_dump_json(by_alias=True)},
+        {"name": PodEnv.ATTEMPT, "value": str(contract.attempt)},
+        {"name": PodEnv.RESERVED_MECHANISM, "value": contract.reserved.model_dump_json(by_alias=True)},
+        {"name": PodEnv.DATASET_IDENTITY, "value": contract.identity},
+        {"name": PodEnv.JOB_MANIFEST, "value": job_manifest(job, dataset)},
         {"name": "HOME", "value": settings.scratch_mount_path},
         {"name": "MPLCONFIGDIR", "value": settings.scratch_mount_path},
     ]
 
 
-def _trainer_container(
-    job: DPTrainingJob, *, attempt: int, mechanism: MechanismSegment, mounts: list[Any], settings: Settings
-) -> dict[str, Any]:
+def _trainer_container(job: DPTrainingJob, *, mounts: list[Any], settings: Settings) -> dict[str, Any]:
     resources = job.spec.resources
     limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
     if resources.gpus > 0:
@@ -161,7 +170,8 @@ def _trainer_container(
     command = [
         "dptrain",
         "run",
-        f"{settings.job_config_mount_path}/{JOB_FILE}",
+        "--from-env",
+        PodEnv.JOB_MANIFEST.value,
         "--output",
         settings.checkpoint_mount_path,
         "--data-dir",
@@ -177,12 +187,12 @@ def _trainer_container(
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
-        "env": _trainer_env(job, attempt=attempt, mechanism=mechanism, settings=settings),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
         "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Never the log: it may say how many records were skipped, which only the data's steward should read.
+        "terminationMessagePolicy": "File",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

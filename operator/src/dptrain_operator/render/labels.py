@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from dptrain_api import DPTrainingJob
@@ -32,6 +33,12 @@ def job_labels(job: DPTrainingJob) -> dict[str, str]:
     return labels
 
 
+def owned_by(manifest: dict[str, Any], uid: str) -> bool:
+    """True if ``manifest`` names the object with ``uid`` as its controller (the operator created it for that job)."""
+    references = (manifest.get("metadata") or {}).get("ownerReferences") or []
+    return any(reference.get("uid") == uid and reference.get("controller") for reference in references)
+
+
 def owner_reference(job: DPTrainingJob) -> dict[str, Any]:
     return {
         "apiVersion": job.api_version,
@@ -52,14 +59,21 @@ def child_metadata(job: DPTrainingJob, name: str, *, extra_labels: dict[str, str
     }
 
 
-def config_map_name(job_name: str) -> str:
-    return f"{job_name}-config"[:253]
+def child_name(job_name: str, suffix: str, *, limit: int = _MAX_LABEL_VALUE) -> str:
+    """``<job>-<suffix>``, at most ``limit`` characters (a DNS label, so pods can be hostnames). A job name too
+    long for it is cut and followed by a hash of the whole name: deterministic, and two long names sharing a
+    prefix never get the same child."""
+    name = f"{job_name}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:10]
+    keep = limit - len(suffix) - len(digest) - 2
+    return f"{job_name[:keep].rstrip('-.')}-{digest}-{suffix}"
 
 
 def checkpoint_claim_name(job_name: str) -> str:
-    return f"{job_name}-checkpoint"[:253]
+    return child_name(job_name, "checkpoint", limit=253)
 
 
 def pod_name(job_name: str, attempt: int) -> str:
-    suffix = f"-attempt-{attempt}"
-    return job_name[: 253 - len(suffix)] + suffix
+    return child_name(job_name, f"attempt-{attempt}")

@@ -1,0 +1,77 @@
+"""Planning and ledger accounting run in child processes, each with a time limit.
+
+Calibrating σ and composing a ledger are CPU-bound numpy work. In the operator's own process they would hold
+the GIL for as long as they take, and kopf's event loop (watches, /healthz, other jobs) would wait behind them:
+one job planning tens of millions of steps once kept /healthz from answering for 30 s. A child process per
+call (forked from a server that has the accounting libraries loaded, so it starts in milliseconds) runs the
+maths; the handler thread only waits on a pipe, and a call that runs past its limit is killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Final, TypeVar
+
+__all__ = ["AccountingTimeout", "AccountingWorkers"]
+
+T = TypeVar("T")
+_PRELOAD: Final = ["dptrain_accounting", "dp_accounting.pld.pld_privacy_accountant", "dp_accounting.rdp"]
+
+
+class AccountingTimeout(Exception):  # noqa: N818 - it is the outcome "timed out", not a bug
+    """The computation did not finish within its time limit (its process was killed)."""
+
+
+def _child(connection: Connection, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        connection.send((True, function(*args, **kwargs)))
+    except BaseException as error:  # the parent re-raises it
+        connection.send((False, error))
+    finally:
+        connection.close()
+
+
+class AccountingWorkers:
+    """``call(fn, *args, **kwargs)`` runs ``fn`` in a fresh child process and returns its result (or re-raises its
+    exception); past ``timeout`` seconds the child is killed and :class:`AccountingTimeout` raised.
+    ``in_process=True`` calls ``fn`` directly (unit tests)."""
+
+    def __init__(self, *, timeout: float, in_process: bool = False) -> None:
+        self.timeout = timeout
+        self.in_process = in_process
+        self._context: Any = None
+        self._lock = threading.Lock()
+
+    def _start_context(self) -> Any:
+        with self._lock:
+            if self._context is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(_PRELOAD)
+                self._context = context
+            return self._context
+
+    def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        if self.in_process:
+            return function(*args, **kwargs)
+        context = self._start_context()
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(sender, function, args, kwargs), daemon=True)
+        process.start()
+        sender.close()
+        try:
+            if not receiver.poll(self.timeout):
+                process.kill()
+                raise AccountingTimeout(f"{getattr(function, '__name__', function)} took longer than {self.timeout:g}s")
+            ok, value = receiver.recv()
+        except EOFError:
+            raise RuntimeError("the accounting worker died without an answer") from None
+        finally:
+            receiver.close()
+            process.join(timeout=5)
+        if not ok:
+            raise value
+        result: T = value
+        return result

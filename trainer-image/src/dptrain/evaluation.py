@@ -1,0 +1,122 @@
+"""Held-out metrics, released with differential privacy (the Gaussian mechanism on the holdout partition).
+
+What leaves the pod about the held-out records is never an exact statistic: each release adds Gaussian noise
+to a vector of sums over the holdout, one row per record,
+
+    [1, correct, min(loss, L) / L, one-hot(class, score bin)]    (the last part for binary tasks only),
+
+L = :func:`loss_clip`,
+
+whose L2 norm is at most ``sensitivity(num_classes)``: adding or removing one record moves the sums by at most
+that much. The noise std is σ_holdout times that sensitivity, so one release is the Gaussian mechanism with
+noise multiplier σ_holdout (``dptrain_accounting.MechanismSegment(σ_holdout, 1.0, 1)``), charged to the holdout
+partition in the journal before it is computed. Accuracy, clipped loss and AUC are then computed from the
+noisy sums (post-processing, free).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dptrain.checkpoint import unwrap_model
+
+__all__ = ["AUC_BINS", "dp_release", "holdout_sums", "loss_clip", "release_schedule", "sensitivity"]
+AUC_BINS: Final = 10
+"""Score bins of the binary-task histograms the AUC is computed from."""
+_BATCH: Final = 4096
+
+
+def loss_clip(num_classes: int) -> float:
+    """Per-record cross-entropy is clipped at twice the loss of a uniform guess, 2·ln(classes), before it is
+    summed: it bounds the sensitivity, and a tighter clip leaves more signal above the noise."""
+    return max(1.0, 2.0 * math.log(num_classes))
+
+
+def sensitivity(num_classes: int) -> float:
+    """L2 norm bound of one record's row: count, correct, clipped loss (each ≤ 1) and, binary, one histogram cell."""
+    return 2.0 if num_classes == 2 else math.sqrt(3.0)
+
+
+def holdout_sums(model: nn.Module, holdout: TensorDataset, *, num_classes: int, device: torch.device) -> torch.Tensor:
+    """The EXACT sums over the held-out records (float64). Private: only :func:`dp_release` may see them."""
+    features, labels = holdout.tensors
+    width = 3 + (2 * AUC_BINS if num_classes == 2 else 0)
+    sums = torch.zeros(width, dtype=torch.float64)
+    module = unwrap_model(model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(labels), _BATCH):
+                logits = module(features[start : start + _BATCH].to(device)).double().cpu()
+                target = labels[start : start + _BATCH].cpu()
+                sums += _rows(logits, target, num_classes=num_classes).sum(dim=0)
+    finally:
+        module.train(was_training)
+    return sums
+
+
+def _rows(logits: torch.Tensor, target: torch.Tensor, *, num_classes: int) -> torch.Tensor:
+    clip = loss_clip(num_classes)
+    losses = nn.functional.cross_entropy(logits, target, reduction="none").clamp(max=clip) / clip
+    correct = (logits.argmax(dim=1) == target).double()
+    rows = torch.stack([torch.ones_like(correct), correct, losses], dim=1)
+    if num_classes != 2:
+        return rows
+    score = torch.softmax(logits, dim=1)[:, 1]
+    cell = target * AUC_BINS + (score * AUC_BINS).long().clamp(max=AUC_BINS - 1)
+    return torch.cat([rows, nn.functional.one_hot(cell, 2 * AUC_BINS).double()], dim=1)
+
+
+def _gaussian(size: int, *, std: float, generator: torch.Generator) -> torch.Tensor:
+    """N(0, std²) per coordinate as the average of four draws scaled by 2 (Opacus' secure_mode construction):
+    the floating-point attack on a single draw's low-order bits (Mironov 2012; Jin et al. 2021) does not apply."""
+    draws = torch.normal(0.0, std, size=(4, size), generator=generator, dtype=torch.float64)
+    return draws.sum(dim=0) / 2.0
+
+
+def dp_release(
+    model: nn.Module,
+    holdout: TensorDataset,
+    *,
+    num_classes: int,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, float]:
+    """One DP release of held-out accuracy, loss (clipped at :func:`loss_clip`) and, for binary tasks, AUC.
+
+    Charge it (one step of the holdout partition's mechanism) BEFORE calling this.
+    """
+    sums = holdout_sums(model, holdout, num_classes=num_classes, device=device)
+    noisy = sums + _gaussian(len(sums), std=noise_multiplier * sensitivity(num_classes), generator=generator)
+    count = max(float(noisy[0]), 1.0)
+    metrics = {
+        "accuracy": min(max(float(noisy[1]) / count, 0.0), 1.0),
+        "loss": loss_clip(num_classes) * min(max(float(noisy[2]) / count, 0.0), 1.0),
+    }
+    if num_classes == 2:
+        auc = _auc(noisy[3:].clamp(min=0.0))
+        if auc is not None:
+            metrics["auc"] = auc
+    return metrics
+
+
+def _auc(histograms: torch.Tensor) -> float | None:
+    """ROC AUC from per-class score histograms (ties within a bin count half), None when a class is empty."""
+    negative, positive = histograms[:AUC_BINS], histograms[AUC_BINS:]
+    total = float(negative.sum()) * float(positive.sum())
+    if total <= 0.0:
+        return None
+    above = torch.flip(torch.cumsum(torch.flip(positive, [0]), 0), [0]) - positive  # positives in higher bins
+    return float((negative * (above + 0.5 * positive)).sum()) / total
+
+
+def release_schedule(*, steps: int, releases: int) -> list[int]:
+    """The steps after which held-out metrics are released: evenly spaced, the last at the end of the plan."""
+    return [math.ceil(k * steps / releases) for k in range(1, releases + 1)] if releases > 0 else []
