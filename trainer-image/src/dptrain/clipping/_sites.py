@@ -1,0 +1,418 @@
+"""Sites: one parametrised map inside a covered layer, and its book-keeping maths.
+
+A site holds the map's input activations and output gradients of ONE forward/backward pass (the
+gradients are those of the mean or summed batch loss; the clipper rescales). From them it computes
+
+* each example's squared gradient norm over the site's trainable parameters, either with the ghost
+  identity ``||Σ_t g_t a_tᵀ||² = Σ_{t,s} (a_t·a_s)(g_t·g_s)`` or by instantiating the per-example
+  gradients, whichever costs less (Bu et al.'s mixed ghost clipping), and
+* the clipped sum ``Σ_i w_i ∇_i`` (``w_i`` = clip factor × loss scale) as weighted matrix products
+  written straight into views of the optimizer's flat buffer (book-keeping: no second backward).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Final, Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight
+
+__all__ = [
+    "WORKSPACE_BYTES",
+    "ConvSite",
+    "EmbeddingSite",
+    "LinearSite",
+    "NormKind",
+    "NormSite",
+    "NormStrategy",
+    "Site",
+]
+
+NormStrategy = Literal["auto", "ghost", "instantiate"]
+"""How sequence/convolution sites get per-example norms: by cost ("auto"), or forced (tests, benchmarks)."""
+
+WORKSPACE_BYTES: Final = 256 * 2**20
+"""The most one site's per-example temporaries (gradients, unfolded inputs, T×T Gram matrices) may take."""
+
+
+def _instantiate(strategy: NormStrategy, *, batch: int, steps: int, rows: int, cols: int, itemsize: int) -> bool:
+    """Instantiate per-example gradients (B×p×d) rather than use the ghost identity?
+
+    Cost per example: instantiate ``p·d·T`` (one bmm) + ``2·p·d`` (norm, weighted sum); ghost
+    ``T²·(d + p + 1)`` (two Gram bmms) + ``p·d·T`` (the weighted matmul of the clipped sum).
+    """
+    if strategy != "auto":
+        return strategy == "instantiate"
+    if batch * rows * cols * itemsize > WORKSPACE_BYTES:
+        return False
+    return 2 * rows * cols < steps * steps * (rows + cols + 1)
+
+
+def _chunk(batch: int, bytes_per_example: int) -> int:
+    return max(1, min(batch, WORKSPACE_BYTES // max(1, bytes_per_example)))
+
+
+def _ghost_norms(a: Tensor, g: Tensor) -> Tensor:
+    """Σ_{t,s} (a_t·a_s)(g_t·g_s) per example for a (B, T, d) and g (B, T, p), in batch chunks (B×T×T memory)."""
+    batch, steps = a.shape[0], a.shape[1]
+    size = _chunk(batch, 2 * steps * steps * a.element_size())
+    parts = []
+    for start in range(0, batch, size):
+        ac, gc = a[start : start + size], g[start : start + size]
+        gram = torch.bmm(ac, ac.transpose(1, 2))
+        gram.mul_(torch.bmm(gc, gc.transpose(1, 2)))
+        parts.append(gram.sum(dim=(1, 2)))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _along(weights: Tensor, batch_dim: int, ndim: int) -> Tensor:
+    """weights (B,) shaped to broadcast along ``batch_dim`` of an ndim-dimensional tensor."""
+    shape = [1] * ndim
+    shape[batch_dim] = -1
+    return weights.view(shape)
+
+
+class Site:
+    """Captured input and output gradient of one map for one pass; subclasses implement the maths."""
+
+    def __init__(self, label: str, *, weight: nn.Parameter | None, bias: nn.Parameter | None) -> None:
+        self.label = label
+        self.weight_param = weight
+        self.bias_param = bias
+        self.activation: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.batch_dim = 0
+        self._w: Tensor | None = None  # view of the flat clipped-sum buffer for the weight (or its rows)
+        self._b: Tensor | None = None
+
+    def bind(self, views: Mapping[int, Tensor], *, weight_rows: slice | None = None) -> None:
+        """Point the site at the buffer views of its trainable parameters (keyed by id(parameter))."""
+        if self.weight_param is not None:
+            view = views[id(self.weight_param)]
+            self._w = view[weight_rows] if weight_rows is not None else view
+        if self.bias_param is not None:
+            self._b = views[id(self.bias_param)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        view = self._w if self._w is not None else self._b
+        assert view is not None, "site bound to no parameter"
+        return view.dtype
+
+    def reset(self) -> None:
+        self.activation = None
+        self.grad = None
+
+    def squared_norms(self, batch: int) -> Tensor:
+        """Per-example squared gradient norms (B,) of the raw captured gradients (no loss scaling)."""
+        raise NotImplementedError
+
+    def add_clipped(self, weights: Tensor) -> None:
+        """Add Σ_i weights_i ∇_i (raw captured gradients) into the bound buffer views."""
+        raise NotImplementedError
+
+
+class LinearSite(Site):
+    """y = x Wᵀ + b on inputs (B, ..., d); with ``batch_dim=1`` on (T, B, d) (attention's internal layout)."""
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        weight: nn.Parameter | None,
+        bias: nn.Parameter | None,
+        strategy: NormStrategy = "auto",
+        weight_rows: slice | None = None,
+        bias_slice: slice | None = None,
+    ) -> None:
+        super().__init__(label, weight=weight, bias=bias)
+        self._strategy = strategy
+        self._weight_rows = weight_rows
+        self._bias_slice = bias_slice
+        self._a: Tensor | None = None
+        self._g: Tensor | None = None
+        self._per_example: Tensor | None = None
+        self._bias_per_example: Tensor | None = None
+
+    def bind(self, views: Mapping[int, Tensor], *, weight_rows: slice | None = None) -> None:
+        super().bind(views, weight_rows=self._weight_rows)
+        if self._b is not None and self._bias_slice is not None:
+            self._b = self._b[self._bias_slice]
+
+    def reset(self) -> None:
+        super().reset()
+        self._a = self._g = self._per_example = self._bias_per_example = None
+
+    def _batch_major(self, batch: int) -> tuple[Tensor, Tensor]:
+        assert self.activation is not None
+        assert self.grad is not None
+        a = self.activation.to(self.dtype).movedim(self.batch_dim, 0)
+        g = self.grad.to(self.dtype).movedim(self.batch_dim, 0)
+        return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+
+    def squared_norms(self, batch: int) -> Tensor:
+        a, g = self._batch_major(batch)
+        steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
+        if steps == 1:  # one position per example: ||g aᵀ||² = ||a||²·||g||²
+            self._a, self._g = a[:, 0], g[:, 0]
+            g_squared = self._g.square().sum(dim=1)
+            norms = self._a.square().sum(dim=1).mul_(g_squared) if self._w is not None else torch.zeros_like(g_squared)
+            return norms.add_(g_squared) if self._b is not None else norms
+        norms = torch.zeros(batch, dtype=a.dtype, device=a.device)
+        if self._w is not None:
+            if _instantiate(self._strategy, batch=batch, steps=steps, rows=rows, cols=cols, itemsize=a.element_size()):
+                self._per_example = torch.bmm(g.transpose(1, 2), a).view(batch, -1)
+                norms.add_(self._per_example.square().sum(dim=1))
+            else:
+                norms.add_(_ghost_norms(a, g))
+        if self._b is not None:
+            self._bias_per_example = g.sum(dim=1)
+            norms.add_(self._bias_per_example.square().sum(dim=1))
+        return norms
+
+    def add_clipped(self, weights: Tensor) -> None:
+        if self._a is not None and self._g is not None:  # one position per example
+            a, g = self._a, self._g
+            if self._w is not None:
+                if g.shape[1] <= a.shape[1]:  # scale the narrower factor
+                    self._w.addmm_((g * weights[:, None]).t(), a)
+                else:
+                    self._w.addmm_(g.t(), a * weights[:, None])
+            if self._b is not None:
+                self._b.addmv_(g.t(), weights)
+            return
+        if self._w is not None:
+            if self._per_example is not None:
+                self._w.view(-1).addmv_(self._per_example.t(), weights)
+            else:  # Σ_{i,t} w_i g_it a_itᵀ as one matmul in the captured layout (no batch-major copy)
+                assert self.activation is not None
+                assert self.grad is not None
+                a = self.activation.to(self.dtype)
+                g = self.grad.to(self.dtype) * _along(weights, self.batch_dim, self.grad.dim())
+                self._w.addmm_(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+        if self._b is not None:
+            assert self._bias_per_example is not None
+            self._b.addmv_(self._bias_per_example.t(), weights)
+
+
+class ConvSite(Site):
+    """nn.Conv1d / nn.Conv2d, any stride, padding (numeric, "same", "valid"), dilation, groups and padding mode."""
+
+    def __init__(
+        self,
+        label: str,
+        module: nn.Conv1d | nn.Conv2d,
+        *,
+        weight: nn.Parameter | None,
+        bias: nn.Parameter | None,
+        strategy: NormStrategy = "auto",
+    ) -> None:
+        super().__init__(label, weight=weight, bias=bias)
+        self._module = module
+        self._strategy = strategy
+        self._per_example: Tensor | None = None
+        self._bias_per_example: Tensor | None = None
+        self._padded: tuple[Tensor, tuple[int, ...]] | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._per_example = self._bias_per_example = self._padded = None
+
+    def _padded_input(self) -> tuple[Tensor, tuple[int, ...]]:
+        """The input with any padding the unfold/weight-gradient ops cannot express applied, and the rest."""
+        if self._padded is not None:
+            return self._padded
+        assert self.activation is not None
+        m = self._module
+        x = self.activation.to(self.dtype)
+        spatial = len(m.kernel_size)
+        reversed_pads = [int(p) for p in m._reversed_padding_repeated_twice]
+        if m.padding_mode != "zeros":
+            x = F.pad(x, reversed_pads, mode=m.padding_mode)
+            padding: tuple[int, ...] = (0,) * spatial
+        elif isinstance(m.padding, str):  # "same"/"valid": the module's own per-side amounts
+            lefts, rights = reversed_pads[0::2], reversed_pads[1::2]
+            if lefts == rights:
+                padding = tuple(reversed(lefts))
+            else:
+                x = F.pad(x, reversed_pads)
+                padding = (0,) * spatial
+        else:
+            padding = tuple(int(p) for p in m.padding)
+        self._padded = (x, padding)
+        return self._padded
+
+    def _unfold(self, x: Tensor, padding: tuple[int, ...]) -> Tensor:
+        m = self._module
+        if len(m.kernel_size) == 1:
+            return F.unfold(
+                x.unsqueeze(2),
+                (1, m.kernel_size[0]),
+                dilation=(1, m.dilation[0]),
+                padding=(0, padding[0]),
+                stride=(1, m.stride[0]),
+            )
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+
+    def squared_norms(self, batch: int) -> Tensor:
+        assert self.grad is not None
+        m = self._module
+        g = self.grad.to(self.dtype).reshape(batch, m.out_channels, -1)
+        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        if self._w is not None:
+            norms.add_(self._weight_norms(g))
+        if self._b is not None:
+            self._bias_per_example = g.sum(dim=2)
+            norms.add_(self._bias_per_example.square().sum(dim=1))
+        return norms
+
+    def _weight_norms(self, g: Tensor) -> Tensor:
+        m = self._module
+        x, padding = self._padded_input()
+        batch, positions, groups = g.shape[0], g.shape[2], m.groups
+        rows = m.out_channels // groups
+        cols = (m.in_channels // groups) * math.prod(m.kernel_size)
+        g4 = g.view(batch, groups, rows, positions)
+        inst = _instantiate(
+            self._strategy, batch=batch, steps=positions, rows=rows, cols=cols * groups, itemsize=g.element_size()
+        )
+        size = _chunk(batch, (cols * groups + (positions if not inst else 0) * groups) * positions * g.element_size())
+        per_example = torch.empty(batch, m.weight.numel(), dtype=g.dtype, device=g.device) if inst else None
+        self._per_example = per_example
+        parts = []
+        for start in range(0, batch, size):
+            a4 = self._unfold(x[start : start + size], padding).view(-1, groups, cols, positions)
+            gc = g4[start : start + size]
+            if per_example is not None:
+                chunk = per_example[start : start + size]
+                chunk.view(-1, groups, rows, cols).copy_(torch.matmul(gc, a4.transpose(2, 3)))
+                parts.append(chunk.square().sum(dim=1))
+            else:
+                gram = torch.matmul(a4.transpose(2, 3), a4)
+                gram.mul_(torch.matmul(gc.transpose(2, 3), gc))
+                parts.append(gram.sum(dim=(1, 2, 3)))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def add_clipped(self, weights: Tensor) -> None:
+        if self._w is not None:
+            if self._per_example is not None:
+                self._w.view(-1).addmv_(self._per_example.t(), weights)
+            else:  # the weight gradient of the weighted output gradients: one native backward-weight conv
+                assert self.grad is not None
+                m = self._module
+                x, padding = self._padded_input()
+                g = self.grad.to(self.dtype) * _along(weights, 0, self.grad.dim())
+                weight_grad = conv1d_weight if len(m.kernel_size) == 1 else conv2d_weight
+                self._w.add_(weight_grad(x, m.weight.shape, g, m.stride, padding, m.dilation, m.groups))  # type: ignore[no-untyped-call]
+        if self._b is not None:
+            assert self._bias_per_example is not None
+            self._b.addmv_(self._bias_per_example.t(), weights)
+
+
+class EmbeddingSite(Site):
+    """nn.Embedding on ids (B, ...): per-example gradients are sparse row sums, so norms cost O(tokens·d)."""
+
+    def __init__(self, label: str, module: nn.Embedding, *, weight: nn.Parameter | None) -> None:
+        super().__init__(label, weight=weight, bias=None)
+        self._module = module
+        self._rows: Tensor | None = None  # per (example, id) summed output gradients
+        self._ids: Tensor | None = None
+        self._owner: Tensor | None = None  # example index of each row
+
+    def reset(self) -> None:
+        super().reset()
+        self._rows = self._ids = self._owner = None
+
+    def squared_norms(self, batch: int) -> Tensor:
+        assert self.activation is not None
+        assert self.grad is not None
+        m = self._module
+        ids = self.activation.reshape(batch, -1)
+        g = self.grad.to(self.dtype).reshape(-1, m.embedding_dim)
+        owner = torch.arange(batch, device=ids.device).repeat_interleave(ids.shape[1])
+        flat_ids = ids.reshape(-1)
+        if m.padding_idx is not None:  # the padding row gets no gradient
+            keep = flat_ids != m.padding_idx
+            flat_ids, owner, g = flat_ids[keep], owner[keep], g[keep]
+        if ids.shape[1] == 1:
+            self._rows, self._ids, self._owner = g, flat_ids, owner
+        else:  # sum the gradients of repeated ids within an example
+            keys, inverse = torch.unique(owner * m.num_embeddings + flat_ids, return_inverse=True)
+            self._rows = torch.zeros(keys.shape[0], m.embedding_dim, dtype=g.dtype, device=g.device)
+            self._rows.index_add_(0, inverse, g)
+            self._ids, self._owner = keys % m.num_embeddings, keys // m.num_embeddings
+        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        return norms.index_add_(0, self._owner, self._rows.square().sum(dim=1))
+
+    def add_clipped(self, weights: Tensor) -> None:
+        assert self._w is not None
+        assert self._rows is not None
+        assert self._ids is not None
+        assert self._owner is not None
+        self._w.index_add_(0, self._ids, self._rows * weights[self._owner, None])
+
+
+NormKind = Literal["layer", "group", "rms"]
+
+
+class NormSite(Site):
+    """nn.LayerNorm / nn.GroupNorm / nn.RMSNorm affine parameters: ∇γ_i = Σ g ⊙ x̂, ∇β_i = Σ g (instantiated)."""
+
+    def __init__(
+        self,
+        label: str,
+        module: nn.LayerNorm | nn.GroupNorm | nn.RMSNorm,
+        *,
+        kind: NormKind,
+        weight: nn.Parameter | None,
+        bias: nn.Parameter | None,
+    ) -> None:
+        super().__init__(label, weight=weight, bias=bias)
+        self._module = module
+        self._kind = kind
+        self._weight_per_example: Tensor | None = None
+        self._bias_per_example: Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._weight_per_example = self._bias_per_example = None
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        m = self._module
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps)
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+    def _per_example_sums(self, t: Tensor, batch: int) -> Tensor:
+        if self._kind == "group":  # (B, C, *) → per channel
+            return t.reshape(batch, t.shape[1], -1).sum(dim=2)
+        features = self._w.numel() if self._w is not None else self._b.numel() if self._b is not None else 0
+        return t.reshape(batch, -1, features).sum(dim=1)
+
+    def squared_norms(self, batch: int) -> Tensor:
+        assert self.activation is not None
+        assert self.grad is not None
+        g = self.grad.to(self.dtype)
+        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        if self._w is not None:
+            x_hat = self._normalised(self.activation.to(self.dtype))
+            self._weight_per_example = self._per_example_sums(x_hat.mul_(g), batch)
+            norms.add_(self._weight_per_example.square().sum(dim=1))
+        if self._b is not None:
+            self._bias_per_example = self._per_example_sums(g, batch)
+            norms.add_(self._bias_per_example.square().sum(dim=1))
+        return norms
+
+    def add_clipped(self, weights: Tensor) -> None:
+        if self._w is not None:
+            assert self._weight_per_example is not None
+            self._w.view(-1).addmv_(self._weight_per_example.t(), weights)
+        if self._b is not None:
+            assert self._bias_per_example is not None
+            self._b.view(-1).addmv_(self._bias_per_example.t(), weights)
