@@ -131,6 +131,9 @@ class AttentionKernel(LayerKernel):
         self.attention.__dict__.pop("forward", None)
 
     def _linear(self, recorder: Recorder, site: LinearSite | None, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        # A strided 3-D input with no operand requiring grad would make F.linear broadcast the weight into a
+        # slow batched matmul: give it a contiguous input (same values).
+        x = x.contiguous()
         out = F.linear(x, w, b)
         return out if site is None else recorder.record(site, x, out, batch_dim=1)  # (T, B, E) layout
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
 __all__ = [
-    "WORKSPACE_BYTES",
+    "CHUNK_BYTES",
     "ConvSite",
     "EmbeddingSite",
     "LinearSite",
@@ -35,37 +35,43 @@ __all__ = [
 NormStrategy = Literal["auto", "ghost", "instantiate"]
 """How sequence/convolution sites get per-example norms: by cost ("auto"), or forced (tests, benchmarks)."""
 
-WORKSPACE_BYTES: Final = 256 * 2**20
-"""The most one site's per-example temporaries (gradients, unfolded inputs, T×T Gram matrices) may take."""
+CHUNK_BYTES: Final = 4 * 2**20
+"""Per-example temporaries (gradients, unfolded inputs, Gram matrices, scaled gradients) are built in
+batch chunks of about this size: cache-sized, and never a fresh multi-MB allocation per step."""
 
 
-def _instantiate(strategy: NormStrategy, *, batch: int, steps: int, rows: int, cols: int, itemsize: int) -> bool:
-    """Instantiate per-example gradients (B×p×d) rather than use the ghost identity?
-
-    Cost per example: instantiate ``p·d·T`` (one bmm) + ``2·p·d`` (norm, weighted sum); ghost
-    ``T²·(d + p + 1)`` (two Gram bmms) + ``p·d·T`` (the weighted matmul of the clipped sum).
-    """
+def _instantiate(strategy: NormStrategy, *, steps: int, rows: int, cols: int) -> bool:
+    """Per-example norms by instantiating the gradients (cost T·p·d) rather than the ghost identity (T²·(p+d))?"""
     if strategy != "auto":
         return strategy == "instantiate"
-    if batch * rows * cols * itemsize > WORKSPACE_BYTES:
-        return False
-    return 2 * rows * cols < steps * steps * (rows + cols + 1)
+    return rows * cols < steps * (rows + cols)
 
 
-def _chunk(batch: int, bytes_per_example: int) -> int:
-    return max(1, min(batch, WORKSPACE_BYTES // max(1, bytes_per_example)))
+def _chunks(batch: int, bytes_per_example: int) -> list[slice]:
+    size = max(1, min(batch, CHUNK_BYTES // max(1, bytes_per_example)))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-def _ghost_norms(a: Tensor, g: Tensor) -> Tensor:
-    """Σ_{t,s} (a_t·a_s)(g_t·g_s) per example for a (B, T, d) and g (B, T, p), in batch chunks (B×T×T memory)."""
-    batch, steps = a.shape[0], a.shape[1]
-    size = _chunk(batch, 2 * steps * steps * a.element_size())
+def _squared_row_norms(t: Tensor) -> Tensor:
+    """Σ_j t[i, j...]² per row i, without materialising t² (one fused reduction)."""
+    norms: Tensor = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+    return norms.square_()
+
+
+def _sequence_norms(a: Tensor, g: Tensor, *, instantiate: bool) -> Tensor:
+    """||Σ_t g_t a_tᵀ||² per example for a (B, T, d), g (B, T, p), in cache-sized batch chunks."""
+    batch, steps, cols = a.shape
+    rows = g.shape[2]
+    per_example = rows * cols if instantiate else 2 * steps * steps
     parts = []
-    for start in range(0, batch, size):
-        ac, gc = a[start : start + size], g[start : start + size]
-        gram = torch.bmm(ac, ac.transpose(1, 2))
-        gram.mul_(torch.bmm(gc, gc.transpose(1, 2)))
-        parts.append(gram.sum(dim=(1, 2)))
+    for chunk in _chunks(batch, per_example * a.element_size()):
+        ac, gc = a[chunk], g[chunk]
+        if instantiate:
+            parts.append(_squared_row_norms(torch.bmm(gc.transpose(1, 2), ac)))
+        else:  # Σ_{t,s} (a_t·a_s)(g_t·g_s)
+            gram = torch.bmm(ac, ac.transpose(1, 2))
+            gram.mul_(torch.bmm(gc, gc.transpose(1, 2)))
+            parts.append(gram.sum(dim=(1, 2)))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -133,9 +139,8 @@ class LinearSite(Site):
         self._strategy = strategy
         self._weight_rows = weight_rows
         self._bias_slice = bias_slice
-        self._a: Tensor | None = None
+        self._a: Tensor | None = None  # batch-major (B, T, d) and (B, T, p)
         self._g: Tensor | None = None
-        self._per_example: Tensor | None = None
         self._bias_per_example: Tensor | None = None
 
     def bind(self, views: Mapping[int, Tensor], *, weight_rows: slice | None = None) -> None:
@@ -145,58 +150,46 @@ class LinearSite(Site):
 
     def reset(self) -> None:
         super().reset()
-        self._a = self._g = self._per_example = self._bias_per_example = None
+        self._a = self._g = self._bias_per_example = None
 
-    def _batch_major(self, batch: int) -> tuple[Tensor, Tensor]:
+    def squared_norms(self, batch: int) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         a = self.activation.to(self.dtype).movedim(self.batch_dim, 0)
         g = self.grad.to(self.dtype).movedim(self.batch_dim, 0)
-        return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
-
-    def squared_norms(self, batch: int) -> Tensor:
-        a, g = self._batch_major(batch)
+        a = self._a = a.reshape(batch, -1, a.shape[-1])
+        g = self._g = g.reshape(batch, -1, g.shape[-1])
         steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
         if steps == 1:  # one position per example: ||g aᵀ||² = ||a||²·||g||²
-            self._a, self._g = a[:, 0], g[:, 0]
-            g_squared = self._g.square().sum(dim=1)
-            norms = self._a.square().sum(dim=1).mul_(g_squared) if self._w is not None else torch.zeros_like(g_squared)
+            g_squared = _squared_row_norms(g)
+            if self._w is None:
+                return g_squared
+            norms = _squared_row_norms(a).mul_(g_squared)
             return norms.add_(g_squared) if self._b is not None else norms
         norms = torch.zeros(batch, dtype=a.dtype, device=a.device)
         if self._w is not None:
-            if _instantiate(self._strategy, batch=batch, steps=steps, rows=rows, cols=cols, itemsize=a.element_size()):
-                self._per_example = torch.bmm(g.transpose(1, 2), a).view(batch, -1)
-                norms.add_(self._per_example.square().sum(dim=1))
-            else:
-                norms.add_(_ghost_norms(a, g))
+            instantiate = _instantiate(self._strategy, steps=steps, rows=rows, cols=cols)
+            norms.add_(_sequence_norms(a, g, instantiate=instantiate))
         if self._b is not None:
             self._bias_per_example = g.sum(dim=1)
-            norms.add_(self._bias_per_example.square().sum(dim=1))
+            norms.add_(_squared_row_norms(self._bias_per_example))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
-        if self._a is not None and self._g is not None:  # one position per example
-            a, g = self._a, self._g
-            if self._w is not None:
-                if g.shape[1] <= a.shape[1]:  # scale the narrower factor
-                    self._w.addmm_((g * weights[:, None]).t(), a)
-                else:
-                    self._w.addmm_(g.t(), a * weights[:, None])
-            if self._b is not None:
-                self._b.addmv_(g.t(), weights)
-            return
-        if self._w is not None:
-            if self._per_example is not None:
-                self._w.view(-1).addmv_(self._per_example.t(), weights)
-            else:  # Σ_{i,t} w_i g_it a_itᵀ as one matmul in the captured layout (no batch-major copy)
-                assert self.activation is not None
-                assert self.grad is not None
-                a = self.activation.to(self.dtype)
-                g = self.grad.to(self.dtype) * _along(weights, self.batch_dim, self.grad.dim())
-                self._w.addmm_(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+        assert self.activation is not None
+        assert self.grad is not None
+        a, g = self.activation.to(self.dtype), self.grad.to(self.dtype)
+        if self._w is not None:  # Σ_{i,t} w_i g_it a_itᵀ: one weight-gradient matmul, rows in the captured layout
+            rows, cols = g.shape[-1], a.shape[-1]
+            along = _along(weights, self.batch_dim, a.dim())
+            if rows <= cols:  # scale the narrower factor (the product is also the one copy a strided grad needs)
+                self._w.addmm_((g * along).reshape(-1, rows).t(), a.reshape(-1, cols))
+            else:
+                self._w.addmm_(g.reshape(-1, rows).t(), (a * along).reshape(-1, cols))
         if self._b is not None:
-            assert self._bias_per_example is not None
-            self._b.addmv_(self._bias_per_example.t(), weights)
+            assert self._g is not None
+            bias_grads = self._bias_per_example if self._bias_per_example is not None else self._g[:, 0]
+            self._b.addmv_(bias_grads.t(), weights)
 
 
 class ConvSite(Site):
@@ -214,13 +207,12 @@ class ConvSite(Site):
         super().__init__(label, weight=weight, bias=bias)
         self._module = module
         self._strategy = strategy
-        self._per_example: Tensor | None = None
         self._bias_per_example: Tensor | None = None
         self._padded: tuple[Tensor, tuple[int, ...]] | None = None
 
     def reset(self) -> None:
         super().reset()
-        self._per_example = self._bias_per_example = self._padded = None
+        self._bias_per_example = self._padded = None
 
     def _padded_input(self) -> tuple[Tensor, tuple[int, ...]]:
         """The input with any padding the unfold/weight-gradient ops cannot express applied, and the rest."""
@@ -247,16 +239,26 @@ class ConvSite(Site):
         return self._padded
 
     def _unfold(self, x: Tensor, padding: tuple[int, ...]) -> Tensor:
+        """F.unfold's (B, C·K, L) patches, by a strided view and one copy (several times faster than im2col)."""
         m = self._module
-        if len(m.kernel_size) == 1:
-            return F.unfold(
-                x.unsqueeze(2),
-                (1, m.kernel_size[0]),
-                dilation=(1, m.dilation[0]),
-                padding=(0, padding[0]),
-                stride=(1, m.stride[0]),
-            )
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        if any(padding):
+            x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+        spatial = len(m.kernel_size)
+        out = [
+            (size - dilation * (kernel - 1) - 1) // stride + 1
+            for size, kernel, stride, dilation in zip(x.shape[2:], m.kernel_size, m.stride, m.dilation, strict=True)
+        ]
+        strides = x.stride()
+        view = x.as_strided(
+            (*x.shape[:2], *m.kernel_size, *out),
+            (
+                *strides[:2],
+                *(st * d for st, d in zip(strides[2:], m.dilation, strict=True)),
+                *(st * s for st, s in zip(strides[2:], m.stride, strict=True)),
+            ),
+            x.storage_offset(),
+        )
+        return view.reshape(x.shape[0], x.shape[1] * math.prod(m.kernel_size), math.prod(out[:spatial]))
 
     def squared_norms(self, batch: int) -> Tensor:
         assert self.grad is not None
@@ -267,30 +269,25 @@ class ConvSite(Site):
             norms.add_(self._weight_norms(g))
         if self._b is not None:
             self._bias_per_example = g.sum(dim=2)
-            norms.add_(self._bias_per_example.square().sum(dim=1))
+            norms.add_(_squared_row_norms(self._bias_per_example))
         return norms
 
     def _weight_norms(self, g: Tensor) -> Tensor:
+        """Per-example ||∇W||² from the unfolded input, per group, in cache-sized batch chunks."""
         m = self._module
         x, padding = self._padded_input()
         batch, positions, groups = g.shape[0], g.shape[2], m.groups
         rows = m.out_channels // groups
         cols = (m.in_channels // groups) * math.prod(m.kernel_size)
+        instantiate = _instantiate(self._strategy, steps=positions, rows=rows, cols=cols)
+        temporary = groups * (rows * cols if instantiate else 2 * positions * positions) + groups * cols * positions
         g4 = g.view(batch, groups, rows, positions)
-        inst = _instantiate(
-            self._strategy, batch=batch, steps=positions, rows=rows, cols=cols * groups, itemsize=g.element_size()
-        )
-        size = _chunk(batch, (cols * groups + (positions if not inst else 0) * groups) * positions * g.element_size())
-        per_example = torch.empty(batch, m.weight.numel(), dtype=g.dtype, device=g.device) if inst else None
-        self._per_example = per_example
         parts = []
-        for start in range(0, batch, size):
-            a4 = self._unfold(x[start : start + size], padding).view(-1, groups, cols, positions)
-            gc = g4[start : start + size]
-            if per_example is not None:
-                chunk = per_example[start : start + size]
-                chunk.view(-1, groups, rows, cols).copy_(torch.matmul(gc, a4.transpose(2, 3)))
-                parts.append(chunk.square().sum(dim=1))
+        for chunk in _chunks(batch, temporary * g.element_size()):
+            a4 = self._unfold(x[chunk], padding).view(-1, groups, cols, positions)
+            gc = g4[chunk]
+            if instantiate:
+                parts.append(_squared_row_norms(torch.matmul(gc, a4.transpose(2, 3))))
             else:
                 gram = torch.matmul(a4.transpose(2, 3), a4)
                 gram.mul_(torch.matmul(gc.transpose(2, 3), gc))
@@ -298,16 +295,15 @@ class ConvSite(Site):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def add_clipped(self, weights: Tensor) -> None:
-        if self._w is not None:
-            if self._per_example is not None:
-                self._w.view(-1).addmv_(self._per_example.t(), weights)
-            else:  # the weight gradient of the weighted output gradients: one native backward-weight conv
-                assert self.grad is not None
-                m = self._module
-                x, padding = self._padded_input()
-                g = self.grad.to(self.dtype) * _along(weights, 0, self.grad.dim())
-                weight_grad = conv1d_weight if len(m.kernel_size) == 1 else conv2d_weight
-                self._w.add_(weight_grad(x, m.weight.shape, g, m.stride, padding, m.dilation, m.groups))  # type: ignore[no-untyped-call]
+        if self._w is not None:  # the native weight gradient of the weighted output gradients
+            assert self.grad is not None
+            m = self._module
+            x, padding = self._padded_input()
+            g = self.grad.to(self.dtype)
+            weight_grad = conv1d_weight if len(m.kernel_size) == 1 else conv2d_weight
+            for chunk in _chunks(g.shape[0], g[0].numel() * g.element_size()):
+                gc = g[chunk] * _along(weights[chunk], 0, g.dim())
+                self._w.add_(weight_grad(x[chunk], m.weight.shape, gc, m.stride, padding, m.dilation, m.groups))  # type: ignore[no-untyped-call]
         if self._b is not None:
             assert self._bias_per_example is not None
             self._b.addmv_(self._bias_per_example.t(), weights)
@@ -346,7 +342,7 @@ class EmbeddingSite(Site):
             self._rows.index_add_(0, inverse, g)
             self._ids, self._owner = keys % m.num_embeddings, keys // m.num_embeddings
         norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
-        return norms.index_add_(0, self._owner, self._rows.square().sum(dim=1))
+        return norms.index_add_(0, self._owner, _squared_row_norms(self._rows))
 
     def add_clipped(self, weights: Tensor) -> None:
         assert self._w is not None
@@ -403,10 +399,10 @@ class NormSite(Site):
         if self._w is not None:
             x_hat = self._normalised(self.activation.to(self.dtype))
             self._weight_per_example = self._per_example_sums(x_hat.mul_(g), batch)
-            norms.add_(self._weight_per_example.square().sum(dim=1))
+            norms.add_(_squared_row_norms(self._weight_per_example))
         if self._b is not None:
             self._bias_per_example = self._per_example_sums(g, batch)
-            norms.add_(self._bias_per_example.square().sum(dim=1))
+            norms.add_(_squared_row_norms(self._bias_per_example))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
