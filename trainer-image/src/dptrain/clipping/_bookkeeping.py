@@ -80,11 +80,16 @@ class _ParameterUseGuard(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _leading_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+def _leading_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int) -> int | None:
+    """The batch size of the model's first tensor input (checked against every covered layer's input)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
-            return int(value.shape[0]) if value.dim() > 0 else None
+            return int(value.shape[batch_dim]) if value.dim() > batch_dim else None
     return None
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) and not module.batch_first
 
 
 class BookkeepingClipper:
@@ -157,7 +162,7 @@ class BookkeepingClipper:
         if self._recorded:
             self.flush()  # the previous micro-batch: accumulated if it was backpropagated, else dropped
         self._pass += 1
-        self._batch = _leading_batch(args, kwargs)
+        self._batch = _leading_batch(args, kwargs, 1 if _sequence_first(module) else 0)
         if self._guard is not None and not self._guarding:  # the first training forward pass is checked
             self._guard.active.clear()
             self._guard.__enter__()  # type: ignore[no-untyped-call]

@@ -69,6 +69,10 @@ def _batch_mixing_reason(module: nn.Module) -> str | None:
         return f"{type(module).__name__} normalises with statistics of the whole batch (mixes examples)"
     if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
         return f"{type(module).__name__} with track_running_stats updates running statistics from the batch"
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return "Embedding(scale_grad_by_freq=True) scales gradients by token counts over the whole batch"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "Embedding(max_norm=...) renormalises the batch's rows in place during forward (an un-noised update)"
     return None
 
 
@@ -85,15 +89,13 @@ def _sequence_first_reason(module: nn.Module) -> str | None:
 def _kernel_or_problem(
     name: str, module: nn.Module, trainable: list[str], strategy: NormStrategy
 ) -> LayerKernel | Problem:
-    entry = KERNEL_TYPES.get(type(module))
-    if entry is not None:
-        unknown = sorted(set(trainable) - entry[1])
-        if unknown:
-            reason = f"{type(module).__name__} has parameters no kernel covers"
-            return Problem(name, tuple(unknown), reason, "uncovered")
     built = build_kernel(name, module, set(trainable), strategy)
     if isinstance(built, str):
         return Problem(name, tuple(trainable), built, "uncovered")
+    unknown = sorted(set(trainable) - KERNEL_TYPES[type(module)][1])
+    if unknown:  # e.g. weight_g/weight_v of old-style weight norm, bias_k/bias_v
+        reason = f"{type(module).__name__} has parameters no kernel covers"
+        return Problem(name, tuple(unknown), reason, "uncovered")
     return built
 
 

@@ -85,11 +85,7 @@ def _conv(name: str, m: nn.Conv1d | nn.Conv2d, names: set[str], strategy: NormSt
 
 
 def _embedding(name: str, m: nn.Embedding, names: set[str], strategy: NormStrategy) -> LayerKernel | Refusal:
-    if m.max_norm is not None:
-        return "max_norm renormalises embedding rows in place during forward (a data-dependent, un-noised update)"
-    if m.scale_grad_by_freq:
-        return "scale_grad_by_freq scales gradients by token counts over the whole batch (mixes examples)"
-    if m.sparse:
+    if m.sparse:  # (max_norm and scale_grad_by_freq are refused in every mode: see _coverage)
         return "sparse=True: DP noise makes the gradient dense anyway; use sparse=False"
     site = EmbeddingSite(name, m, weight=_trainable(m, names, "weight"))
     return LayerKernel(name, m, _owned(m, names, ("weight",)), [site])
