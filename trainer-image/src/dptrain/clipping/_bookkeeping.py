@@ -145,6 +145,9 @@ class BookkeepingClipper:
 
     def detach(self) -> None:
         """Remove every hook and restore ``requires_grad`` of the covered parameters."""
+        if self._guard is not None and self._guarding:
+            self._guard.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+        self._guard, self._guarding = None, False
         for handle in self._handles + self._guard_handles:
             handle.remove()
         self._handles, self._guard_handles = [], []
@@ -218,13 +221,9 @@ class BookkeepingClipper:
         site.activation = activation.detach()
         site.batch_dim = batch_dim
         self._recorded.append(site)
-        target = output
-        if not output.requires_grad:  # nothing upstream is trained: start the graph here
-            target = output.detach().requires_grad_()
-            output = target.clone()  # not the root itself: in-place ops downstream must stay legal
         pass_id = self._pass
 
-        def receive(grad: Tensor) -> None:
+        def receive(grad: Tensor | None) -> None:
             if pass_id != self._pass:
                 raise ClippingProtocolError(
                     f"{site.label}: a gradient arrived for an earlier forward pass; book-keeping clipping needs "
@@ -234,8 +233,15 @@ class BookkeepingClipper:
                 raise ClippingProtocolError(f"{site.label}: a second backward pass through the same forward pass")
             site.grad = grad
 
-        target.register_hook(receive)  # type: ignore[no-untyped-call]
-        return output
+        if output.requires_grad:
+            output.register_hook(receive)  # type: ignore[no-untyped-call]
+            return output
+        # Nothing upstream is trained: start the graph at a fresh leaf, handed on as a copy so that in-place
+        # ops downstream stay legal. Its gradient is read after accumulation (a pre-accumulation hook holding
+        # it would make AccumulateGrad copy it).
+        root = output.detach().requires_grad_()
+        root.register_post_accumulate_grad_hook(lambda leaf: receive(leaf.grad))  # type: ignore[no-untyped-call]
+        return root.clone()
 
     # --- clipping -------------------------------------------------------------------------------------
 

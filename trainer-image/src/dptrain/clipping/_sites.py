@@ -75,6 +75,10 @@ def _sequence_norms(a: Tensor, g: Tensor, *, instantiate: bool) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _along(weights: Tensor, batch_dim: int, ndim: int) -> Tensor:
     """weights (B,) shaped to broadcast along ``batch_dim`` of an ndim-dimensional tensor."""
     shape = [1] * ndim
@@ -155,8 +159,9 @@ class LinearSite(Site):
     def squared_norms(self, batch: int) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
-        a = self.activation.to(self.dtype).movedim(self.batch_dim, 0)
-        g = self.grad.to(self.dtype).movedim(self.batch_dim, 0)
+        a, g = _cast(self.activation, self.dtype), _cast(self.grad, self.dtype)
+        if self.batch_dim:
+            a, g = a.movedim(self.batch_dim, 0), g.movedim(self.batch_dim, 0)
         a = self._a = a.reshape(batch, -1, a.shape[-1])
         g = self._g = g.reshape(batch, -1, g.shape[-1])
         steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
@@ -176,18 +181,22 @@ class LinearSite(Site):
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
-        assert self.activation is not None
-        assert self.grad is not None
-        a, g = self.activation.to(self.dtype), self.grad.to(self.dtype)
-        if self._w is not None:  # Σ_{i,t} w_i g_it a_itᵀ: one weight-gradient matmul, rows in the captured layout
-            rows, cols = g.shape[-1], a.shape[-1]
+        assert self._a is not None
+        assert self._g is not None
+        if self.batch_dim:  # rows in the captured layout: no batch-major copy of a strided tensor
+            assert self.activation is not None
+            assert self.grad is not None
+            a, g = _cast(self.activation, self.dtype), _cast(self.grad, self.dtype)
             along = _along(weights, self.batch_dim, a.dim())
+        else:
+            a, g, along = self._a, self._g, weights.view(-1, 1, 1)
+        if self._w is not None:  # Σ_{i,t} w_i g_it a_itᵀ: one weight-gradient matmul
+            rows, cols = g.shape[-1], a.shape[-1]
             if rows <= cols:  # scale the narrower factor (the product is also the one copy a strided grad needs)
                 self._w.addmm_((g * along).reshape(-1, rows).t(), a.reshape(-1, cols))
             else:
                 self._w.addmm_(g.reshape(-1, rows).t(), (a * along).reshape(-1, cols))
         if self._b is not None:
-            assert self._g is not None
             bias_grads = self._bias_per_example if self._bias_per_example is not None else self._g[:, 0]
             self._b.addmv_(bias_grads.t(), weights)
 
