@@ -17,8 +17,9 @@ Variants ("–" where a variant does not support the model):
 
 All variants of one (model, batch) are timed interleaved in ONE process with one thread: every round
 runs each variant for the same number of steps, in an order rotated per round; the reported time is
-the median over rounds of the per-step mean. Many short rounds keep the ratios fair on a machine
-shared with other work. Peak memory (optional) is measured separately, each variant in a fresh
+the median over rounds of the per-step mean, and a ratio is the median over rounds of (variant ÷
+non-private in the same round). Many short rounds keep the ratios fair on a machine shared with
+other work. Peak memory (optional) is measured separately, each variant in a fresh
 subprocess: after setup (model, wrapping, batch) the kernel's peak-RSS mark is reset
 (/proc/self/clear_refs 5), 5 steps run, and VmHWM − VmRSS-before-the-steps is reported: the most
 extra resident memory the steps needed (activations, gradients, per-example gradients or norms,
@@ -261,13 +262,19 @@ def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict
                 v.step()
             samples[v.name].append((time.perf_counter() - started) / steps)
     medians = {name: statistics.median(times) for name, times in samples.items()}
+    # Ratios pair each round's variant with the same round's non-private run (adjacent in time), then take
+    # the median over rounds: a burst of load from other processes hits both sides of a pair.
+    paired = {
+        name: statistics.median(t / base for t, base in zip(times, samples["nonprivate"], strict=True))
+        for name, times in samples.items()
+    }
     return {
         "model": model_name,
         "batch": batch,
         "steps_per_round": steps,
         "rounds": rounds,
         "ms": {name: 1e3 * t for name, t in medians.items()},
-        "ratio": {name: medians[name] / medians["nonprivate"] for name in medians},
+        "ratio": paired,
         "auto_mode": choose_clipping_mode(base).mode,
     }
 
