@@ -287,3 +287,22 @@ def test_private_optimizer_can_be_built_from_a_clipper() -> None:
     want = reference_update(_mlp(), x, y, clip=0.1, expected=8.0, criterion=CE)
     assert max_relative_error(_grads(model), want) <= 1e-6
     assert copy.deepcopy(optimizer.state_dict()) == optimizer.original_optimizer.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks", "ghost"])
+def test_consecutive_steps_start_from_an_empty_sum(mode: str) -> None:
+    """The .grad views left by one step never leak into the next logical batch (zero_grad or not)."""
+    model = _mlp()
+    wrapped, optimizer, criterion = _private(model, clip=0.1, clipping=mode)
+    reference = _mlp()
+    for seed, zero in ((1, False), (2, True), (3, False)):
+        x, y = _batch(5, seed=seed)
+        want = reference_update(reference, x, y, clip=0.1, expected=8.0, criterion=CE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            criterion(wrapped(x), y).backward()
+        optimizer.step()
+        assert max_relative_error(_grads(model), want) <= 1e-6
+        reference.load_state_dict(model.state_dict())  # follow the update (lr 1)
+        if zero:
+            optimizer.zero_grad()

@@ -33,7 +33,10 @@ class Clipper(Protocol):
         """Receive, per parameter (keyed by id), its view of the clipped-sum buffer and of the .grad buffer."""
 
     def flush(self) -> int:
-        """Add the pending micro-batch's clipped sum into the views; returns its size (0 if none)."""
+        """Add the pending micro-batch's clipped sum into the views; returns 0 if nothing was pending.
+
+        Otherwise its number of examples where the clipper knows it (Opacus ghost: 1).
+        """
         ...
 
 
