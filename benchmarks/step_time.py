@@ -1,25 +1,29 @@
-"""Benchmark (a): DP-SGD step time ÷ non-private step time, per model, batch size and clipping path.
+"""Benchmark (a): DP-SGD step time and peak memory ÷ non-private, per model, batch size and clipping path.
 
-    .venv/bin/python benchmarks/step_time.py [--rounds 5] [--batches 64 512] [--json out.json] [--no-memory]
+    .venv/bin/python benchmarks/step_time.py [--rounds 15] [--batches 64 512] [--models ...] [--json out.json]
+                                             [--no-memory]
 
-One optimizer step = forward, backward, optimizer.step(), zero_grad() on a fixed batch. Columns:
+One optimizer step = forward, backward, optimizer.step(), zero_grad() on a fixed batch (σ = 1, C = 1).
+Variants ("–" where a variant does not support the model):
 
 * ``nonprivate``: plain PyTorch (SGD, cross-entropy).
-* ``hooks`` / ``ghost``: ``PrivacyEngine.make_private(grad_sample_mode=...)`` (σ = 1, C = 1).
-* ``bookkeeping``: ``dptrain.bookkeeping.BookkeepingOptimizer`` (Linear-only models: one backward,
-  norms from activations × output gradients, clipped sums as one matmul per layer).
-* ``dptrain``: ``dptrain.engine.make_private_training`` (the trainer's own wrapper: the clipping mode
-  it picks automatically, expected-batch-size normalisation, its step hook), then one step through
-  the returned model/criterion/optimizer on the same fixed batch. The Poisson loader it builds is
-  not used (its batch size varies), so data loading is not part of any column.
+* ``hooks`` / ``ghost``: ``PrivacyEngine.make_private(grad_sample_mode=...)``. Models with
+  nn.MultiheadAttention get Opacus' ``ModuleValidator.fix`` first (DPMultiheadAttention: same maths).
+* ``bookkeeping``: the first book-keeping optimizer, ``dptrain.bookkeeping`` (Linear-only models).
+* ``kernels``: ``dptrain.make_private(clipping="bookkeeping")`` (dptrain.clipping: per-layer kernels,
+  one backward, flat noise); ``kernels+secure``: the same with ``secure_noise=True`` (4 draws per
+  coordinate, Opacus' floating-point mitigation). The "auto" column names what
+  ``make_private(clipping="auto")`` picks for the model.
 
 All variants of one (model, batch) are timed interleaved in ONE process with one thread: every round
 runs each variant for the same number of steps, in an order rotated per round; the reported time is
-the median over rounds of the per-step mean. Peak memory (optional) is measured separately, each
-variant in a fresh subprocess: after setup (model, wrapping, batch) the kernel's peak-RSS mark is
-reset (/proc/self/clear_refs 5), 5 steps run, and VmHWM − VmRSS-before-the-steps is reported: the
-most extra resident memory the steps needed (gradients, per-example gradients or norms, optimizer
-state, allocator slack). Linux only; ``--no-memory`` skips it.
+the median over rounds of the per-step mean, and a ratio is the median over rounds of (variant ÷
+non-private in the same round). Many short rounds keep the ratios fair on a machine shared with
+other work. Peak memory (optional) is measured separately, each variant in a fresh
+subprocess: after setup (model, wrapping, batch) the kernel's peak-RSS mark is reset
+(/proc/self/clear_refs 5), 5 steps run, and VmHWM − VmRSS-before-the-steps is reported: the most
+extra resident memory the steps needed (activations, gradients, per-example gradients or norms,
+optimizer state, allocator slack). Linux only; ``--no-memory`` skips it.
 """
 
 from __future__ import annotations
@@ -43,27 +47,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dptrain.engine import make_private_training
 from dptrain.models import build_model
-from dptrain.plan import TrainingPlan
 from dptrain_api.job import ModelSpec
 
-VARIANTS = ("nonprivate", "hooks", "ghost", "bookkeeping", "dptrain")
-MODELS = ("mlp", "cnn", "transformer", "logistic")
+VARIANTS = ("nonprivate", "hooks", "ghost", "bookkeeping", "kernels", "kernels+secure")
+PRIVATE = VARIANTS[1:]
+MODELS = ("mlp", "cnn", "resnet", "transformer", "encoder", "logistic")
 SEQ_LEN = 32
 VOCAB = 1000
 
 
 class TinyTransformer(nn.Module):
-    """Embedding → one pre-LN encoder block (DPMultiheadAttention, 2 heads, d=64, FF 128) → mean pool → Linear."""
+    """Embedding → one pre-LN encoder block (nn.MultiheadAttention, 2 heads, d=64, FF 128) → mean pool → Linear."""
 
     def __init__(self, vocab: int = VOCAB, d_model: int = 64, heads: int = 2, num_classes: int = 2) -> None:
         super().__init__()
-        from opacus.layers import DPMultiheadAttention
-
         self.embed = nn.Embedding(vocab, d_model)
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = DPMultiheadAttention(d_model, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model))
         self.head = nn.Linear(d_model, num_classes)
@@ -76,14 +77,61 @@ class TinyTransformer(nn.Module):
         return self.head(x.mean(dim=1))  # type: ignore[no-any-return]
 
 
+class Encoder(nn.Module):
+    """Embedding → 2 × nn.TransformerEncoderLayer (pre-LN, 4 heads, d=64, FF 128, batch_first) → LayerNorm → Linear."""
+
+    def __init__(self, vocab: int = VOCAB, d_model: int = 64, num_classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encoder(self.embed(ids))).mean(dim=1))  # type: ignore[no-any-return]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        inner = channels // stride
+        self.conv1 = nn.Conv2d(inner, channels, 3, stride=stride, padding=1)
+        self.norm1 = nn.GroupNorm(4, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(4, channels)
+        self.skip = nn.Conv2d(inner, channels, 1, stride=stride) if stride > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.skip(x) + self.norm2(self.conv2(h)))
+
+
+class SmallResNet(nn.Module):
+    """3×16×16 input → conv 16 + GroupNorm → residual blocks (16, 32 stride 2) → global mean → Linear (10)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.blocks = nn.Sequential(ResidualBlock(16), ResidualBlock(32, stride=2))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
 def make_model(name: str) -> nn.Module:
     if name == "mlp":
         return nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
     if name == "cnn":  # the trainer's registry CNN on digits-shaped input
         model, _ = build_model(ModelSpec(architecture="cnn", channels=[16, 32]), input_shape=(1, 8, 8), num_classes=10)
         return model
+    if name == "resnet":
+        return SmallResNet()
     if name == "transformer":
         return TinyTransformer()
+    if name == "encoder":
+        return Encoder()
     if name == "logistic":  # the breast-cancer example's model (30 features)
         model, _ = build_model(ModelSpec(architecture="logistic"), input_shape=(30,), num_classes=2)
         return model
@@ -95,25 +143,10 @@ def make_batch(name: str, batch: int, generator: torch.Generator) -> tuple[torch
         return torch.randn(batch, 30, generator=generator), torch.randint(0, 2, (batch,), generator=generator)
     if name == "cnn":
         return torch.randn(batch, 1, 8, 8, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+    if name == "resnet":
+        return torch.randn(batch, 3, 16, 16, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
     ids = torch.randint(0, VOCAB, (batch, SEQ_LEN), generator=generator).contiguous()
     return ids, torch.randint(0, 2, (batch,), generator=generator)
-
-
-def _plan(batch: int, n: int) -> TrainingPlan:
-    return TrainingPlan(
-        noise_multiplier=1.0,
-        sample_rate=batch / n,
-        steps=1,
-        delta=1e-5,
-        target_epsilon=3.0,
-        accountant="pld",
-        max_grad_norm=1.0,
-        batch_size=batch,
-        physical_batch_size=batch,
-        train_size=n,
-        eval_size=0,
-        planned_epsilon=3.0,
-    )
 
 
 @dataclass
@@ -123,24 +156,50 @@ class Variant:
     mode: str
 
 
-def make_variant(variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Variant:
+def _opacus_model(model: nn.Module) -> nn.Module:
+    """Opacus has no per-sample gradients for nn.MultiheadAttention: its own drop-in replacement."""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        from opacus.validators import ModuleValidator
+
+        return ModuleValidator.fix(model)  # type: ignore[no-any-return]
+    return model
+
+
+def _opacus(variant: str, model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any) -> tuple[Any, ...]:
     from opacus import PrivacyEngine
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=len(y)),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=variant,
+        )
+    if variant == "ghost":
+        return wrapped[0], wrapped[1], wrapped[2]
+    return wrapped[0], wrapped[1], nn.CrossEntropyLoss()
+
+
+def make_variant(variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Variant | None:
+    """The step function of one variant, or None where the variant does not support the model."""
+    from dptrain.bookkeeping import supports_bookkeeping
+    from dptrain.clipping import choose_clipping_mode, make_private
+
     model = copy.deepcopy(base)
+    if variant in ("hooks", "ghost"):
+        model = _opacus_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     batch = len(y)
     if variant == "nonprivate":
-        criterion = nn.CrossEntropyLoss()
-
-        def plain_step() -> None:
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return Variant(variant, plain_step, "none")
-    dataset = TensorDataset(x, y)
-    if variant == "bookkeeping":
+        p_model, p_opt, p_crit, mode = model, optimizer, nn.CrossEntropyLoss(), "none"
+    elif variant == "bookkeeping":
+        if not supports_bookkeeping(model):
+            return None
         from dptrain.bookkeeping import BookkeepingOptimizer
 
         p_opt = BookkeepingOptimizer(
@@ -148,63 +207,47 @@ def make_variant(variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor
         )
         p_model, p_crit, mode = model, nn.CrossEntropyLoss(), "bookkeeping"
     elif variant in ("hooks", "ghost"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wrapped = PrivacyEngine().make_private(
-                module=model,
-                optimizer=optimizer,
-                criterion=nn.CrossEntropyLoss(),
-                data_loader=DataLoader(dataset, batch_size=batch),
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=False,
-                grad_sample_mode=variant,
-            )
-        if variant == "ghost":
-            p_model, p_opt, p_crit, _ = wrapped
-        else:
-            p_model, p_opt, _ = wrapped
-            p_crit = nn.CrossEntropyLoss()
+        p_model, p_opt, p_crit = _opacus(variant, model, optimizer, x, y)
         mode = variant
     else:
-        private = make_private_training(
+        if choose_clipping_mode(model).mode != "bookkeeping":
+            return None
+        p_model, p_opt, p_crit = make_private(
             model,
             optimizer,
-            dataset,
-            plan=_plan(batch, 10 * batch),
-            noise_generator=None,
-            sampling_generator=None,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+            clipping="bookkeeping",
+            secure_noise=variant == "kernels+secure",
         )
-        p_model, p_opt, p_crit, mode = private.model, private.optimizer, private.criterion, private.clipping_mode
+        mode = "bookkeeping"
 
-    def private_step() -> None:
+    def step() -> None:
         loss = p_crit(p_model(x), y)
         loss.backward()
         p_opt.step()
         p_opt.zero_grad(set_to_none=True)
 
-    return Variant(variant, private_step, mode)
-
-
-def variants_for(model: nn.Module) -> list[str]:
-    from dptrain.bookkeeping import supports_bookkeeping
-
-    return [v for v in VARIANTS if v != "bookkeeping" or supports_bookkeeping(model)]
+    return Variant(variant, step, mode)
 
 
 def _steps_for(step: Callable[[], None], target_s: float) -> int:
     started = time.perf_counter()
     step()
     elapsed = time.perf_counter() - started
-    return max(2, min(200, int(target_s / max(elapsed, 1e-6))))
+    return max(1, min(200, int(target_s / max(elapsed, 1e-6))))
 
 
 def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict[str, Any]:
+    from dptrain.clipping import choose_clipping_mode
+
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     base = make_model(model_name)
     x, y = make_batch(model_name, batch, generator)
-    variants = [make_variant(v, base, x, y) for v in variants_for(base)]
+    made = [make_variant(v, base, x, y) for v in VARIANTS]
+    variants = [v for v in made if v is not None]
     for v in variants:  # warm-up (first calls allocate, JIT-free but cache-cold)
         for _ in range(2):
             v.step()
@@ -219,14 +262,20 @@ def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict
                 v.step()
             samples[v.name].append((time.perf_counter() - started) / steps)
     medians = {name: statistics.median(times) for name, times in samples.items()}
+    # Ratios pair each round's variant with the same round's non-private run (adjacent in time), then take
+    # the median over rounds: a burst of load from other processes hits both sides of a pair.
+    paired = {
+        name: statistics.median(t / base for t, base in zip(times, samples["nonprivate"], strict=True))
+        for name, times in samples.items()
+    }
     return {
         "model": model_name,
         "batch": batch,
         "steps_per_round": steps,
         "rounds": rounds,
         "ms": {name: 1e3 * t for name, t in medians.items()},
-        "ratio": {name: medians[name] / medians["nonprivate"] for name in medians},
-        "dptrain_mode": next(v.mode for v in variants if v.name == "dptrain"),
+        "ratio": paired,
+        "auto_mode": choose_clipping_mode(base).mode,
     }
 
 
@@ -244,6 +293,7 @@ def memory_child(model_name: str, batch: int, variant: str) -> None:
     base = make_model(model_name)
     x, y = make_batch(model_name, batch, generator)
     v = make_variant(variant, base, x, y)
+    assert v is not None
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     for _ in range(5):
@@ -251,9 +301,9 @@ def memory_child(model_name: str, batch: int, variant: str) -> None:
     print(json.dumps({"step_peak_kib": _status_kib("VmHWM") - before, "rss_before_kib": before}))
 
 
-def measure_memory(model_name: str, batch: int) -> dict[str, float]:
+def measure_memory(model_name: str, batch: int, variants: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for variant in variants_for(make_model(model_name)):
+    for variant in variants:
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", model_name, str(batch), variant],
             capture_output=True,
@@ -269,32 +319,29 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
     def cell(values: dict[str, float], name: str, fmt: str, unit: str = "") -> str:
         return format(values[name], fmt) + unit if name in values else "–"
 
-    print("| model | batch | non-private ms | hooks × | ghost × | bookkeeping × | dptrain × (mode) |")
-    print("|---|---|---|---|---|---|---|")
+    header = " | ".join(f"{v} ×" for v in PRIVATE)
+    print(f"| model | batch | non-private ms | {header} | auto picks |")
+    print("|---|---|---|" + "---|" * len(PRIVATE) + "---|")
     for row in rows:
-        r = row["ratio"]
-        print(
-            f"| {row['model']} | {row['batch']} | {row['ms']['nonprivate']:.2f} | {r['hooks']:.1f}× | "
-            f"{r['ghost']:.1f}× | {cell(r, 'bookkeeping', '.1f', '×')} | {r['dptrain']:.1f}× ({row['dptrain_mode']}) |"
-        )
+        cells = " | ".join(cell(row["ratio"], v, ".2f", "×") for v in PRIVATE)
+        print(f"| {row['model']} | {row['batch']} | {row['ms']['nonprivate']:.2f} | {cells} | {row['auto_mode']} |")
     if memory:
-        print("\nPeak RSS growth during the first 5 steps, per variant (MiB, fresh process each):")
-        print("| model | batch | non-private | hooks | ghost | bookkeeping | dptrain |")
-        print("|---|---|---|---|---|---|---|")
+        print("\nPeak RSS growth during 5 steps ÷ non-private's (non-private in MiB; fresh process each):")
+        print(f"| model | batch | non-private MiB | {header} |")
+        print("|---|---|---|" + "---|" * len(PRIVATE))
         for row in rows:
             m = row["peak_rss_mib"]
-            print(
-                f"| {row['model']} | {row['batch']} | {m['nonprivate']:.1f} | {m['hooks']:.1f} | "
-                f"{m['ghost']:.1f} | {cell(m, 'bookkeeping', '.1f')} | {m['dptrain']:.1f} |"
-            )
+            ratios = {k: v / max(m["nonprivate"], 1e-9) for k, v in m.items()}
+            cells = " | ".join(cell(ratios, v, ".2f", "×") for v in PRIVATE)
+            print(f"| {row['model']} | {row['batch']} | {m['nonprivate']:.1f} | {cells} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--target-seconds", type=float, default=0.15, help="time per variant per round")
+    parser.add_argument("--target-seconds", type=float, default=0.05, help="time per variant per round")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "BATCH", "VARIANT"), help=argparse.SUPPRESS)
@@ -310,7 +357,7 @@ def main() -> int:
         for batch in args.batches:
             row = time_case(model_name, batch, args.rounds, args.target_seconds)
             if not args.no_memory:
-                row["peak_rss_mib"] = measure_memory(model_name, batch)
+                row["peak_rss_mib"] = measure_memory(model_name, batch, list(row["ms"]))
             rows.append(row)
             print(f"# {model_name} b={batch}: {row['ms']}", file=sys.stderr, flush=True)
     print_table(rows, not args.no_memory)

@@ -34,6 +34,38 @@ class ModelError(DptrainError):
     exit_code = ExitCode.INVALID_MODEL
 
 
+class ClippingError(ModelError):
+    """The model cannot be trained with the requested per-example clipping (dptrain.clipping)."""
+
+
+class UnsupportedLayerError(ClippingError):
+    """A trainable parameter sits in a layer no book-keeping kernel covers exactly (the message names it).
+
+    The engine may route such a model to Opacus' hooks mode instead.
+    """
+
+    def __init__(self, message: str, *, module: str, parameters: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.module = module
+        self.parameters = parameters
+
+
+class BatchMixingLayerError(UnsupportedLayerError):
+    """A layer mixes examples across the batch (BatchNorm and friends): no per-example clipping is valid."""
+
+
+class ParameterReuseError(ClippingError):
+    """A parameter is shared between layers, or a layer ran more than once in one forward pass."""
+
+
+class ClippingProtocolError(ClippingError):
+    """Forward, backward and optimizer calls came in an order the clipping cannot attribute exactly.
+
+    Examples: two forward passes feeding one backward, a second backward of the same graph, or a layer
+    that does not see the batch along dimension 0.
+    """
+
+
 class PlanMismatchError(ConfigurationError):
     """The data or the plan disagrees with the mechanism the operator reserved in the dataset ledger."""
 

@@ -1,0 +1,235 @@
+"""PrivateOptimizer: clipped sums in one flat buffer, one flat noise draw, then the user's optimizer.
+
+Per logical batch: for each physical micro-batch, forward + backward, then :meth:`accumulate`
+(optional: the next forward pass or :meth:`step` accumulates a pending micro-batch too); then
+:meth:`step` adds N(0, σ²C²) over all parameters at once, divides by the EXPECTED batch size,
+writes ``.grad`` (views of one flat tensor) and steps the wrapped optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, overload
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from dptrain.errors import ClippingError
+
+__all__ = ["Clipper", "PrivateOptimizer"]
+
+_SECURE_DRAWS = 4  # Opacus secure_mode: the sum of 2n draws with n = 2, divided by √(2n) = 2
+
+
+class Clipper(Protocol):
+    """Computes clipped per-example gradient sums into views of the optimizer's flat buffer."""
+
+    parameters: list[nn.Parameter]
+    max_grad_norm: float
+
+    def bind(self, sums: Mapping[int, Tensor], grads: Mapping[int, Tensor]) -> None:
+        """Receive, per parameter (keyed by id), its view of the clipped-sum buffer and of the .grad buffer."""
+
+    def flush(self) -> int:
+        """Add the pending micro-batch's clipped sum into the views; returns 0 if nothing was pending.
+
+        Otherwise its number of examples where the clipper knows it (Opacus ghost: 1).
+        """
+        ...
+
+
+def _check_parameters(optimizer: Optimizer, parameters: Sequence[nn.Parameter]) -> None:
+    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    covered = {id(p) for p in parameters}
+    missing = [p for p in parameters if id(p) not in managed]
+    if missing:
+        raise ClippingError(
+            f"the optimizer does not manage {len(missing)} trainable parameter(s) of the model (shapes "
+            f"{[tuple(p.shape) for p in missing[:5]]}); build it from model.parameters()"
+        )
+    extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in covered and p.requires_grad]
+    if extra:
+        raise ClippingError(
+            f"the optimizer manages {len(extra)} trainable parameter(s) outside the model; they would get no "
+            "private gradient"
+        )
+
+
+class PrivateOptimizer(Optimizer):
+    """Wraps ``optimizer``: DP-SGD noise and normalisation over the clipper's flat clipped sum.
+
+    ``expected_batch_size`` is the GLOBAL expected batch size (q·N over all ranks). With
+    ``distributed=True`` (torch.distributed initialised), every rank's flat clipped sum is
+    all-reduced (SUM) over ``process_group`` (default: the world) after rank 0 of the group alone
+    added the noise, so noise enters exactly once per global step; parameters are broadcast from
+    that rank at construction. ``secure_noise`` draws each coordinate as the sum of 4 Gaussians / 2,
+    as Opacus' secure_mode does against floating-point attacks (still torch's PRNG, not a CSPRNG).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        clipper: Clipper,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        generator: torch.Generator | None = None,
+        secure_noise: bool = False,
+        distributed: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        # No Optimizer.__init__: state and param groups stay the wrapped optimizer's (as Opacus' DPOptimizer).
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be finite and ≥ 0, got {noise_multiplier}")
+        if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        parameters = list(clipper.parameters)
+        _check_parameters(optimizer, parameters)
+        kinds = {(p.dtype, p.device) for p in parameters}
+        if len(kinds) != 1:
+            found = sorted(map(str, kinds))
+            raise ClippingError(f"all trainable parameters must share one dtype and device, found {found}")
+        ((dtype, device),) = kinds
+        self.original_optimizer = optimizer
+        self.clipper = clipper
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(clipper.max_grad_norm)
+        self.expected_batch_size = expected_batch_size
+        self.generator = generator
+        self.secure_noise = secure_noise
+        self.steps = 0
+        self.clipping_mode = "custom"  # make_private sets the mode it chose
+        self._step_hooks: list[Callable[[PrivateOptimizer], None]] = []
+        total = sum(p.numel() for p in parameters)
+        self._sum = torch.zeros(total, dtype=dtype, device=device)  # Σ clipped gradients of this logical batch
+        self._flat_grad = torch.zeros(total, dtype=dtype, device=device)  # what .grad views show after step
+        self._scratch: Tensor | None = None
+        sums: dict[int, Tensor] = {}
+        self._grads: list[tuple[nn.Parameter, Tensor]] = []
+        offset = 0
+        for p in parameters:
+            n = p.numel()
+            sums[id(p)] = self._sum[offset : offset + n].view_as(p)
+            self._grads.append((p, self._flat_grad[offset : offset + n].view_as(p)))
+            offset += n
+        self.distributed = distributed
+        self._group = process_group
+        self._adds_noise = self._init_distributed(distributed, process_group, parameters)
+        clipper.bind(sums, {id(p): view for p, view in self._grads})
+
+    @staticmethod
+    def _init_distributed(distributed: bool, process_group: Any, parameters: Sequence[Tensor]) -> bool:
+        """Check the process group, broadcast the parameters; True on the rank that adds the noise."""
+        if not distributed:
+            return True
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ClippingError("distributed=True needs torch.distributed initialised (init_process_group) first")
+        source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        with torch.no_grad():
+            for p in parameters:  # identical replicas: every rank then applies the identical update
+                dist.broadcast(p.data, src=source, group=process_group)
+        return bool(dist.get_rank(process_group) == 0)
+
+    # --- the torch.optim.Optimizer surface (delegated) -------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's zero_grad (.grad only: clipped sums of pending micro-batches stay)."""
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ClippingError("parameters cannot be added to a private optimizer after make_private")
+
+    def attach_step_hook(self, hook: Callable[[PrivateOptimizer], None]) -> None:
+        """Call ``hook(optimizer)`` after each noised step (before the wrapped optimizer's step)."""
+        self._step_hooks.append(hook)
+
+    def __repr__(self) -> str:
+        return f"PrivateOptimizer({self.original_optimizer!r})"
+
+    # --- DP-SGD ---------------------------------------------------------------------------------------
+
+    def accumulate(self) -> None:
+        """Add the last micro-batch's clipped per-example gradients to the logical batch's sum."""
+        self.clipper.flush()
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Accumulate any pending micro-batch, noise the flat sum once, divide, write .grad, step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.clipper.flush()
+        grad = self._flat_grad
+        std = self.noise_multiplier * self.max_grad_norm
+        if self._adds_noise and std > 0:
+            self._draw_noise(grad, std)
+            grad.add_(self._sum)
+        else:
+            grad.copy_(self._sum)
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self._group)
+        grad.mul_(1.0 / self.expected_batch_size)
+        self._sum.zero_()
+        for p, view in self._grads:
+            if p.grad is not view:
+                p.grad = view
+        self.steps += 1
+        for hook in self._step_hooks:
+            hook(self)
+        self.original_optimizer.step()
+        return loss
+
+    def _draw_noise(self, out: Tensor, std: float) -> None:
+        if not self.secure_noise:
+            out.normal_(0.0, std, generator=self.generator)
+            return
+        # Opacus _generate_noise(secure_mode=True): discard one draw, then (Σ of 4 draws) / 2 ~ N(0, std²).
+        torch.normal(0.0, std, size=(1, 1), device=out.device, generator=self.generator)
+        if self._scratch is None:
+            self._scratch = torch.empty_like(out)
+        out.normal_(0.0, std, generator=self.generator)
+        for _ in range(_SECURE_DRAWS - 1):
+            out.add_(self._scratch.normal_(0.0, std, generator=self.generator))
+        out.mul_(0.5)
