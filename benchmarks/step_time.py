@@ -9,7 +9,6 @@ Variants ("–" where a variant does not support the model):
 * ``nonprivate``: plain PyTorch (SGD, cross-entropy).
 * ``hooks`` / ``ghost``: ``PrivacyEngine.make_private(grad_sample_mode=...)``. Models with
   nn.MultiheadAttention get Opacus' ``ModuleValidator.fix`` first (DPMultiheadAttention: same maths).
-* ``bookkeeping``: the first book-keeping optimizer, ``dptrain.bookkeeping`` (Linear-only models).
 * ``kernels``: ``dptrain.make_private(clipping="bookkeeping")`` (dptrain.clipping: per-layer kernels,
   one backward, flat noise); ``kernels+secure``: the same with ``secure_noise=True`` (4 draws per
   coordinate, Opacus' floating-point mitigation). The "auto" column names what
@@ -50,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dptrain.models import build_model
 from dptrain_api.job import ModelSpec
 
-VARIANTS = ("nonprivate", "hooks", "ghost", "bookkeeping", "kernels", "kernels+secure")
+VARIANTS = ("nonprivate", "hooks", "ghost", "kernels", "kernels+secure")
 PRIVATE = VARIANTS[1:]
 MODELS = ("mlp", "cnn", "resnet", "transformer", "encoder", "logistic")
 SEQ_LEN = 32
@@ -187,7 +186,6 @@ def _opacus(variant: str, model: nn.Module, optimizer: torch.optim.Optimizer, x:
 
 def make_variant(variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Variant | None:
     """The step function of one variant, or None where the variant does not support the model."""
-    from dptrain.bookkeeping import supports_bookkeeping
     from dptrain.clipping import choose_clipping_mode, make_private
 
     model = copy.deepcopy(base)
@@ -197,15 +195,6 @@ def make_variant(variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor
     batch = len(y)
     if variant == "nonprivate":
         p_model, p_opt, p_crit, mode = model, optimizer, nn.CrossEntropyLoss(), "none"
-    elif variant == "bookkeeping":
-        if not supports_bookkeeping(model):
-            return None
-        from dptrain.bookkeeping import BookkeepingOptimizer
-
-        p_opt = BookkeepingOptimizer(
-            optimizer, model=model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch
-        )
-        p_model, p_crit, mode = model, nn.CrossEntropyLoss(), "bookkeeping"
     elif variant in ("hooks", "ghost"):
         p_model, p_opt, p_crit = _opacus(variant, model, optimizer, x, y)
         mode = variant

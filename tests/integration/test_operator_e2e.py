@@ -174,7 +174,8 @@ def test_racing_jobs_never_overshoot_the_budget(cluster: Cluster, namespace: str
     decided = wait_for(all_decided, timeout=240, what="all 20 jobs admitted or refused")
     admitted = [job for job in decided if job["status"]["phase"] == "Suspended"]
     refused = [job for job in decided if job["status"]["phase"] == "Failed"]
-    assert all(condition(job, "Failed")["reason"] == "BudgetExceeded" for job in refused)
+    refusals = [condition(job, "Failed") for job in refused]
+    assert all(refusal["reason"] == "BudgetExceeded" for refusal in refusals), refusals
     entry = get(cluster, namespace, "pds", "shared")["status"]["ledger"][0]
     train, holdout = _segment(entry["train"]), _segment(entry["holdout"])
     fits = max(k for k in range(1, 21) if partitioned_epsilon([train] * k, [holdout] * k, delta=1e-5) <= budget)

@@ -13,8 +13,9 @@ import contextlib
 import functools
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import kopf
@@ -198,6 +199,23 @@ def mirror_to_dataset(ctx: OperatorContext, *, namespace: str, ledger_name: str,
     retry_on_conflict(attempt, what=f"copying the ledger to PrivateDataset {bound.name}", retries=5)
 
 
+_flights_guard = threading.Lock()
+_flights: dict[Hashable, threading.Lock] = {}
+
+
+def _single_flight(key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()`` with one caller per key at a time: twenty identical jobs admitted together plan once, the
+    other nineteen wait and read the cache ``compute`` fills."""
+    with _flights_guard:
+        flight = _flights.setdefault(key, threading.Lock())
+    with flight:
+        try:
+            return compute()
+        finally:
+            with _flights_guard:
+                _flights.pop(key, None)
+
+
 @functools.lru_cache(maxsize=1024)
 def _cached_plan(ctx: OperatorContext, kwargs: tuple[tuple[str, Any], ...]) -> MechanismPlan:
     return ctx.workers.call(plan_mechanism, **dict(kwargs))
@@ -214,7 +232,8 @@ def epsilon_of(ctx: OperatorContext) -> ledger.EpsilonOf:
     """A ledger's composition, run in a worker and cached here (racing admissions recompute nothing)."""
 
     def compose(train: Any, holdout: Any, delta: float) -> float:
-        return _cached_epsilon(ctx, tuple(compact(train)), tuple(compact(holdout)), delta)
+        key = (tuple(compact(train)), tuple(compact(holdout)), delta)
+        return _single_flight(("epsilon", *key), lambda: _cached_epsilon(ctx, *key))
 
     return compose
 
@@ -223,7 +242,8 @@ def plan_job(ctx: OperatorContext, job: DPTrainingJob, dataset: PrivateDataset |
     """The job's plan from public numbers only, exactly as the trainer makes it (in a worker, cached)."""
     inputs = plan_inputs(job, dataset)
     kwargs = {**inputs.as_kwargs(), "eval_fraction": holdout}
-    return _cached_plan(ctx, tuple(sorted(kwargs.items())))
+    key = tuple(sorted(kwargs.items()))
+    return _single_flight(("plan", key), lambda: _cached_plan(ctx, key))
 
 
 def admit_job(ctx: OperatorContext, name: str, *, job: DPTrainingJob, plan: MechanismPlan) -> LedgerEntry:

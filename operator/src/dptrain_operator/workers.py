@@ -4,12 +4,16 @@ Calibrating σ and composing a ledger are CPU-bound numpy work. In the operator'
 the GIL for as long as they take, and kopf's event loop (watches, /healthz, other jobs) would wait behind them:
 one job planning tens of millions of steps once kept /healthz from answering for 30 s. A child process per
 call (forked from a server that has the accounting libraries loaded, so it starts in milliseconds) runs the
-maths; the handler thread only waits on a pipe, and a call that runs past its limit is killed.
+maths; the handler thread only waits on a pipe, and a call that runs past its limit is killed. At most
+``concurrency`` children run at once (one per CPU by default): twenty jobs submitted together queue for a
+slot rather than share two cores twenty ways, and the time limit counts from a child's start, so a busy
+operator never times out a plan that would have fitted.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -39,9 +43,11 @@ class AccountingWorkers:
     exception); past ``timeout`` seconds the child is killed and :class:`AccountingTimeout` raised.
     ``in_process=True`` calls ``fn`` directly (unit tests)."""
 
-    def __init__(self, *, timeout: float, in_process: bool = False) -> None:
+    def __init__(self, *, timeout: float, concurrency: int | None = None, in_process: bool = False) -> None:
         self.timeout = timeout
         self.in_process = in_process
+        self.concurrency = concurrency or len(os.sched_getaffinity(0)) or 1
+        self._slots = threading.BoundedSemaphore(self.concurrency)
         self._context: Any = None
         self._lock = threading.Lock()
 
@@ -57,6 +63,10 @@ class AccountingWorkers:
         if self.in_process:
             return function(*args, **kwargs)
         context = self._start_context()
+        with self._slots:
+            return self._run(context, function, args, kwargs)
+
+    def _run(self, context: Any, function: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(target=_child, args=(sender, function, args, kwargs), daemon=True)
         process.start()

@@ -4,8 +4,8 @@
   independently with probability exactly q (what the accountants assume). An empty batch is a valid
   outcome and still takes a (noise-only) step, so every step of the plan runs and is charged.
 * :func:`make_private_training` wraps the model and optimizer for per-example clipping at C and
-  Gaussian noise σC: book-keeping clipping (:mod:`dptrain.bookkeeping`), or Opacus' ghost or hooks
-  mode. The optimizer averages by the EXPECTED batch size q·n, which does not depend on the data.
+  Gaussian noise σC with :func:`dptrain.make_private`: dptrain's book-keeping kernels, or Opacus' ghost
+  or hooks mode. The optimizer averages by the EXPECTED batch size q·n, which does not depend on the data.
 * :meth:`PrivateTraining.step` splits a logical batch into physical micro-batches that fit in
   memory; clipped gradients accumulate over them and the noise is added once, at the last one.
 """
@@ -13,16 +13,14 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain.errors import ModelError
 from dptrain.independence import reused_modules
-from dptrain.models import supports_ghost_clipping
 
 __all__ = ["PoissonSampler", "PrivateTraining", "auto_clipping_mode", "make_optimizer", "make_private_training"]
 
@@ -60,16 +58,14 @@ def make_optimizer(parameters: Any, training: Any) -> torch.optim.Optimizer:
 
 
 def auto_clipping_mode(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
-    """The fastest clipping mode that is exact for ``model`` (benchmarks/step_time.py). Tied weights or a layer
-    called twice per forward pass need Opacus' hooks mode: it sums a shared parameter's per-example gradients
-    over its uses before clipping, the other modes would clip each use apart (or refuse)."""
-    from dptrain.bookkeeping import supports_bookkeeping
+    """The fastest clipping mode that is exact for ``model`` (benchmarks/step_time.py). A layer called twice per
+    forward pass needs Opacus' hooks mode: it sums a reused layer's per-example gradients over its uses before
+    clipping; the kernels and ghost clipping would refuse it at the first step."""
+    from dptrain.clipping import choose_clipping_mode
 
     if input_shape is not None and reused_modules(model, input_shape):
         return "hooks"
-    if supports_bookkeeping(model):
-        return "bookkeeping"
-    return "ghost" if supports_ghost_clipping(model) else "hooks"
+    return choose_clipping_mode(model).mode
 
 
 @dataclass
@@ -77,62 +73,28 @@ class PrivateTraining:
     """A model and an optimizer that clips each example's gradient at C and adds N(0, σ²C²) once per step."""
 
     model: nn.Module
-    optimizer: Any  # an Opacus DPOptimizer (or its fast-gradient-clipping or book-keeping subclass)
+    optimizer: Any  # dptrain.clipping.PrivateOptimizer
     criterion: Any  # nn.CrossEntropyLoss, or Opacus' DPLossFastGradientClipping (ghost)
     clipping_mode: str
     physical_batch_size: int
-    steps_taken: list[int] = field(default_factory=lambda: [0])
-    """steps_taken[0] counts optimizer steps that added noise (one per logical batch)."""
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps that added noise (one per logical batch)."""
+        return int(self.optimizer.steps)
 
     def step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """One DP-SGD step on a logical batch. Its loss is not read: it is a statistic of private records."""
-        starts = list(range(0, len(labels), self.physical_batch_size)) or [0]  # an empty batch: one empty pass
-        for index, start in enumerate(starts):
+        """One DP-SGD step on a logical batch. Its loss is not read: it is a statistic of private records.
+
+        An empty batch takes a noise-only step; a batch larger than the physical size is split, its clipped
+        sums accumulate, and the noise is added once.
+        """
+        for start in range(0, len(labels), self.physical_batch_size):
             stop = start + self.physical_batch_size
-            loss = self.criterion(self.model(features[start:stop]), labels[start:stop])
-            loss.backward()
-            if index < len(starts) - 1:
-                # Clip and accumulate this micro-batch; the noise comes once, with the last one.
-                self.optimizer.signal_skip_step(do_skip=True)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-
-def _opacus_wrap(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: int,
-    mode: str,
-    noise_generator: torch.Generator | None,
-) -> tuple[nn.Module, Any, Any]:
-    from opacus import PrivacyEngine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # secure-RNG and accountant chatter: the report states the caveats
-        engine = PrivacyEngine(secure_mode=False)
-        # Opacus wants a data loader to derive its own sample rate from; batches come from PoissonSampler
-        # instead, and the optimizer's expected batch size is set from the plan below.
-        template: DataLoader[Any] = DataLoader(TensorDataset(torch.zeros(1)), batch_size=1)
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=nn.CrossEntropyLoss(),
-            data_loader=template,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=mode,
-            noise_generator=noise_generator,
-        )
-    if mode == "ghost":
-        private_model, private_optimizer, criterion, _ = wrapped
-    else:
-        private_model, private_optimizer, _ = wrapped
-        criterion = nn.CrossEntropyLoss()
-    return private_model, private_optimizer, criterion
+            self.criterion(self.model(features[start:stop]), labels[start:stop]).backward()
+            self.optimizer.accumulate()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def make_private_training(
@@ -148,54 +110,36 @@ def make_private_training(
     input_shape: tuple[int, ...] | None = None,
     secure_noise: bool = True,
 ) -> PrivateTraining:
-    """Wrap for DP-SGD: per-example clipping at ``max_grad_norm``, noise σ·C, mean over the expected batch.
+    """Wrap for DP-SGD with :func:`dptrain.make_private`: per-example clipping at ``max_grad_norm``, noise σ·C
+    once per step, mean over the expected batch.
 
-    ``clipping_mode``: "bookkeeping" (Linear-only models, dptrain.bookkeeping), or Opacus' "ghost" /
-    "hooks"; automatic by default (the fastest that is exact for the model, given ``input_shape``).
-    ``secure_noise`` draws each noise coordinate as Opacus' secure_mode does (four draws), which defeats the
-    floating-point attacks on a single Gaussian draw; it needs no torchcsprng.
+    ``clipping_mode``: "bookkeeping" (dptrain's kernels), or Opacus' "ghost" / "hooks"; automatic by default (the
+    fastest that is exact for the model, given ``input_shape``). ``secure_noise`` draws each noise coordinate as
+    Opacus' secure_mode does (four draws), which defeats the floating-point attacks on a single Gaussian draw.
     """
+    from dptrain.clipping import make_private
+
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError("the model has no trainable parameters")
     mode = clipping_mode or auto_clipping_mode(model, input_shape)
     if mode not in CLIPPING_MODES:
         raise ModelError(f"unknown clipping mode {mode!r}; use one of {', '.join(CLIPPING_MODES)}")
-    if mode == "bookkeeping":
-        from dptrain.bookkeeping import BookkeepingOptimizer
-
-        private_model: nn.Module = model
-        private_optimizer: Any = BookkeepingOptimizer(
-            optimizer,
-            model=model,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            generator=noise_generator,
-        )
-        criterion: Any = nn.CrossEntropyLoss()
-    else:
-        private_model, private_optimizer, criterion = _opacus_wrap(
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' secure-RNG chatter: the privacy report states the caveats
+        private_model, private_optimizer, criterion = make_private(
             model,
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
-            mode=mode,
-            noise_generator=noise_generator,
+            clipping=mode,  # type: ignore[arg-type]
+            generator=noise_generator,
+            secure_noise=secure_noise,
         )
-    # Mean reduction divides the noised sum by the EXPECTED batch size q·n (data-independent).
-    private_optimizer.expected_batch_size = expected_batch_size
-    private_optimizer.secure_mode = secure_noise
-    private = PrivateTraining(
+    return PrivateTraining(
         model=private_model,
         optimizer=private_optimizer,
         criterion=criterion,
         clipping_mode=mode,
         physical_batch_size=physical_batch_size,
     )
-
-    def count_step(_optimizer: Any) -> None:  # replaces Opacus' own accountant hook: we account via the journal
-        private.steps_taken[0] += 1
-
-    private_optimizer.attach_step_hook(count_step)
-    return private

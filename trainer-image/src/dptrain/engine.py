@@ -247,9 +247,9 @@ class TrainingRun:
         """One DP-SGD step on a fresh Poisson batch."""
         index = self.sampler.next_batch().to(self.train_set.tensors[0].device)
         features, labels = (tensor[index].to(self.device, non_blocking=True) for tensor in self.train_set.tensors)
-        taken = self.private.steps_taken[0]
+        taken = self.private.steps_taken
         self.private.step(features, labels)
-        if self.private.steps_taken[0] != taken + 1:  # pragma: no cover - defensive: one noise draw per step
+        if self.private.steps_taken != taken + 1:  # pragma: no cover - defensive: one noise draw per step
             raise RuntimeError("the optimizer did not take exactly one noisy step")
         self.step += 1
 

@@ -61,7 +61,7 @@ class TrainingResult:
     history: list[dict[str, float]]
     """Per step: step and ε charged; per release also ``released`` = 1 and the released metrics."""
     clipping_mode: str
-    """"bookkeeping" (dptrain.bookkeeping), or Opacus grad_sample_mode "ghost" or "hooks"."""
+    """"bookkeeping" (dptrain.clipping kernels), or Opacus grad_sample_mode "ghost" or "hooks"."""
     elapsed_seconds: float
     """Wall time of this attempt."""
     attempts: int

@@ -1,0 +1,37 @@
+"""The operator's accounting workers: child processes with a time limit and a bounded number of slots."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dptrain_operator.workers import AccountingTimeout, AccountingWorkers
+
+
+def test_a_call_returns_its_value_and_reraises_its_error() -> None:
+    workers = AccountingWorkers(timeout=30)
+    assert workers.call(math.sqrt, 16.0) == 4.0
+    with pytest.raises(ValueError, match="math domain error"):
+        workers.call(math.sqrt, -1.0)
+
+
+def test_a_call_past_its_limit_is_killed() -> None:
+    workers = AccountingWorkers(timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(AccountingTimeout, match="longer than 0.5s"):
+        workers.call(time.sleep, 30)
+    assert time.monotonic() - started < 10
+
+
+def test_queued_calls_wait_for_a_slot_without_spending_their_time_limit() -> None:
+    """Six 1-second calls through one slot take 6 s in all; each still has its whole 3 s limit once it runs."""
+    workers = AccountingWorkers(timeout=3, concurrency=1)
+    workers.call(math.sqrt, 1.0)  # start the fork server outside the measurement
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda _: workers.call(time.sleep, 1.0), range(6)))
+    assert results == [None] * 6
+    assert time.monotonic() - started >= 6  # one at a time
