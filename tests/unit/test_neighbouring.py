@@ -97,7 +97,9 @@ def _run(folder: Path, records: list[str]) -> Emitted:
     environment["DPTRAIN_CPU_LIMIT"] = "1"
     command = [sys.executable, "-m", "dptrain.cli", "run", "job.yaml", "--output", "out", "--quiet"]
     command += ["--termination-message-path", "termination-log"]
-    done = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, check=False, cwd=folder, env=environment, capture_output=True, text=True, timeout=300
+    )
     termination = json.loads((folder / "termination-log").read_text())
     report = json.loads((folder / "out" / REPORT_NAME).read_text())
     journal = [json.loads(line) for line in (folder / "out" / JOURNAL_NAME).read_text().splitlines()]
@@ -114,7 +116,9 @@ def _run(folder: Path, records: list[str]) -> Emitted:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Emitted]:
     generator = random.Random(1)
-    records = [f"{generator.randint(20, 90)},{generator.randint(60, 200)},{generator.randint(0, 1)}" for _ in range(300)]
+    records = [
+        f"{generator.randint(20, 90)},{generator.randint(60, 200)},{generator.randint(0, 1)}" for _ in range(300)
+    ]
     root = tmp_path_factory.mktemp("neighbours")
     return {
         "D": _run(root / "d", records),
