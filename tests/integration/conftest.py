@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.cluster import Cluster, cluster_or_skip, purge_namespace, raw_request
 from tests.support.node import FakeNode
+from tests.support.operator import OperatorProcess
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,11 @@ def node(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[FakeNode]
     yield fake
     fake.stop()
     assert fake.errors == []
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator")
+    process.start()
+    yield process
+    process.stop()

@@ -4,103 +4,28 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import yaml
 
-from dptrain_accounting import MechanismSegment, partitioned_epsilon
+from dptrain_accounting import partitioned_epsilon
 from tests.support.cluster import Cluster
+from tests.support.e2e import (
+    apply,
+    condition,
+    dataset_manifest,
+    diagnose,
+    get,
+    job_manifest,
+    phase_is,
+    pods,
+    segment,
+    wait_for,
+)
 from tests.support.node import FakeNode
 from tests.support.operator import OperatorProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-T = TypeVar("T")
-
-
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator")
-    process.start()
-    yield process
-    process.stop()
-
-
-def _segment(mechanism: dict[str, Any]) -> MechanismSegment:
-    return MechanismSegment(mechanism["noiseMultiplier"], mechanism["sampleRate"], mechanism["steps"])
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, diagnose: Callable[[], str] = str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnose()}")
-
-
-def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "dataset": {"builtin": "breast-cancer"},
-        "model": {"architecture": "logistic"},
-        "privacy": {"targetEpsilon": 2.0, "delta": 1e-5},
-        "training": {"epochs": 2, "batchSize": 64, "learningRate": 0.5, "seed": 1},
-        "checkpoint": {"everySteps": 5},
-        "resources": {"cpu": "1"},
-    }
-    for key, value in spec.items():
-        merge = isinstance(value, dict) and key != "dataset"  # a dataset source replaces the default one
-        body[key] = {**body.get(key, {}), **value} if merge else value
-    return {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob", "metadata": {"name": name}, "spec": body}
-
-
-def dataset_manifest(name: str, *, epsilon: float, builtin: str = "breast-cancer") -> dict[str, Any]:
-    return {
-        "apiVersion": "dptrain.io/v1alpha1",
-        "kind": "PrivateDataset",
-        "metadata": {"name": name},
-        "spec": {"source": {"builtin": builtin}, "budget": {"epsilon": epsilon, "delta": 1e-5}},
-    }
-
-
-def apply(cluster: Cluster, namespace: str, *documents: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
-
-
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
-
-
-def phase_is(cluster: Cluster, namespace: str, name: str, *phases: str) -> Callable[[], dict[str, Any] | None]:
-    def check() -> dict[str, Any] | None:
-        job = get(cluster, namespace, "dptj", name)
-        return job if job.get("status", {}).get("phase") in phases else None
-
-    return check
-
-
-def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    return list(json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"])
-
-
-def condition(job: dict[str, Any], type: str) -> dict[str, Any]:
-    return next(c for c in job["status"]["conditions"] if c["type"] == type)
-
-
-def diagnose(cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess) -> Callable[[], str]:
-    def text() -> str:
-        jobs = cluster.kubectl("get", "dptj,pds,pods", "-n", namespace, "-o", "yaml", check=False).stdout
-        logs = "\n".join(
-            f"--- {pod['metadata']['name']}\n{node.logs(namespace, pod['metadata']['name'])[-3000:]}"
-            for pod in pods(cluster, namespace)
-        )
-        return f"{jobs[-6000:]}\n{logs}\n--- operator\n{operator.logs()[-4000:]}"
-
-    return text
 
 
 def test_job_runs_to_success_and_reports_epsilon(
@@ -177,14 +102,14 @@ def test_racing_jobs_never_overshoot_the_budget(cluster: Cluster, namespace: str
     refusals = [condition(job, "Failed") for job in refused]
     assert all(refusal["reason"] == "BudgetExceeded" for refusal in refusals), refusals
     entry = get(cluster, namespace, "pds", "shared")["status"]["ledger"][0]
-    train, holdout = _segment(entry["train"]), _segment(entry["holdout"])
+    train, holdout = segment(entry["train"]), segment(entry["holdout"])
     fits = max(k for k in range(1, 21) if partitioned_epsilon([train] * k, [holdout] * k, delta=1e-5) <= budget)
     assert len(admitted) == fits
     dataset = get(cluster, namespace, "pds", "shared")
     reserved = [entry for entry in dataset["status"]["ledger"] if entry["state"] == "Reserved"]
     assert sorted(entry["jobName"] for entry in reserved) == sorted(job["metadata"]["name"] for job in admitted)
-    train = [_segment(entry["train"]) for entry in reserved]
-    holdout = [_segment(entry["holdout"]) for entry in reserved]
+    train = [segment(entry["train"]) for entry in reserved]
+    holdout = [segment(entry["holdout"]) for entry in reserved]
     assert partitioned_epsilon(train, holdout, delta=1e-5) <= budget
     assert dataset["status"]["epsilonRemaining"] >= 0
 

@@ -21,7 +21,8 @@ class Settings:
     """Other images (comma-separated; `repo@sha256:...` digests allowed) a job on a PrivateDataset may name in
     spec.image. Any other image is refused: it would run code the ledger cannot trust next to the data."""
     plan_timeout_seconds: float = 60.0
-    """The most one plan or ledger composition may take (in a worker process); longer ones fail the job."""
+    """The most CPU seconds one plan or ledger composition may use (in a worker process); a job whose plan needs more
+    fails with PlanTimeout. CPU time, not wall time: a busy node does not make a plan fail."""
     image_pull_policy: str = "IfNotPresent"
     """imagePullPolicy of trainer containers."""
     metrics_port: int = 8000

@@ -1,19 +1,23 @@
-"""Planning and ledger accounting run in child processes, each with a time limit.
+"""Planning and ledger accounting run in child processes, each with a CPU-time limit.
 
 Calibrating σ and composing a ledger are CPU-bound numpy work. In the operator's own process they would hold
 the GIL for as long as they take, and kopf's event loop (watches, /healthz, other jobs) would wait behind them:
 one job planning tens of millions of steps once kept /healthz from answering for 30 s. A child process per
 call (forked from a server that has the accounting libraries loaded, so it starts in milliseconds) runs the
-maths; the handler thread only waits on a pipe, and a call that runs past its limit is killed. At most
-``concurrency`` children run at once (one per CPU by default): twenty jobs submitted together queue for a
-slot rather than share two cores twenty ways, and the time limit counts from a child's start, so a busy
-operator never times out a plan that would have fitted.
+maths; the handler thread only waits on a pipe. The limit is CPU seconds (RLIMIT_CPU, the kernel stops the
+child), not wall time, so a busy node never fails a plan that would have fitted; a wall-clock backstop of ten
+times the limit catches a child that waits instead of computing. At most ``concurrency`` children run at once
+(one per CPU by default): twenty jobs submitted together queue for a slot instead of sharing two cores twenty
+ways.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
+import resource
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -29,7 +33,14 @@ class AccountingTimeout(Exception):  # noqa: N818 - it is the outcome "timed out
     """The computation did not finish within its time limit (its process was killed)."""
 
 
-def _child(connection: Connection, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _child(
+    connection: Connection,
+    cpu_seconds: int,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU at the soft limit
     try:
         connection.send((True, function(*args, **kwargs)))
     except BaseException as error:  # the parent re-raises it
@@ -40,7 +51,7 @@ def _child(connection: Connection, function: Callable[..., Any], args: tuple[Any
 
 class AccountingWorkers:
     """``call(fn, *args, **kwargs)`` runs ``fn`` in a fresh child process and returns its result (or re-raises its
-    exception); past ``timeout`` seconds the child is killed and :class:`AccountingTimeout` raised.
+    exception); past ``timeout`` CPU seconds the child is stopped and :class:`AccountingTimeout` raised.
     ``in_process=True`` calls ``fn`` directly (unit tests)."""
 
     def __init__(self, *, timeout: float, concurrency: int | None = None, in_process: bool = False) -> None:
@@ -67,17 +78,22 @@ class AccountingWorkers:
             return self._run(context, function, args, kwargs)
 
     def _run(self, context: Any, function: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        name = getattr(function, "__name__", function)
         receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_child, args=(sender, function, args, kwargs), daemon=True)
+        cpu_seconds = max(1, math.ceil(self.timeout))
+        process = context.Process(target=_child, args=(sender, cpu_seconds, function, args, kwargs), daemon=True)
         process.start()
         sender.close()
         try:
-            if not receiver.poll(self.timeout):
+            if not receiver.poll(10 * self.timeout + 30):
                 process.kill()
-                raise AccountingTimeout(f"{getattr(function, '__name__', function)} took longer than {self.timeout:g}s")
+                raise AccountingTimeout(f"{name} did not finish in {10 * self.timeout + 30:g}s of wall time")
             ok, value = receiver.recv()
         except EOFError:
-            raise RuntimeError("the accounting worker died without an answer") from None
+            process.join(timeout=5)
+            if process.exitcode == -signal.SIGXCPU:
+                raise AccountingTimeout(f"{name} took longer than {self.timeout:g}s") from None
+            raise RuntimeError(f"the accounting worker died without an answer (exit {process.exitcode})") from None
         finally:
             receiver.close()
             process.join(timeout=5)
