@@ -19,7 +19,6 @@ from pathlib import Path
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
-import dptrain.prv  # noqa: F401  (registers the "prv" accountant)
 from dptrain_accounting import MechanismSegment, compute_epsilon
 
 GRID = [
