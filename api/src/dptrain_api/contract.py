@@ -58,6 +58,32 @@ class PodEnv(StrEnum):
     LOCK_WAIT_SECONDS = "DPTRAIN_LOCK_WAIT_SECONDS"
 
 
+class DistributedEnv(StrEnum):
+    """torch.distributed environment of a multi-worker job's pods, in Kubeflow's conventions.
+
+    The operator sets the ``PET_*`` variables (torchrun reads them as its own flags) on every pod of the gang;
+    ``dptrain run`` launches ``PET_NPROC_PER_NODE`` processes per pod with torch.distributed.run, which sets
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_*`` for each. Pod i of N is node rank i; the master is pod 0,
+    reached through the job's headless Service.
+    """
+
+    NNODES = "PET_NNODES"
+    NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+    NODE_RANK = "PET_NODE_RANK"
+    MASTER_ADDR = "PET_MASTER_ADDR"
+    MASTER_PORT = "PET_MASTER_PORT"
+    WORLD_SIZE = "WORLD_SIZE"
+    RANK = "RANK"
+    LOCAL_RANK = "LOCAL_RANK"
+    LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+    TORCH_MASTER_ADDR = "MASTER_ADDR"
+    TORCH_MASTER_PORT = "MASTER_PORT"
+
+
+DEFAULT_MASTER_PORT: Final = 29500
+"""The port rank 0 listens on for torch.distributed's rendezvous (Kubeflow's default)."""
+
+
 class ExitCode(IntEnum):
     """Exit codes of `dptrain run`: distinct per kind of failure, so the operator never parses messages."""
 

@@ -213,6 +213,14 @@ class RunPolicy(ApiModel):
     """true deletes the trainer pod and keeps the checkpoint; false resumes."""
 
 
+class DistributedSpec(ApiModel):
+    """Data-parallel DP-SGD across several pods (torch.distributed). Immutable after creation."""
+
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pods in the gang. Each runs max(resources.gpus, 1) processes; batchSize stays the GLOBAL expected batch, and
+    the noise is added once per global step, so the guarantee is the same as one process's."""
+
+
 class DPTrainingJobSpec(ApiModel):
     """What to train, with which privacy guarantee, on which resources."""
 
@@ -224,8 +232,12 @@ class DPTrainingJobSpec(ApiModel):
     """The (ε, δ) guarantee and DP-SGD parameters (immutable)."""
     training: Annotated[TrainingSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = TrainingSpec()
     """Epochs, batch sizes, optimizer (immutable)."""
+    distributed: Annotated[DistributedSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = (
+        DistributedSpec()
+    )
+    """How many pods train together (immutable)."""
     resources: ResourcesSpec = ResourcesSpec()
-    """CPU, memory, GPUs and placement of trainer pods."""
+    """CPU, memory, GPUs and placement of each trainer pod."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint and privacy-journal storage."""
     image: Annotated[str, Field(min_length=1)] | None = None
