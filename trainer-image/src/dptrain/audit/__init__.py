@@ -1,0 +1,1 @@
+"""Empirical privacy audit: one training run with canaries gives a statistically valid lower bound on ε."""
