@@ -1,7 +1,8 @@
 """``dptrain``: train a DPTrainingJob locally or in a trainer pod, plan one, or compute ε / σ.
 
 Exit codes: 0 success, 1 unexpected crash, 2 bad manifest or configuration, 3 bad data, 4 bad model,
-5 unusable checkpoint/journal, 6 privacy budget refused, 128+N stopped by signal N (143 = SIGTERM).
+5 unusable checkpoint/journal, 6 privacy budget refused, 7 journal lost, 8 (`dptrain audit`) the audit's lower bound
+contradicts the claimed ε, 128+N stopped by signal N (143 = SIGTERM).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from dptrain_api import (
 )
 
 if TYPE_CHECKING:
+    from dptrain.audit import AuditSettings
     from dptrain.metrics import PrometheusExporter
     from dptrain.report import ReportWriter
 
-__all__ = ["LoadedManifest", "build_parser", "load_job_manifest", "main"]
+__all__ = ["LoadedManifest", "audit_settings", "build_parser", "load_job_manifest", "main"]
 
 logger = logging.getLogger("dptrain")
 
@@ -351,6 +353,56 @@ def _cmd_epsilon(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_settings(job: DPTrainingJob, args: argparse.Namespace | None = None) -> AuditSettings:
+    """The job's ``spec.audit`` (defaults when unset), with any flag of ``dptrain audit`` given in ``args`` on top."""
+    from dptrain.audit import AuditSettings
+
+    spec = job.spec.audit
+    values: dict[str, Any] = {}
+    if spec is not None:
+        values = {"canaries": spec.canaries, "kind": spec.kind, "confidence": spec.confidence}
+    if args is not None:
+        flags = {
+            "canaries": args.canaries,
+            "kind": args.kind,
+            "confidence": args.confidence,
+            "data": args.data,
+            "seed": args.seed,
+        }
+        values.update({key: value for key, value in flags.items() if value is not None})
+        values["private"] = not args.non_private
+    return AuditSettings(**values)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dptrain.audit import audit_report, run_audit, verdict, write_audit_report
+    from dptrain.plan import make_plan, reserved_from_env
+
+    loaded = load_job_manifest(
+        args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
+    )
+    job = loaded.job
+    settings = audit_settings(job, args)
+    output = Path(args.output) if args.output else Path("runs") / f"{job.metadata.name or 'job'}-audit"
+    plan = make_plan(job, dataset=loaded.dataset, reserved=reserved_from_env())
+    if not args.json:
+        kinds = " and ".join(settings.kinds)
+        print(
+            f"dptrain: auditing {job.metadata.name or 'job'}: {settings.canaries} {kinds} canaries per kind, "
+            f"{plan.steps} steps{'' if settings.private else ' with noise and clipping OFF'}",
+            file=sys.stderr,
+        )
+    result = run_audit(job, dataset=loaded.dataset, settings=settings, plan=plan)
+    path = write_audit_report(result, output, namespace=job.metadata.namespace)
+    if args.json:
+        print(json.dumps(audit_report(result, namespace=job.metadata.namespace), allow_nan=False, ensure_ascii=False))
+    else:
+        best = result.best
+        guesses = f"{best.correct} of {best.guesses} guesses right ({best.rule})" if best else "no informative guesses"
+        print(f"{verdict(result)}\n{guesses}; {result.wall_seconds:.1f} s; report: {path}")
+    return int(ExitCode.AUDIT_CONTRADICTED) if result.contradicted else 0
+
+
 # --- parser --------------------------------------------------------------------------------------------------
 
 
@@ -396,6 +448,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_arguments(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=_cmd_plan)
+
+    audit = commands.add_parser(
+        "audit",
+        help="measure a lower bound on ε with canaries (one run on stand-in data, nothing charged)",
+        description="Train the job's DP-SGD pipeline once with canaries on public (built-in datasets) or synthetic "
+        "(file datasets) stand-in data and write audit-report.json: a lower bound on ε next to the claimed ε. "
+        "Exit code 8 when the bound contradicts the claim. Flags override the job's spec.audit.",
+    )
+    _add_manifest_arguments(audit)
+    audit.add_argument("--output", metavar="DIR", help="folder for audit-report.json (default: runs/<job name>-audit)")
+    audit.add_argument("--canaries", type=int, metavar="M", help="canaries of each kind (default 1000)")
+    audit.add_argument("--kind", choices=["gradient", "input", "both"], help="canary kind (default both)")
+    audit.add_argument("--confidence", type=float, metavar="C", help="confidence of the bound (default 0.95)")
+    audit.add_argument(
+        "--data",
+        choices=["auto", "public", "synthetic"],
+        help="stand-in data: the public built-in data, or synthetic records shaped like the dataset (auto: public for "
+        "built-in datasets, synthetic for files; a PrivateDataset's file is never read)",
+    )
+    audit.add_argument(
+        "--non-private", action="store_true", help="switch noise and clipping off: how much the audit can detect"
+    )
+    audit.add_argument("--seed", type=int, metavar="N", help="seed of the canaries (the DP noise is always fresh)")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=_cmd_audit)
 
     epsilon = commands.add_parser("epsilon", help="ε of a DP-SGD run, or the σ that meets a target ε")
     epsilon.add_argument("--sample-rate", type=float, metavar="Q")
