@@ -178,3 +178,85 @@ def test_the_probe_is_noised_by_the_optimizer_itself(mode: str) -> None:
     assert float(noise.std()) == pytest.approx(sigma * clip * math.sqrt(steps), rel=0.1)
     assert abs(float(noise.mean())) < 4 * sigma * clip * math.sqrt(steps / (size - 2))
     assert float(probe.scores[1]) == pytest.approx(clip * steps / 2, abs=5 * sigma * clip * math.sqrt(steps))
+
+
+def _audited_job(tmp_path: Path) -> Path:
+    job = {
+        "apiVersion": "dptrain.io/v1alpha1",
+        "kind": "DPTrainingJob",
+        "metadata": {"name": "audited"},
+        "spec": {
+            "dataset": {"builtin": "breast-cancer"},
+            "model": {"architecture": "logistic"},
+            "privacy": {"targetEpsilon": 8.0, "noiseMultiplier": 2.0},
+            "training": {"epochs": 1, "batchSize": 64, "seed": 3},
+            "checkpoint": {"everySteps": 4},
+            "audit": {"canaries": 200, "kind": "gradient"},
+        },
+    }
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(json.dumps(job))
+    return manifest
+
+
+def _run(tmp_path: Path, manifest: Path) -> tuple[int, dict[str, Any]]:
+    termination = tmp_path / "termination-log"
+    code = cli.main(
+        [
+            "run",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--termination-message-path",
+            str(termination),
+        ]
+    )
+    return code, json.loads(termination.read_text())
+
+
+def test_dptrain_run_audits_after_training_when_the_job_asks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dptrain.journal import JOURNAL_NAME, PrivacyJournal
+
+    for name in ("DPTRAIN_RESERVED_MECHANISM", "DPTRAIN_ATTEMPT", "DPTRAIN_TERMINATION_MESSAGE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    code, message = _run(tmp_path, _audited_job(tmp_path))
+    assert code == 0
+    report = json.loads((tmp_path / "out" / AUDIT_REPORT_NAME).read_text())
+    assert message["auditEpsilonLowerBound"] == report["epsilonLowerBound"]
+    assert message["auditEpsilon"] == report["epsilon"] <= message["epsilon"]
+    assert message["auditConfidence"] == 0.95
+    assert report["numCanaries"] == 200
+    journal = PrivacyJournal(tmp_path / "out" / JOURNAL_NAME)
+    assert journal.charged_steps == message["plannedSteps"]  # the audit charged nothing
+    assert message["epsilon"] == journal.epsilon(1e-5, "pld")
+
+
+def test_a_failed_audit_never_fails_the_trained_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DPTRAIN_RESERVED_MECHANISM", "DPTRAIN_ATTEMPT", "DPTRAIN_TERMINATION_MESSAGE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("audit bug")
+
+    monkeypatch.setattr("dptrain.audit.run_audit", broken)
+    code, message = _run(tmp_path, _audited_job(tmp_path))
+    assert code == 0
+    assert message["status"] == "Succeeded"
+    assert "auditEpsilonLowerBound" not in message
+    assert not (tmp_path / "out" / AUDIT_REPORT_NAME).exists()
+
+
+def test_the_exporter_serves_the_audit_only_once_one_ran() -> None:
+    from dptrain.metrics import PrometheusExporter
+
+    exporter = PrometheusExporter(labels={"job": "j", "namespace": "n"})
+
+    def value(name: str) -> float | None:
+        sample: float | None = exporter.registry.get_sample_value(name, {"job": "j", "namespace": "n"})
+        return sample
+
+    assert value("dptrain_audit_epsilon_lower_bound") is None
+    exporter.on_audit(epsilon_lower_bound=0.7, epsilon=2.9)
+    assert value("dptrain_audit_epsilon_lower_bound") == 0.7
+    assert value("dptrain_audit_epsilon") == 2.9

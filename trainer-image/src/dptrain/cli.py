@@ -39,6 +39,7 @@ from dptrain_api import (
 if TYPE_CHECKING:
     from dptrain.audit import AuditSettings
     from dptrain.metrics import PrometheusExporter
+    from dptrain.plan import TrainingPlan
     from dptrain.report import ReportWriter
 
 __all__ = ["LoadedManifest", "audit_settings", "build_parser", "load_job_manifest", "main"]
@@ -197,8 +198,38 @@ class _RunCommand:
                 stop_exit_code=ExitCode.TERMINATED,
                 base_dir=loaded.base_dir,
             )
+            audited = job.spec.audit is not None and not self.stop.is_set() and self.audit(plan, output_dir)
+            if audited and self.exporter.bound_port:
+                # The pod ends right after; keep answering scrapes long enough for Prometheus to see the audit.
+                self.stop.wait(max(0.0, float(args.metrics_linger)))
         print_summary(result, output_dir=output_dir, files=_output_files(output_dir), console_file=sys.stdout)
         return 0
+
+    def audit(self, plan: TrainingPlan, output_dir: Path) -> bool:
+        """The privacy audit of spec.audit, after a successful training: report, metrics, termination message.
+
+        It never fails the job (training succeeded and is charged): a failed audit is logged and reported as such.
+        """
+        from dptrain.audit import run_audit, verdict, write_audit_report
+
+        assert self.loaded is not None
+        assert self.report is not None
+        assert self.exporter is not None
+        job = self.loaded.job
+        try:
+            result = run_audit(job, dataset=self.loaded.dataset, settings=audit_settings(job), plan=plan)
+            write_audit_report(result, output_dir, namespace=job.metadata.namespace)
+        except Exception as error:
+            logger.warning("the privacy audit failed (training is unaffected): %s: %s", type(error).__name__, error)
+            return False
+        self.exporter.on_audit(epsilon_lower_bound=result.epsilon_lower_bound, epsilon=result.claimed_epsilon)
+        self.report.add_audit(
+            epsilon_lower_bound=result.epsilon_lower_bound,
+            epsilon=result.claimed_epsilon,
+            confidence=result.settings.confidence,
+        )
+        (logger.error if result.contradicted else logger.info)("privacy audit: %s", verdict(result))
+        return True
 
     def fail(self, error: BaseException) -> int:
         """Write the failure termination message; the exit code of a requested stop, else re-raise."""
@@ -250,11 +281,13 @@ def _check_admitted_identity(loaded: LoadedManifest) -> None:
 
 
 def _output_files(output_dir: Path) -> list[Path]:
+    from dptrain.audit.report import AUDIT_REPORT_NAME
     from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
     from dptrain.journal import JOURNAL_NAME
     from dptrain.report import CURVES_NAME, REPORT_NAME
 
-    return [output_dir / name for name in (MODEL_NAME, REPORT_NAME, CURVES_NAME, JOURNAL_NAME, CHECKPOINT_NAME)]
+    names = (MODEL_NAME, REPORT_NAME, CURVES_NAME, JOURNAL_NAME, CHECKPOINT_NAME, AUDIT_REPORT_NAME)
+    return [output_dir / name for name in names]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -442,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $DPTRAIN_TERMINATION_MESSAGE_PATH, or /dev/termination-log in a pod)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar: plain lines at checkpoints only")
+    run.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="after a privacy audit (spec.audit), keep serving metrics this long so they are scraped (default 30)",
+    )
     run.set_defaults(func=_cmd_run)
 
     plan = commands.add_parser("plan", help="print the privacy plan (q, steps, σ, planned ε) without training")
