@@ -53,7 +53,7 @@ def test_without_noise_and_clipping_the_audit_finds_a_large_epsilon() -> None:
     assert result.max_grad_norm == audit_pipeline.NON_PRIVATE_CLIP
     assert result.best is not None
     assert result.best.correct == result.best.guesses == 1000  # every gradient canary guessed right
-    assert result.epsilon_lower_bound > 4.5  # about the most 1000 canaries can show at 95 % (13 rules)
+    assert result.epsilon_lower_bound > 4.5  # about the most 1000 canaries can show at 95 % (14 rules)
     assert (
         result.epsilon_lower_bound
         > run_audit(loaded.job, settings=AuditSettings(canaries=50, seed=1)).plan.target_epsilon
@@ -118,7 +118,7 @@ def test_the_cli_writes_only_its_report_and_charges_nothing(
     assert report["epsilon"] == pytest.approx(3.0, abs=0.01)
     assert report["delta"] == 1e-5
     assert report["confidence"] == 0.95
-    assert report["rules"] == 13
+    assert report["rules"] == 14
     assert report["data"]["source"] == "public"
     assert sum(len(kind["rules"]) for kind in report["canaries"]) == report["rules"]
 

@@ -120,17 +120,16 @@ def _rank_count(scores: FloatArray, included: BoolArray, per_side: int, *, kind:
 
 
 def guess_counts(
-    scores: FloatArray, included: BoolArray, *, kind: str, threshold: float | None = None
+    scores: FloatArray, included: BoolArray, *, kind: str, thresholds: tuple[float, ...] = ()
 ) -> list[GuessCount]:
-    """How many guesses each fixed rule gets right: the rank rules of :data:`GUESS_FRACTIONS`, and with
-    ``threshold`` also "in above it, out below it" on every canary."""
+    """How many guesses each fixed rule gets right: the rank rules of :data:`GUESS_FRACTIONS`, and for each of
+    ``thresholds`` "in above it, out at or below it" on every canary."""
     m = len(scores)
     sides = sorted(
         {max(1, int(fraction * m) // 2) for fraction in GUESS_FRACTIONS if 2 * max(1, int(fraction * m) // 2) <= m}
     )
     counts = [_rank_count(scores, included, per_side, kind=kind) for per_side in sides]
-    if threshold is not None:
-        above = scores > threshold
-        correct = int((above == included).sum())
+    for threshold in thresholds:
+        correct = int(((scores > threshold) == included).sum())
         counts.append(GuessCount(f"{kind}: in above {threshold:.6g}, out below", m, m, correct))
     return counts

@@ -170,10 +170,12 @@ def _kind_results(
     results = []
     if probe is not None:
         scores = probe.scores.numpy()
-        # Midway between where included canaries land without noise (each step samples one with rate q, adding C)
-        # and excluded ones (0): a rule fixed by public numbers, before any score is seen.
-        threshold = plan.sample_rate * probe.noisy_steps * probe.canary_norm / 2.0
-        counts = guess_counts(scores, canaries.gradient_in, kind="gradient", threshold=threshold)
+        # Two thresholds fixed by public numbers before any score is seen: half of where an included canary lands
+        # on average without noise (sampled q·T times, C each), and half of one sampling (C/2: without noise, every
+        # canary sampled at least once is above it, every excluded one, at 0, below).
+        clip = probe.canary_norm
+        thresholds = (plan.sample_rate * probe.noisy_steps * clip / 2.0, clip / 2.0)
+        counts = guess_counts(scores, canaries.gradient_in, kind="gradient", thresholds=thresholds)
         results.append(KindResult("gradient", len(scores), int(canaries.gradient_in.sum()), counts, []))
     if len(canaries.input_in):
         model = unwrap_model(private.model)
