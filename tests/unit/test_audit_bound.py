@@ -78,12 +78,27 @@ def test_matches_the_papers_search_procedure(m: int, r: int, v: int, delta: floa
     assert p_value(m=m, r=r, v=v, epsilon=ours, delta=delta) <= 0.05  # the bound itself is rejected
 
 
-def test_the_bound_is_the_largest_rejected_epsilon_on_a_fine_grid() -> None:
+def test_every_epsilon_below_the_bound_is_rejected_and_the_next_is_not() -> None:
     m, r, v, delta = 300, 120, 100, 1e-3
     bound = epsilon_lower_bound(m=m, r=r, v=v, delta=delta, confidence=0.9)
     grid = np.linspace(0, 8, 1601)
-    rejected = [e for e in grid if p_value(m=m, r=r, v=v, epsilon=float(e), delta=delta) <= 0.1]
-    assert max(rejected) <= bound < max(rejected) + 0.005 + 1e-9
+    rejected = [p_value(m=m, r=r, v=v, epsilon=float(e), delta=delta) <= 0.1 for e in grid]
+    first_kept = rejected.index(False)
+    assert all(rejected[:first_kept])
+    assert grid[first_kept - 1] <= bound < grid[first_kept] + 1e-9
+    assert not any(rejected[first_kept:])  # the p-value grows with ε: nothing is rejected above the bound either
+
+
+def test_the_p_value_grows_with_epsilon() -> None:
+    """So the first ε that is not rejected is also the largest that is (the paper's bisection assumes it)."""
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        m = int(rng.integers(2, 2000))
+        r = int(rng.integers(1, m + 1))
+        v = int(rng.integers(0, r + 1))
+        delta = float(rng.choice([0.0, 1e-6, 1e-5, 1e-3, 1e-2, 0.1]))
+        values = [p_value(m=m, r=r, v=v, epsilon=float(e), delta=delta) for e in np.linspace(0, 10, 101)]
+        assert np.all(np.diff(values) >= -1e-12), (m, r, v, delta)
 
 
 def test_edges_and_monotonicity() -> None:

@@ -11,10 +11,9 @@ correct guesses W satisfies, for every v,
 
 (the paper states the maximum over i ∈ {1..m}; for i ≥ v, f(v − i) = 1, so those terms are at most the
 i = v term and the maximum is the same). The right-hand side is :func:`p_value`: observing v correct
-guesses rejects "the algorithm is (ε, δ)-DP" at level β whenever p_value(ε) ≤ β. An algorithm that is
-(ε₀, δ)-DP is also (ε, δ)-DP for every ε ≥ ε₀, so :func:`epsilon_lower_bound` returns the LARGEST ε whose
-p-value is at most β = 1 − confidence: with probability at least 1 − β over the canaries' coin flips,
-the true ε is above it.
+guesses rejects "the algorithm is (ε, δ)-DP" at level β whenever p_value(ε) ≤ β.
+:func:`epsilon_lower_bound` returns ε̂ such that every ε below it is rejected at β = 1 − confidence: with
+probability at least 1 − β over the canaries' coin flips, the true ε is at least ε̂.
 
 Pure numpy/scipy: no torch here.
 """
@@ -31,7 +30,7 @@ from scipy import special, stats
 __all__ = ["GuessCount", "best_lower_bound", "epsilon_lower_bound", "p_value"]
 
 _GRID: Final = 200
-"""Grid points scanned for the largest ε with a small enough p-value (the p-value need not be monotone in ε)."""
+"""Grid steps scanned for the first ε that is not rejected (a scan does not rely on the p-value being monotone)."""
 _TOLERANCE: Final = 1e-7
 """Bisection stops when the bracket is this narrow; the lower end (p-value ≤ β) is returned."""
 
@@ -72,10 +71,12 @@ def _tail_reaches(beta: float, *, r: int, v: int) -> float:
 
 
 def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float) -> float:
-    """The largest ε with :func:`p_value` ≤ 1 − ``confidence``; 0 when even ε = 0 is not rejected.
+    """ε̂: every ε below it has :func:`p_value` ≤ β = 1 − ``confidence`` (0 when ε = 0 is not rejected).
 
-    The returned ε itself has p-value ≤ β (it is found by scanning a grid up to the ε where f(v) alone reaches
-    β, then bisecting between the last grid point that is rejected and the next one that is not).
+    The true ε₀ is below ε̂ only if "(ε₀, δ)-DP" was rejected, which happens with probability at most β. This is
+    the smallest ε that is not rejected, found by scanning a grid up to the ε where f(v) alone reaches β and
+    bisecting the first step that crosses; the p-value grows with ε (tested), so it is also the largest rejected ε
+    that the paper's bisection finds. ε̂ itself is rejected (its p-value is ≤ β).
     """
     _check_counts(m, r, v)
     if not 0.0 < confidence < 1.0:
@@ -89,9 +90,10 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: flo
         return 0.0
     ceiling = _tail_reaches(beta, r=r, v=v)
     grid = np.linspace(0.0, ceiling, _GRID + 1)
-    last = max(index for index, epsilon in enumerate(grid) if rejected(float(epsilon)))
-    low = float(grid[last])
-    high = float(grid[last + 1]) if last + 1 < len(grid) else ceiling
+    first_kept = next((index for index, epsilon in enumerate(grid) if not rejected(float(epsilon))), len(grid))
+    if first_kept == len(grid):  # p(ceiling) = β exactly
+        return ceiling
+    low, high = float(grid[first_kept - 1]), float(grid[first_kept])
     while high - low > _TOLERANCE:
         middle = (low + high) / 2.0
         if rejected(middle):
