@@ -217,7 +217,13 @@ class _RunCommand:
         assert self.exporter is not None
         job = self.loaded.job
         try:
-            result = run_audit(job, dataset=self.loaded.dataset, settings=audit_settings(job), plan=plan)
+            result = run_audit(
+                job,
+                dataset=self.loaded.dataset,
+                settings=audit_settings(job),
+                plan=plan,
+                base_dir=self.loaded.base_dir,
+            )
             write_audit_report(result, output_dir, namespace=job.metadata.namespace)
         except Exception as error:
             logger.warning("the privacy audit failed (training is unaffected): %s: %s", type(error).__name__, error)
@@ -425,7 +431,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"{plan.steps} steps{'' if settings.private else ' with noise and clipping OFF'}",
             file=sys.stderr,
         )
-    result = run_audit(job, dataset=loaded.dataset, settings=settings, plan=plan)
+    result = run_audit(job, dataset=loaded.dataset, settings=settings, plan=plan, base_dir=loaded.base_dir)
     path = write_audit_report(result, output, namespace=job.metadata.namespace)
     if args.json:
         print(json.dumps(audit_report(result, namespace=job.metadata.namespace), allow_nan=False, ensure_ascii=False))

@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Literal
 
 import numpy as np
@@ -192,8 +193,11 @@ def run_audit(
     settings: AuditSettings | None = None,
     plan: TrainingPlan | None = None,
     device: torch.device | None = None,
+    base_dir: Path | None = None,
 ) -> AuditResult:
-    """Audit ``job``'s pipeline once (see the module docstring); nothing is charged and nothing is written."""
+    """Audit ``job``'s pipeline once (see the module docstring); nothing is charged and nothing is written.
+
+    ``base_dir`` resolves a relative ``model.pretrainedWeights`` path, as for training."""
     settings = settings or AuditSettings()
     started = time.monotonic()
     plan = plan or make_plan(job, dataset=dataset)
@@ -203,7 +207,9 @@ def run_audit(
     rng = np.random.default_rng(seed)
     stand_in = stand_in_data(job, plan, dataset=dataset, choice=settings.data, rng=rng)
     canaries = _draw(settings, stand_in, rng)
-    model, _ = build_job_model(job, input_shape=stand_in.input_shape, num_classes=stand_in.num_classes)
+    model, _ = build_job_model(
+        job, input_shape=stand_in.input_shape, num_classes=stand_in.num_classes, base_dir=base_dir
+    )
     private = make_job_private(
         job,
         plan,
