@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "utility": ("utility.py", [], ["--seeds", "0", "--epsilons", "3"]),
     "epsilon_tightness": ("epsilon_tightness.py", [], []),
     "operator_scale": ("operator_scale.py", [], ["--latency-jobs", "5", "--jobs", "50"]),
+    "audit": ("audit.py", [], ["--seeds", "0", "--examples", "breast-cancer-logistic"]),
 }
 
 

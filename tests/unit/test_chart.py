@@ -903,7 +903,7 @@ def test_promtool_accepts_the_rendered_rules(helm: str, promtool: str, tmp_path:
         [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout, result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout, result.stdout
 
 
 def test_alerts(helm: str) -> None:
@@ -913,6 +913,7 @@ def test_alerts(helm: str) -> None:
         "DptrainJobFailed",
         "DptrainTrainerNotReporting",
         "DptrainEpsilonAboveTarget",
+        "DptrainAuditContradictsEpsilon",
     }
     assert (
         "dptrain_dataset_epsilon_spent / (dptrain_dataset_epsilon_budget > 0) >= 0.9"
@@ -921,6 +922,11 @@ def test_alerts(helm: str) -> None:
     assert "increase(dptrain_job_failures_total" in rules["DptrainJobFailed"]["expr"]
     assert rules["DptrainTrainerNotReporting"]["expr"].strip() == 'up{job="dptrain-trainer"} == 0'
     assert rules["DptrainEpsilonAboveTarget"]["expr"].strip() == "dptrain_epsilon_spent > dptrain_epsilon_target"
+    assert (
+        rules["DptrainAuditContradictsEpsilon"]["expr"].strip()
+        == "dptrain_audit_epsilon_lower_bound > dptrain_audit_epsilon"
+    )
+    assert rules["DptrainAuditContradictsEpsilon"]["labels"]["severity"] == "critical"
     exported = exported_metric_names() | {"up"}
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}

@@ -182,6 +182,7 @@ def test_a_true_count_other_than_the_declared_one_trains_and_says_nothing(
     code, output, termination = _run(tmp_path, manifest)
     assert code == 0, capsys.readouterr().err
     text = termination.read_text() + (output / REPORT_NAME).read_text()
+    text = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z?", "<time>", text)  # timestamps may contain :10, :40, :50
     assert not re.search(r"\b(50|40|10)\b", text)  # no count of records (training or held-out)
 
 

@@ -195,6 +195,28 @@ def test_a_dataset_job_reserves_and_commits_what_its_journal_charged(kube: FakeK
     assert dataset["status"]["ledger"][0]["state"] == "Committed"  # the PrivateDataset shows a copy
 
 
+@pytest.mark.parametrize(("bound", "reason"), [(0.4, "Audited"), (3.7, "AuditContradictsEpsilon")])
+def test_the_trainers_privacy_audit_reaches_status_and_events(
+    kube: FakeKube, ctx: OperatorContext, bound: float, reason: str
+) -> None:
+    kube.put(_job(audit={"canaries": 500}))
+    _reconcile(kube, ctx)
+    report = _report(3).model_copy(
+        update={"audit_epsilon_lower_bound": bound, "audit_epsilon": 1.9, "audit_confidence": 0.95}
+    )
+    _end_pod(kube, 1, 0, report)
+    state = _reconcile(kube, ctx)
+    assert _status(kube)["phase"] == "Succeeded"  # an audit never changes how the job ended or what it was charged
+    assert _status(kube)["audit"] == {
+        "epsilonLowerBound": bound,
+        "epsilon": 1.9,
+        "confidence": 0.95,
+        "contradicted": bound > 1.9,
+    }
+    [event] = [event for event in state.events if event.reason.startswith("Audit")]
+    assert (event.reason, event.type) == (reason, "Warning" if bound > 1.9 else "Normal")
+
+
 def test_a_refused_job_stays_refused_whatever_its_status_says(kube: FakeKube, ctx: OperatorContext) -> None:
     _add_dataset(kube, ctx, epsilon=0.1)
     kube.put(_on_cohort())

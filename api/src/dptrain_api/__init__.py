@@ -43,6 +43,8 @@ from dptrain_api.errors import DptrainApiError, ManifestError
 from dptrain_api.identity import dataset_identity, holdout_key, ledger_name, source_identity
 from dptrain_api.job import (
     Accountant,
+    AuditSpec,
+    AuditStatus,
     CheckpointSpec,
     DatasetSpec,
     DistributedSpec,
@@ -91,6 +93,8 @@ __all__ = [
     "MAX_TERMINATION_MESSAGE_BYTES",
     "PERMANENT_FAILURES",
     "Accountant",
+    "AuditSpec",
+    "AuditStatus",
     "BoundDataset",
     "BudgetChange",
     "BuiltinDataset",

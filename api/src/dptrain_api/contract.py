@@ -98,6 +98,8 @@ class ExitCode(IntEnum):
     PRIVACY_BUDGET = 6
     JOURNAL_LOST = 7
     """A retry found no privacy journal: what earlier attempts spent is unknown, so nothing more may run."""
+    AUDIT_CONTRADICTED = 8
+    """`dptrain audit` only: the audit's lower bound on ε is above the claimed ε."""
     INTERRUPTED = 130
     """SIGINT (128 + 2)."""
     TERMINATED = 143
@@ -148,6 +150,9 @@ class Reason(StrEnum):
     CHECKPOINT_UNUSABLE = "CheckpointUnusable"
     PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
     JOURNAL_LOST = "JournalLost"
+    # audits
+    AUDIT_CONTRADICTS_EPSILON = "AuditContradictsEpsilon"
+    AUDITED = "Audited"
     # datasets
     BUDGET_TRACKED = "BudgetTracked"
     BUDGET_SET = "BudgetSet"
@@ -195,6 +200,10 @@ class TrainerMetric(StrEnum):
     """A counter: exposed as ``dptrain_steps_total``."""
     ATTEMPT = "dptrain_attempt"
     TRAINING_FINISHED = "dptrain_training_finished"
+    AUDIT_EPSILON_LOWER_BOUND = "dptrain_audit_epsilon_lower_bound"
+    """ε̂ of the empirical privacy audit (spec.audit): the pipeline is not (ε, δ)-DP below it."""
+    AUDIT_EPSILON = "dptrain_audit_epsilon"
+    """The claimed ε the audit is compared with (the job's DP-SGD steps at δ)."""
 
 
 class RunOutcome(StrEnum):
@@ -264,6 +273,11 @@ class TerminationMessage(ApiModel):
     segments: list[Mechanism] = Field(default_factory=list)
     """The charged mechanism as compacted segments (dropped first when the message is too long)."""
     warnings: str | None = None
+    audit_epsilon_lower_bound: float | None = None
+    """ε̂ of the empirical privacy audit (spec.audit), when one ran after training."""
+    audit_epsilon: float | None = None
+    """The claimed ε the audit was compared with."""
+    audit_confidence: float | None = None
 
     def to_text(self, limit: int = MAX_TERMINATION_MESSAGE_BYTES) -> str:
         """Compact JSON within ``limit`` bytes: drops the segments, then shortens the texts, as needed."""

@@ -221,6 +221,23 @@ class DistributedSpec(ApiModel):
     the noise is added once per global step, so the guarantee is the same as one process's."""
 
 
+class AuditSpec(ApiModel):
+    """An empirical privacy audit after training (Steinke, Nasr & Jagielski 2023, one training run): the job's own
+    DP-SGD pipeline runs once more with canaries on public or synthetic stand-in data (never the PrivateDataset's
+    records, never charged), and the share of canaries guessed right gives a lower bound on ε. A bound above the
+    claimed ε means the pipeline is not as private as claimed; a bound below it proves nothing more."""
+
+    canaries: Annotated[int, Field(ge=10, le=100000)] = 1000
+    """Canaries of each kind; each is included with probability 1/2. More canaries can reveal a larger ε (at most
+    about ln(canaries)) and take longer."""
+    kind: Literal["gradient", "input", "both"] = "both"
+    """gradient: white-box canaries whose clipped gradient is a fixed direction, noised by the job's own DP optimizer
+    (the strongest audit); input: random out-of-distribution records trained through the job's clipping and scored
+    by their loss (weak on small models); both."""
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.95
+    """Confidence of the lower bound: the chance that it is not above the true ε."""
+
+
 class DPTrainingJobSpec(ApiModel):
     """What to train, with which privacy guarantee, on which resources."""
 
@@ -244,6 +261,9 @@ class DPTrainingJobSpec(ApiModel):
     """Trainer image override; the operator's default otherwise."""
     run_policy: RunPolicy = RunPolicy()
     """Retries, deadline, TTL and suspension."""
+    audit: AuditSpec | None = None
+    """Audit the job's privacy empirically after training (audit-report.json in the checkpoint volume, the
+    dptrain_audit_epsilon_lower_bound metric, status.audit). Unset: no audit."""
 
 
 class PrivacyStatus(ApiModel):
@@ -288,6 +308,19 @@ class ProgressStatus(ApiModel):
     """When progress was last refreshed."""
 
 
+class AuditStatus(ApiModel):
+    """The empirical privacy audit's result (spec.audit), from the trainer."""
+
+    epsilon_lower_bound: float | None = None
+    """ε̂: with the stated confidence, the job's pipeline is not (ε, δ)-DP for any ε below it."""
+    epsilon: float | None = None
+    """The ε the audit was compared with: the job's DP-SGD steps at delta (what it claims for a training record)."""
+    confidence: float | None = None
+    """Confidence of the lower bound."""
+    contradicted: bool | None = None
+    """true when epsilonLowerBound > epsilon: the pipeline is NOT as private as claimed."""
+
+
 class DPTrainingJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -302,6 +335,8 @@ class DPTrainingJobStatus(ApiModel):
     """Privacy spent so far."""
     progress: ProgressStatus | None = None
     """Training progress."""
+    audit: AuditStatus | None = None
+    """The empirical privacy audit's result, when spec.audit asked for one."""
     attempts: int | None = None
     """Trainer pods started so far (1 + retries)."""
     ledger_name: str | None = None

@@ -1,7 +1,8 @@
 """``dptrain``: train a DPTrainingJob locally or in a trainer pod, plan one, or compute ε / σ.
 
 Exit codes: 0 success, 1 unexpected crash, 2 bad manifest or configuration, 3 bad data, 4 bad model,
-5 unusable checkpoint/journal, 6 privacy budget refused, 128+N stopped by signal N (143 = SIGTERM).
+5 unusable checkpoint/journal, 6 privacy budget refused, 7 journal lost, 8 (`dptrain audit`) the audit's lower bound
+contradicts the claimed ε, 128+N stopped by signal N (143 = SIGTERM).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from dptrain_api import (
 )
 
 if TYPE_CHECKING:
+    from dptrain.audit import AuditSettings
     from dptrain.metrics import PrometheusExporter
+    from dptrain.plan import TrainingPlan
     from dptrain.report import ReportWriter
 
-__all__ = ["LoadedManifest", "build_parser", "load_job_manifest", "main"]
+__all__ = ["LoadedManifest", "audit_settings", "build_parser", "load_job_manifest", "main"]
 
 logger = logging.getLogger("dptrain")
 
@@ -195,8 +198,44 @@ class _RunCommand:
                 stop_exit_code=ExitCode.TERMINATED,
                 base_dir=loaded.base_dir,
             )
+            audited = job.spec.audit is not None and not self.stop.is_set() and self.audit(plan, output_dir)
+            if audited and self.exporter.bound_port:
+                # The pod ends right after; keep answering scrapes long enough for Prometheus to see the audit.
+                self.stop.wait(max(0.0, float(args.metrics_linger)))
         print_summary(result, output_dir=output_dir, files=_output_files(output_dir), console_file=sys.stdout)
         return 0
+
+    def audit(self, plan: TrainingPlan, output_dir: Path) -> bool:
+        """The privacy audit of spec.audit, after a successful training: report, metrics, termination message.
+
+        It never fails the job (training succeeded and is charged): a failed audit is logged and reported as such.
+        """
+        from dptrain.audit import run_audit, verdict, write_audit_report
+
+        assert self.loaded is not None
+        assert self.report is not None
+        assert self.exporter is not None
+        job = self.loaded.job
+        try:
+            result = run_audit(
+                job,
+                dataset=self.loaded.dataset,
+                settings=audit_settings(job),
+                plan=plan,
+                base_dir=self.loaded.base_dir,
+            )
+            write_audit_report(result, output_dir, namespace=job.metadata.namespace)
+        except Exception as error:
+            logger.warning("the privacy audit failed (training is unaffected): %s: %s", type(error).__name__, error)
+            return False
+        self.exporter.on_audit(epsilon_lower_bound=result.epsilon_lower_bound, epsilon=result.claimed_epsilon)
+        self.report.add_audit(
+            epsilon_lower_bound=result.epsilon_lower_bound,
+            epsilon=result.claimed_epsilon,
+            confidence=result.settings.confidence,
+        )
+        (logger.error if result.contradicted else logger.info)("privacy audit: %s", verdict(result))
+        return True
 
     def fail(self, error: BaseException) -> int:
         """Write the failure termination message; the exit code of a requested stop, else re-raise."""
@@ -248,11 +287,13 @@ def _check_admitted_identity(loaded: LoadedManifest) -> None:
 
 
 def _output_files(output_dir: Path) -> list[Path]:
+    from dptrain.audit.report import AUDIT_REPORT_NAME
     from dptrain.checkpoint import CHECKPOINT_NAME, MODEL_NAME
     from dptrain.journal import JOURNAL_NAME
     from dptrain.report import CURVES_NAME, REPORT_NAME
 
-    return [output_dir / name for name in (MODEL_NAME, REPORT_NAME, CURVES_NAME, JOURNAL_NAME, CHECKPOINT_NAME)]
+    names = (MODEL_NAME, REPORT_NAME, CURVES_NAME, JOURNAL_NAME, CHECKPOINT_NAME, AUDIT_REPORT_NAME)
+    return [output_dir / name for name in names]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -351,6 +392,56 @@ def _cmd_epsilon(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_settings(job: DPTrainingJob, args: argparse.Namespace | None = None) -> AuditSettings:
+    """The job's ``spec.audit`` (defaults when unset), with any flag of ``dptrain audit`` given in ``args`` on top."""
+    from dptrain.audit import AuditSettings
+
+    spec = job.spec.audit
+    values: dict[str, Any] = {}
+    if spec is not None:
+        values = {"canaries": spec.canaries, "kind": spec.kind, "confidence": spec.confidence}
+    if args is not None:
+        flags = {
+            "canaries": args.canaries,
+            "kind": args.kind,
+            "confidence": args.confidence,
+            "data": args.data,
+            "seed": args.seed,
+        }
+        values.update({key: value for key, value in flags.items() if value is not None})
+        values["private"] = not args.non_private
+    return AuditSettings(**values)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dptrain.audit import audit_report, run_audit, verdict, write_audit_report
+    from dptrain.plan import make_plan, reserved_from_env
+
+    loaded = load_job_manifest(
+        args.manifest, from_env=args.from_env, data_dir=Path(args.data_dir) if args.data_dir else None
+    )
+    job = loaded.job
+    settings = audit_settings(job, args)
+    output = Path(args.output) if args.output else Path("runs") / f"{job.metadata.name or 'job'}-audit"
+    plan = make_plan(job, dataset=loaded.dataset, reserved=reserved_from_env())
+    if not args.json:
+        kinds = " and ".join(settings.kinds)
+        print(
+            f"dptrain: auditing {job.metadata.name or 'job'}: {settings.canaries} {kinds} canaries per kind, "
+            f"{plan.steps} steps{'' if settings.private else ' with noise and clipping OFF'}",
+            file=sys.stderr,
+        )
+    result = run_audit(job, dataset=loaded.dataset, settings=settings, plan=plan, base_dir=loaded.base_dir)
+    path = write_audit_report(result, output, namespace=job.metadata.namespace)
+    if args.json:
+        print(json.dumps(audit_report(result, namespace=job.metadata.namespace), allow_nan=False, ensure_ascii=False))
+    else:
+        best = result.best
+        guesses = f"{best.correct} of {best.guesses} guesses right ({best.rule})" if best else "no informative guesses"
+        print(f"{verdict(result)}\n{guesses}; {result.wall_seconds:.1f} s; report: {path}")
+    return int(ExitCode.AUDIT_CONTRADICTED) if result.contradicted else 0
+
+
 # --- parser --------------------------------------------------------------------------------------------------
 
 
@@ -390,12 +481,44 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $DPTRAIN_TERMINATION_MESSAGE_PATH, or /dev/termination-log in a pod)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar: plain lines at checkpoints only")
+    run.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="after a privacy audit (spec.audit), keep serving metrics this long so they are scraped (default 30)",
+    )
     run.set_defaults(func=_cmd_run)
 
     plan = commands.add_parser("plan", help="print the privacy plan (q, steps, σ, planned ε) without training")
     _add_manifest_arguments(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=_cmd_plan)
+
+    audit = commands.add_parser(
+        "audit",
+        help="measure a lower bound on ε with canaries (one run on stand-in data, nothing charged)",
+        description="Train the job's DP-SGD pipeline once with canaries on public (built-in datasets) or synthetic "
+        "(file datasets) stand-in data and write audit-report.json: a lower bound on ε next to the claimed ε. "
+        "Exit code 8 when the bound contradicts the claim. Flags override the job's spec.audit.",
+    )
+    _add_manifest_arguments(audit)
+    audit.add_argument("--output", metavar="DIR", help="folder for audit-report.json (default: runs/<job name>-audit)")
+    audit.add_argument("--canaries", type=int, metavar="M", help="canaries of each kind (default 1000)")
+    audit.add_argument("--kind", choices=["gradient", "input", "both"], help="canary kind (default both)")
+    audit.add_argument("--confidence", type=float, metavar="C", help="confidence of the bound (default 0.95)")
+    audit.add_argument(
+        "--data",
+        choices=["auto", "public", "synthetic"],
+        help="stand-in data: the public built-in data, or synthetic records shaped like the dataset (auto: public for "
+        "built-in datasets, synthetic for files; a PrivateDataset's file is never read)",
+    )
+    audit.add_argument(
+        "--non-private", action="store_true", help="switch noise and clipping off: how much the audit can detect"
+    )
+    audit.add_argument("--seed", type=int, metavar="N", help="seed of the canaries (the DP noise is always fresh)")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=_cmd_audit)
 
     epsilon = commands.add_parser("epsilon", help="ε of a DP-SGD run, or the σ that meets a target ε")
     epsilon.add_argument("--sample-rate", type=float, metavar="Q")

@@ -36,6 +36,7 @@ from types import TracebackType
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.checkpoint import (
@@ -61,7 +62,7 @@ from dptrain.plan import TrainingPlan
 from dptrain.runtime import configure_threads, fresh_generator, select_device
 from dptrain_api import DPTrainingJob, ExitCode, PrivateDataset, dataset_identity, holdout_key
 
-__all__ = ["DataSource", "TrainingRun", "resolve_seed", "train"]
+__all__ = ["DataSource", "TrainingRun", "build_job_model", "make_job_private", "resolve_seed", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,51 @@ def resolve_seed(job: DPTrainingJob) -> int:
     if seed is not None:
         return int(seed)
     return int(hashlib.sha256(job_fingerprint(job).encode()).hexdigest()[:15], 16)
+
+
+def build_job_model(
+    job: DPTrainingJob, *, input_shape: tuple[int, ...], num_classes: int, base_dir: Path | None = None
+) -> tuple[nn.Module, list[str]]:
+    """The job's model as training starts it: every RNG seeded from the job (initial weights only), then built."""
+    seed = resolve_seed(job)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+    model, model_warnings = build_model(
+        job.spec.model, input_shape=input_shape, num_classes=num_classes, base_dir=base_dir
+    )
+    for message in model_warnings:
+        logger.warning("%s", message)
+    return model, model_warnings
+
+
+def make_job_private(
+    job: DPTrainingJob,
+    plan: TrainingPlan,
+    model: nn.Module,
+    *,
+    device: torch.device,
+    input_shape: tuple[int, ...],
+    clipping_mode: str | None = None,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float | None = None,
+) -> PrivateTraining:
+    """``model`` on ``device`` with the job's optimizer, wrapped for DP-SGD under ``plan`` (σ, C, batch sizes,
+    clipping mode, noise construction) with a fresh noise generator. ``noise_multiplier`` / ``max_grad_norm``
+    override the plan's (the privacy audit's non-private baseline only; training never passes them)."""
+    model = model.to(device)
+    return make_private_training(
+        model,
+        make_optimizer(model.parameters(), job.spec.training),
+        noise_multiplier=plan.noise_multiplier if noise_multiplier is None else noise_multiplier,
+        max_grad_norm=plan.max_grad_norm if max_grad_norm is None else max_grad_norm,
+        expected_batch_size=plan.batch_size,
+        physical_batch_size=plan.physical_batch_size,
+        noise_generator=fresh_generator(device),
+        clipping_mode=clipping_mode,
+        input_shape=input_shape,
+        secure_noise=job.spec.privacy.secure_noise,
+    )
 
 
 class TrainingRun:
@@ -173,31 +219,19 @@ class TrainingRun:
     def _build(
         self, checkpoint: Checkpoint | None, clipping_mode: str | None, base_dir: Path | None
     ) -> tuple[PrivateTraining, list[str]]:
-        spec, plan = self.job.spec, self.plan
-        seed = resolve_seed(self.job)
-        torch.manual_seed(seed)
-        np.random.seed(seed % (2**32))
-        random.seed(seed)
-        model, model_warnings = build_model(
-            spec.model, input_shape=self.data.input_shape, num_classes=self.data.num_classes, base_dir=base_dir
+        model, model_warnings = build_job_model(
+            self.job, input_shape=self.data.input_shape, num_classes=self.data.num_classes, base_dir=base_dir
         )
-        for message in model_warnings:
-            logger.warning("%s", message)
         if checkpoint is not None:
             unwrap_model(model).load_state_dict(checkpoint.model_state)
             restore_rng_state(checkpoint.rng)
-        model = model.to(self.device)
-        private = make_private_training(
+        private = make_job_private(
+            self.job,
+            self.plan,
             model,
-            make_optimizer(model.parameters(), spec.training),
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.batch_size,
-            physical_batch_size=plan.physical_batch_size,
-            noise_generator=fresh_generator(self.device),
-            clipping_mode=clipping_mode,
+            device=self.device,
             input_shape=self.data.input_shape,
-            secure_noise=spec.privacy.secure_noise,
+            clipping_mode=clipping_mode,
         )
         if checkpoint is not None:
             private.optimizer.load_state_dict(checkpoint.optimizer_state)

@@ -70,6 +70,11 @@ class PlanMismatchError(ConfigurationError):
     """The data or the plan disagrees with the mechanism the operator reserved in the dataset ledger."""
 
 
+class AuditError(ConfigurationError):
+    """A privacy audit cannot run as asked (for example on a PrivateDataset's own records: audits never train on
+    patient data)."""
+
+
 class CheckpointError(DptrainError):
     """The output directory's checkpoint or privacy journal cannot be used (another job's, or damaged)."""
 

@@ -2,7 +2,8 @@
 
 Every series carries ``job`` and ``namespace`` labels. ε, δ, σ, q and the step counts are privacy
 parameters (public); the held-out loss and eval metrics are the DP releases (the training loss is
-never exported); throughput comes from the expected batch size and wall time (timing is not DP).
+never exported); throughput comes from the expected batch size and wall time (timing is not DP). The privacy
+audit's ε̂ (spec.audit) is computed on stand-in data, never on the job's records.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class PrometheusExporter:
         self.attempt = gauge(TrainerMetric.ATTEMPT, "Attempt number of this trainer process (1 + earlier attempts)")
         self.finished = gauge(TrainerMetric.TRAINING_FINISHED, "1 once training has finished successfully, else 0")
         self.steps = Counter(TrainerMetric.STEPS, "DP-SGD steps completed (global step)", names, registry=self.registry)
+        self.audit_epsilon_lower_bound = gauge(
+            TrainerMetric.AUDIT_EPSILON_LOWER_BOUND,
+            "Empirical privacy audit: lower bound on ε at its confidence (above the claimed ε: not as private)",
+        )
+        self.audit_epsilon = gauge(TrainerMetric.AUDIT_EPSILON, "The claimed ε the privacy audit is compared with")
 
     # --- serving ------------------------------------------------------------------------------------------
 
@@ -142,6 +148,11 @@ class PrometheusExporter:
             self.steps.labels(**self.labels).inc(result.steps_run - self._steps_seen)
             self._steps_seen = result.steps_run
         self._set(self.finished, 1)
+
+    def on_audit(self, *, epsilon_lower_bound: float, epsilon: float) -> None:
+        """The privacy audit's result (spec.audit): exported only once an audit ran."""
+        self._set(self.audit_epsilon, epsilon)
+        self._set(self.audit_epsilon_lower_bound, epsilon_lower_bound)
 
     def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
         self._set(self.epsilon_spent, epsilon_spent)

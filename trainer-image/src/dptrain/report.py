@@ -238,6 +238,7 @@ class ReportWriter:
         self.failure_written = False
         self.report_path: Path | None = None
         self.curves_path: Path | None = None
+        self.success_message: TerminationMessage | None = None
 
     # --- termination message ------------------------------------------------------------------------
 
@@ -300,7 +301,21 @@ class ReportWriter:
             segments=_segments(result.journal),
             warnings="; ".join(result.warnings) or None,
         )
+        self.success_message = message
         self.write_termination_message(message)
+
+    def add_audit(self, *, epsilon_lower_bound: float, epsilon: float, confidence: float) -> None:
+        """Rewrite the success termination message with the privacy audit's result (run after training)."""
+        if self.success_message is None:
+            return
+        self.success_message = self.success_message.model_copy(
+            update={
+                "audit_epsilon_lower_bound": epsilon_lower_bound,
+                "audit_epsilon": _finite(epsilon),
+                "audit_confidence": confidence,
+            }
+        )
+        self.write_termination_message(self.success_message)
 
     def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
         self.write_failure(error, epsilon_spent=epsilon_spent, charged_steps=charged_steps, step=step)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from dptrain_accounting import AccountingError, MechanismPlan
 from dptrain_api import (
     PERMANENT_FAILURES,
+    AuditStatus,
     ConditionType,
     DPTrainingJob,
     ExitCode,
@@ -648,6 +649,31 @@ def _show_report(state: JobState, report: TerminationMessage) -> None:
         progress.loss = report.eval_metrics["loss"]
     progress.last_update_time = now()
     state.status.privacy, state.status.progress = privacy, progress
+    if report.audit_epsilon_lower_bound is not None:
+        _show_audit(state, report)
+
+
+def _show_audit(state: JobState, report: TerminationMessage) -> None:
+    """The privacy audit's result (spec.audit) into status.audit, with one event the first time it is seen."""
+    bound, claimed = report.audit_epsilon_lower_bound, report.audit_epsilon
+    assert bound is not None
+    contradicted = claimed is not None and bound > claimed
+    first = state.status.audit is None
+    state.status.audit = AuditStatus(
+        epsilon_lower_bound=bound, epsilon=claimed, confidence=report.audit_confidence, contradicted=contradicted
+    )
+    if not first:
+        return
+    confidence = f"{report.audit_confidence:.0%} confidence" if report.audit_confidence is not None else "audit"
+    if contradicted:
+        state.event(
+            Reason.AUDIT_CONTRADICTS_EPSILON,
+            f"privacy audit: ε̂={bound:.4g} > claimed ε={claimed:.4g} ({confidence}): the training pipeline is NOT as "
+            "private as claimed; do not release the model, keep the trainer's audit-report.json and report it",
+            warning=True,
+        )
+    else:
+        state.event(Reason.AUDITED, f"privacy audit: ε̂={bound:.4g} ≤ ε={claimed:.4g} ({confidence}): not contradicted")
 
 
 __all__ = ["FINISHED", "delete_children", "reconcile_and_write", "reconcile_job"]
