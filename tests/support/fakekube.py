@@ -140,6 +140,12 @@ class FakeKube:
     def delete_claim(self, namespace: str, name: str) -> None:
         self.objects.pop(("PersistentVolumeClaim", namespace, name), None)
 
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(kind, namespace, name)
+
+    def delete_child(self, kind: str, namespace: str, name: str) -> None:
+        self.objects.pop((kind, namespace, name), None)
+
 
 def _key(body: dict[str, Any]) -> Key:
     metadata = body["metadata"]

@@ -18,6 +18,8 @@ from dptrain_operator.render import (
     PodContract,
     checkpoint_claim,
     checkpoint_claim_name,
+    gang_network_policy,
+    gang_service,
     job_manifest,
     pod_name,
     trainer_pod,
@@ -78,9 +80,17 @@ def test_trainer_pod_is_valid_kubernetes(spec: dict[str, Any]) -> None:
 
 def test_children_are_valid_and_owned() -> None:
     job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
+    gang = _job(dataset={"datasetRef": {"name": "base-dataset"}}, distributed={"workers": 2})
+    follower = PodContract(
+        pod_number=1, attempt=1, reserved=RESERVED, identity="hospital/x", worker=1, master_address="10.1.2.3"
+    )
     for manifest in (
         checkpoint_claim(job),
         trainer_pod(job, dataset=dataset, contract=_contract(), settings=Settings()),
+        trainer_pod(gang, dataset=dataset, contract=_contract(), settings=Settings()),
+        trainer_pod(gang, dataset=dataset, contract=follower, settings=Settings()),
+        gang_service(gang),
+        gang_network_policy(gang),
     ):
         _validate(manifest)
         owner = manifest["metadata"]["ownerReferences"][0]
@@ -93,6 +103,14 @@ def test_children_are_valid_and_owned() -> None:
             "blockOwnerDeletion": True,
         }
         assert manifest["metadata"]["labels"][JOB_UID_LABEL] == job.metadata.uid
+
+
+def test_a_gang_policy_admits_only_the_jobs_own_pods() -> None:
+    policy = gang_network_policy(_job(distributed={"workers": 2}))["spec"]
+    own = {"matchLabels": {JOB_UID_LABEL: "0b9f6a1e-2f7c-4a53-9b07-4d2d1b5f7a10"}}
+    assert policy["podSelector"] == own
+    assert policy["ingress"] == [{"from": [{"podSelector": own}]}]
+    assert policy["egress"] == [{"to": [{"podSelector": own}]}]
 
 
 def test_trainer_pod_security_posture() -> None:

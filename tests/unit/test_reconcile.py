@@ -550,3 +550,63 @@ def test_an_edited_dataset_status_is_restored_from_the_ledger(kube: FakeKube, ct
     assert restored is not None
     assert restored["status"]["epsilonSpent"] == _ledger(kube).epsilon_spent > 0
     assert len(restored["status"]["ledger"]) == 1
+
+
+# --- multi-worker gangs -----------------------------------------------------------------------------------------
+
+
+def _gang_env(kube: FakeKube, name: str) -> dict[str, str]:
+    pod = kube.get_pod(NS, name)
+    assert pod is not None
+    return {e["name"]: e.get("value", "<from the pod>") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_a_gang_starts_its_leader_then_the_workers_at_the_leaders_address(kube: FakeKube, ctx: OperatorContext) -> None:
+    _add_dataset(kube, ctx)
+    kube.put(_on_cohort(distributed={"workers": 3}))
+    _reconcile(kube, ctx)
+    assert _pod_names(kube) == ["study-attempt-1"]  # the others need the leader's address
+    assert kube.get_child("Service", NS, "study-workers") is not None
+    assert kube.get_child("NetworkPolicy", NS, "study-gang") is None  # only with the chart's trainer policy
+    leader = _gang_env(kube, "study-attempt-1")
+    assert (leader["PET_NNODES"], leader["PET_NODE_RANK"], leader["PET_MASTER_ADDR"]) == ("3", "0", "<from the pod>")
+    kube.set_pod_status(NS, "study-attempt-1", {"phase": "Running", "podIP": "10.0.0.7"})
+    _reconcile(kube, ctx)
+    assert _pod_names(kube) == ["study-attempt-1", "study-attempt-1-worker-1", "study-attempt-1-worker-2"]
+    worker = _gang_env(kube, "study-attempt-1-worker-2")
+    assert (worker["PET_NODE_RANK"], worker["PET_MASTER_ADDR"], worker["PET_MASTER_PORT"]) == ("2", "10.0.0.7", "29500")
+    follower = kube.get_pod(NS, "study-attempt-1-worker-1")
+    assert follower is not None
+    assert TRAINER_FINALIZER not in (follower["metadata"].get("finalizers") or [])  # its end charges nothing
+    volumes = {v["name"]: v for v in follower["spec"]["volumes"]}
+    assert "emptyDir" in volumes["checkpoint"]  # only the leader mounts the journal's claim
+    distributed = _status(kube)["distributed"]
+    assert (distributed["worldSize"], distributed["ready"]) == (3, "1/3")
+
+
+def test_a_failed_worker_stops_the_gang_and_the_retry_starts_a_new_one(kube: FakeKube, ctx: OperatorContext) -> None:
+    _add_dataset(kube, ctx)
+    kube.put(_on_cohort(distributed={"workers": 2}))
+    _reconcile(kube, ctx)
+    kube.set_pod_status(NS, "study-attempt-1", {"phase": "Running", "podIP": "10.0.0.7"})
+    _reconcile(kube, ctx)
+    kube.set_pod_status(NS, "study-attempt-1-worker-1", {"phase": "Failed"})
+    _reconcile(kube, ctx)
+    leader = kube.get_pod(NS, "study-attempt-1")
+    assert leader is not None
+    assert leader["metadata"].get("deletionTimestamp")
+    _end_pod(kube, 1, ExitCode.TERMINATED, _report(10, code=ExitCode.TERMINATED, releases=0))
+    _reconcile(kube, ctx)
+    assert "study-attempt-2" in _pod_names(kube)
+    assert _env(kube, 2)["DPTRAIN_ATTEMPT"] == "2"  # the new leader must find the journal
+    entry = _entry(kube)
+    assert (entry.pods, entry.started_pods, entry.failed_pods, entry.observed_steps) == (2, 1, 1, 10)
+    assert entry.settled_pods == ["study-attempt-1"]  # workers are not settled: the leader's report is the charge
+
+
+def test_a_squatted_gang_service_fails_the_job(kube: FakeKube, ctx: OperatorContext) -> None:
+    kube.put({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "study-workers", "namespace": NS}})
+    kube.put(_job(distributed={"workers": 2}))
+    _reconcile(kube, ctx)
+    assert _condition(kube, "Failed")["reason"] == "ChildNameTaken"
+    assert _pod_names(kube) == []

@@ -48,6 +48,7 @@ from dptrain_api.job import (
     CheckpointSpec,
     DatasetSpec,
     DistributedSpec,
+    DistributedStatus,
     DPTrainingJob,
     DPTrainingJobSpec,
     DPTrainingJobStatus,
@@ -59,6 +60,7 @@ from dptrain_api.job import (
     ResourcesSpec,
     RunPolicy,
     TrainingSpec,
+    WorkerStatus,
 )
 from dptrain_api.ledger import (
     BoundDataset,
@@ -110,6 +112,7 @@ __all__ = [
     "DatasetSpec",
     "DistributedEnv",
     "DistributedSpec",
+    "DistributedStatus",
     "DptrainApiError",
     "ExitCode",
     "FeatureColumn",
@@ -143,6 +146,7 @@ __all__ = [
     "Toleration",
     "TrainerMetric",
     "TrainingSpec",
+    "WorkerStatus",
     "dataset_identity",
     "declared_num_examples",
     "describe_validation_error",

@@ -321,6 +321,28 @@ class AuditStatus(ApiModel):
     """true when epsilonLowerBound > epsilon: the pipeline is NOT as private as claimed."""
 
 
+class WorkerStatus(ApiModel):
+    """One pod of the current attempt's gang."""
+
+    index: int
+    """Node rank (0: the leader, which owns the journal and the checkpoint)."""
+    pod: str
+    """Pod name."""
+    phase: str | None = None
+    """The pod's phase (Pending, Running, Succeeded, Failed), None while it is not created yet."""
+
+
+class DistributedStatus(ApiModel):
+    """The gang of a multi-worker job (spec.distributed.workers > 1)."""
+
+    world_size: int
+    """Processes in torch.distributed's world: workers × processes per pod."""
+    ready: str
+    """Running pods of the current attempt, as "running/workers"."""
+    workers: list[WorkerStatus] = Field(default_factory=list)
+    """Each pod of the current attempt."""
+
+
 class DPTrainingJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -338,7 +360,9 @@ class DPTrainingJobStatus(ApiModel):
     audit: AuditStatus | None = None
     """The empirical privacy audit's result, when spec.audit asked for one."""
     attempts: int | None = None
-    """Trainer pods started so far (1 + retries)."""
+    """Attempts started so far (1 + retries); an attempt of a multi-worker job is one gang of pods."""
+    distributed: DistributedStatus | None = None
+    """World size and per-pod readiness of a multi-worker job."""
     ledger_name: str | None = None
     """The cluster-scoped PrivacyLedger that keeps this job's charge (its trusted record: what this status shows
     about attempts and ε is copied from there and from the trainer, never read back)."""

@@ -74,6 +74,8 @@ class KubeApi(Protocol):
     def remove_pod_finalizer(self, pod: dict[str, Any], finalizer: str) -> None: ...
     def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete_claim(self, namespace: str, name: str) -> None: ...
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def delete_child(self, kind: str, namespace: str, name: str) -> None: ...
 
 
 class Kube:
@@ -82,6 +84,7 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
 
     # --- dptrain resources -------------------------------------------------------------------
     def get_dataset(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -158,6 +161,9 @@ class Kube:
                 namespace, manifest, _preload_content=False
             ),
             "Service": lambda: self.core.create_namespaced_service(namespace, manifest, _preload_content=False),
+            "NetworkPolicy": lambda: self.networking.create_namespaced_network_policy(
+                namespace, manifest, _preload_content=False
+            ),
         }
         try:
             creators[manifest["kind"]]()
@@ -210,3 +216,22 @@ class Kube:
         _ignore(
             404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
         )
+
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A multi-worker job's Service or NetworkPolicy (read for its owner: the operator never adopts one)."""
+        readers: dict[str, Callable[[], Any]] = {
+            "Service": lambda: self.core.read_namespaced_service(name, namespace, _preload_content=False),
+            "NetworkPolicy": lambda: self.networking.read_namespaced_network_policy(
+                name, namespace, _preload_content=False
+            ),
+        }
+        return _json(_ignore(404, readers[kind]))
+
+    def delete_child(self, kind: str, namespace: str, name: str) -> None:
+        deleters: dict[str, Callable[[], Any]] = {
+            "Service": lambda: self.core.delete_namespaced_service(name, namespace, _preload_content=False),
+            "NetworkPolicy": lambda: self.networking.delete_namespaced_network_policy(
+                name, namespace, _preload_content=False
+            ),
+        }
+        _ignore(404, deleters[kind])

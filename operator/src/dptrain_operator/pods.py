@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from dptrain_api import TerminationMessage
-from dptrain_operator.render import ATTEMPT_LABEL, JOB_UID_LABEL, owned_by
+from dptrain_operator.render import ATTEMPT_LABEL, JOB_UID_LABEL, WORKER_LABEL, owned_by
 from dptrain_operator.scrape import exit_code, termination_message
 
 Pod = dict[str, Any]
@@ -25,13 +25,20 @@ _NEVER_RAN: Final = frozenset(
 
 
 def job_pods(kube: Any, namespace: str, uid: str) -> list[Pod]:
-    """The job's trainer pods (labelled AND owned by it: a look-alike pod someone else made is ignored), by number."""
+    """The job's trainer pods (labelled AND owned by it: a look-alike pod someone else made is ignored), by attempt
+    number and worker index."""
     pods = [pod for pod in kube.list_pods(namespace, f"{JOB_UID_LABEL}={uid}") if owned_by(pod, uid)]
-    return sorted(pods, key=number)
+    return sorted(pods, key=lambda pod: (number(pod), worker(pod)))
 
 
 def number(pod: Pod) -> int:
+    """The attempt the pod belongs to."""
     return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
+
+
+def worker(pod: Pod) -> int:
+    """Its index in the attempt's gang (0: the leader, whose report is the charge)."""
+    return int(pod["metadata"].get("labels", {}).get(WORKER_LABEL, "0"))
 
 
 def phase(pod: Pod) -> str:

@@ -45,6 +45,9 @@ class Settings:
     """Where a PrivateDataset's claim is mounted (read-only) in trainer pods."""
     scratch_mount_path: str = "/tmp"
     """Writable scratch emptyDir (the root filesystem is read-only)."""
+    gang_network_policy: bool = False
+    """Give each multi-worker job a NetworkPolicy that lets its pods reach each other (the chart turns it on with
+    its trainer NetworkPolicy, which would otherwise cut the gang's rendezvous and collectives)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -20,6 +20,7 @@ from dptrain_api import (
     PERMANENT_FAILURES,
     AuditStatus,
     ConditionType,
+    DistributedStatus,
     DPTrainingJob,
     ExitCode,
     JobPhase,
@@ -30,6 +31,7 @@ from dptrain_api import (
     Reason,
     ReservedMechanisms,
     TerminationMessage,
+    WorkerStatus,
     dataset_identity,
     describe_validation_error,
     holdout_fraction,
@@ -44,6 +46,10 @@ from dptrain_operator.render import (
     PodContract,
     checkpoint_claim,
     checkpoint_claim_name,
+    gang_network_policy,
+    gang_policy_name,
+    gang_service,
+    gang_service_name,
     owned_by,
     pod_name,
     trainer_pod,
@@ -295,32 +301,58 @@ class Reconciliation:
         live = pods.job_pods(self.ctx.kube, self.namespace, self.uid)
         if any(pods.terminating(pod) for pod in live):
             return  # an old trainer is still stopping (it holds the checkpoint): start none beside it
-        current = next((pod for pod in live if pods.number(pod) == entry.pods), None)
+        if self.job.spec.distributed.workers > 1 and not self._gang_objects_ready(entry):
+            return
+        # An attempt is a gang: its leader (worker 0, rank 0) owns the journal and the checkpoint, and its report
+        # is the charge; the other workers live and die with it.
+        gang = [pod for pod in live if pods.number(pod) == entry.pods]
+        leader = next((pod for pod in gang if pods.worker(pod) == 0), None)
         latest_settled = pod_name(self.state.name, entry.pods) in entry.settled_pods
         if entry.pods == 0 or latest_settled:
-            self._start_pod(entry, number=entry.pods + 1)  # the last pod's end is recorded: the next attempt
-        elif current is None:
+            self._start_pod(entry, number=entry.pods + 1)  # the last attempt's end is recorded: the next one
+        elif leader is None:
             self._start_pod(entry, number=entry.pods)  # recorded in the ledger, not created yet (a crash between)
-        elif not pods.ended(current):
-            self._observe(entry, current)
+        elif not pods.ended(leader):
+            if any(pods.phase(pod) == "Failed" for pod in gang):
+                self._stop_gang(gang)  # a worker failed: the leader stops too, and its end decides (retry or fail)
+            else:
+                self._start_workers(entry, leader, gang)
+                self._observe(entry, leader)
         else:
-            self._pod_ended(entry, current)
+            self._stop_gang(gang)  # the leader ended: the others have nothing left to do
+            self._pod_ended(entry, leader)
+        self._show_gang(entry)
         for pod in live:  # pods whose end the ledger has recorded no longer need their finalizer
             if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
                 _remove_finalizer(self.ctx, pod)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
+        """Start attempt ``number``: its leader pod (the other workers follow once it has an address)."""
         if number > entry.pods:
             entry = self._update(lambda e: e.model_copy(update={"pods": number}))
+        name = self._create_pod(entry, number=number, worker=0, master_address=None)
+        if name is None:
+            return
+        self.state.status.attempts = number
+        if self.state.status.start_time is None:
+            self.state.status.start_time = now()
+        self.state.transition(JobPhase.PENDING, Reason.STARTED, f"attempt {number} started")
+        self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {number})")
+        self.state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
+
+    def _create_pod(self, entry: LedgerEntry, *, number: int, worker: int, master_address: str | None) -> str | None:
+        """Create worker ``worker`` of attempt ``number``; its name, or None when the job failed (name taken)."""
         assert entry.train is not None  # a Reserved entry holds its plan
         contract = PodContract(
             pod_number=number,
             attempt=entry.started_pods + 1,
             reserved=ReservedMechanisms(train=entry.train, holdout=entry.holdout),
             identity=dataset_identity(self.job, self.dataset),  # what the trainer may read (not the ledger's key)
+            worker=worker,
+            master_address=master_address,
         )
         manifest = trainer_pod(self.job, dataset=self._dataset_for_pod(), contract=contract, settings=self.ctx.settings)
-        name = manifest["metadata"]["name"]
+        name = str(manifest["metadata"]["name"])
         if self.ctx.kube.create_if_absent(manifest):
             self.state.event(Reason.POD_CREATED, f"created trainer pod {name}")
         elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
@@ -329,13 +361,69 @@ class Reconciliation:
                 f"a pod named {name} exists and was not created for this job; delete it or rename the job",
                 report=None if entry.started_pods else _nothing_ran(),
             )
+            return None
+        return name
+
+    # --- multi-worker gangs -----------------------------------------------------------------------------------
+
+    def _gang_objects_ready(self, entry: LedgerEntry) -> bool:
+        """The headless Service (and, with the chart's NetworkPolicy, the gang's own policy) exist and are ours."""
+        wanted = [gang_service(self.job)]
+        if self.ctx.settings.gang_network_policy:
+            wanted.append(gang_network_policy(self.job))
+        for manifest in wanted:
+            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            if self.ctx.kube.create_if_absent(manifest):
+                continue
+            existing = self.ctx.kube.get_child(kind, self.namespace, name)
+            if existing is not None and not owned_by(existing, self.uid):
+                self._fail_and_commit(
+                    Reason.CHILD_NAME_TAKEN,
+                    f"a {kind} named {name} exists and was not created for this job; delete it or rename the job",
+                    report=None if entry.started_pods else _nothing_ran(),
+                )
+                return False
+        return True
+
+    def _start_workers(self, entry: LedgerEntry, leader: Pod, gang: list[Pod]) -> None:
+        """Workers 1..N-1 of the leader's attempt, once the leader has the address they must reach."""
+        address = leader.get("status", {}).get("podIP")
+        if not address:
             return
-        self.state.status.attempts = number
-        if self.state.status.start_time is None:
-            self.state.status.start_time = now()
-        self.state.transition(JobPhase.PENDING, Reason.STARTED, f"attempt {number} started")
-        self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {number})")
-        self.state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
+        present = {pods.worker(pod) for pod in gang}
+        for worker in range(1, self.job.spec.distributed.workers):
+            if worker not in present:
+                created = self._create_pod(entry, number=entry.pods, worker=worker, master_address=address)
+                if created is None:
+                    return
+
+    def _stop_gang(self, gang: list[Pod]) -> None:
+        for pod in gang:
+            if not pods.ended(pod) and not pod["metadata"].get("deletionTimestamp"):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+
+    def _show_gang(self, entry: LedgerEntry) -> None:
+        """status.distributed: the world size and each pod of the current attempt."""
+        workers = self.job.spec.distributed.workers
+        if workers <= 1:
+            return
+        current = {
+            pods.worker(pod): pod
+            for pod in pods.job_pods(self.ctx.kube, self.namespace, self.uid)
+            if pods.number(pod) == entry.pods
+        }
+        rows = [
+            WorkerStatus(
+                index=index,
+                pod=pod_name(self.state.name, entry.pods, index),
+                phase=pods.phase(current[index]) if index in current else None,
+            )
+            for index in range(workers)
+        ]
+        running = sum(1 for row in rows if row.phase == "Running")
+        self.state.status.distributed = DistributedStatus(
+            world_size=workers * max(self.job.spec.resources.gpus, 1), ready=f"{running}/{workers}", workers=rows
+        )
 
     def _dataset_for_pod(self) -> PrivateDataset | None:
         """The PrivateDataset as the trainer must see it: with the holdout the ledger fixed for it."""
@@ -447,6 +535,8 @@ class Reconciliation:
             return None
         report = None
         for pod in live:
+            if pods.worker(pod) != 0:
+                continue  # only a leader's end is recorded: it alone ran the journal
             if pod["metadata"]["name"] not in entry.settled_pods:
                 code = pods.code(pod)
                 entry = self._settle(pod, report=pods.report(pod), failed=code not in (*_STOPPED_BY_US, 0, None))
@@ -548,6 +638,13 @@ def delete_children(body: dict[str, Any], ctx: OperatorContext, logger: Logger) 
     claim = ctx.kube.get_claim(work.namespace, checkpoint_claim_name(work.state.name))
     if claim is not None and owned_by(claim, work.uid):
         ctx.kube.delete_claim(work.namespace, checkpoint_claim_name(work.state.name))
+    for kind, name in (
+        ("Service", gang_service_name(work.state.name)),
+        ("NetworkPolicy", gang_policy_name(work.state.name)),
+    ):
+        child = ctx.kube.get_child(kind, work.namespace, name)
+        if child is not None and owned_by(child, work.uid):
+            ctx.kube.delete_child(kind, work.namespace, name)
     ctx.metrics.observe_job(work.uid, None)
 
 

@@ -11,11 +11,23 @@ from typing import Any
 
 import yaml
 
-from dptrain_api import DEFAULT_TERMINATION_MESSAGE_PATH, DPTrainingJob, PodEnv, PrivateDataset, ReservedMechanisms
+from dptrain_api import (
+    DEFAULT_MASTER_PORT,
+    DEFAULT_TERMINATION_MESSAGE_PATH,
+    DistributedEnv,
+    DPTrainingJob,
+    PodEnv,
+    PrivateDataset,
+    ReservedMechanisms,
+)
 from dptrain_operator.render.labels import (
     ATTEMPT_LABEL,
+    JOB_UID_LABEL,
+    WORKER_LABEL,
     checkpoint_claim_name,
     child_metadata,
+    gang_policy_name,
+    gang_service_name,
     pod_name,
 )
 from dptrain_operator.settings import Settings
@@ -74,18 +86,28 @@ class PodContract:
     reserved: ReservedMechanisms
     identity: str
     """The dataset identity the job was admitted for."""
+    worker: int = 0
+    """Index in the attempt's gang; 0 is the leader (rank 0: journal, checkpoint claim, metrics, report)."""
+    master_address: str | None = None
+    """Where workers > 0 reach the leader's rendezvous (its pod IP); the leader uses its own."""
 
 
 def trainer_pod(
     job: DPTrainingJob, *, dataset: PrivateDataset | None, contract: PodContract, settings: Settings
 ) -> dict[str, Any]:
-    """The trainer pod of one attempt. Locked down: it reads patient data, so it gets no API token,
-    no root, no writable root filesystem, no capabilities and no privilege escalation. Its finalizer keeps it
-    until the operator has read how it ended."""
+    """A trainer pod of one attempt (worker ``contract.worker`` of its gang). Locked down: it reads patient data,
+    so it gets no API token, no root, no writable root filesystem, no capabilities and no privilege escalation.
+    The leader's finalizer keeps it until the operator has read how it ended (its report is the charge); the
+    other workers mount no checkpoint claim and report nothing the ledger needs."""
     name = job.metadata.name or ""
-    volumes, mounts = _volumes(job, dataset, settings)
+    leader = contract.worker == 0
+    volumes, mounts = _volumes(job, dataset, settings, leader=leader)
     container = _trainer_container(job, mounts=mounts, settings=settings)
     container["env"] = _trainer_env(job, dataset=dataset, contract=contract, settings=settings)
+    workers = job.spec.distributed.workers
+    if workers > 1:
+        container["env"] += _distributed_env(job, contract)
+        container["ports"].append({"name": "rendezvous", "containerPort": DEFAULT_MASTER_PORT, "protocol": "TCP"})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": settings.trainer_service_account,
@@ -108,25 +130,81 @@ def trainer_pod(
         pod_spec["tolerations"] = [toleration.to_wire() for toleration in resources.tolerations]
     if resources.priority_class_name:
         pod_spec["priorityClassName"] = resources.priority_class_name
-    metadata = child_metadata(
-        job, pod_name(name, contract.pod_number), extra_labels={ATTEMPT_LABEL: str(contract.pod_number)}
-    )
-    metadata["finalizers"] = [TRAINER_FINALIZER]
-    metadata["annotations"] = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(settings.trainer_metrics_port),
-    }
+    if workers > 1:  # DNS as Kubeflow's: worker-<i>.<headless service>
+        pod_spec["hostname"] = f"worker-{contract.worker}"
+        pod_spec["subdomain"] = gang_service_name(name)
+    labels = {ATTEMPT_LABEL: str(contract.pod_number), WORKER_LABEL: str(contract.worker)}
+    metadata = child_metadata(job, pod_name(name, contract.pod_number, contract.worker), extra_labels=labels)
+    if leader:
+        metadata["finalizers"] = [TRAINER_FINALIZER]
+        metadata["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(settings.trainer_metrics_port),
+        }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def _volumes(
-    job: DPTrainingJob, dataset: PrivateDataset | None, settings: Settings
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The pod's volumes and the trainer's mounts: data read-only, checkpoint and scratch writable."""
-    volumes: list[dict[str, Any]] = [
-        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
-        _checkpoint_volume(job),
+def _distributed_env(job: DPTrainingJob, contract: PodContract) -> list[Any]:
+    """torch.distributed.run's environment (Kubeflow's PET_* names): N pods, one node rank each, rank 0's address.
+    The leader binds the rendezvous itself (its own pod IP); the others get that IP, known once it runs."""
+    master: dict[str, Any] = (
+        {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        if contract.worker == 0
+        else {"value": contract.master_address or ""}
+    )
+    return [
+        {"name": DistributedEnv.NNODES, "value": str(job.spec.distributed.workers)},
+        {"name": DistributedEnv.NPROC_PER_NODE, "value": str(max(job.spec.resources.gpus, 1))},
+        {"name": DistributedEnv.NODE_RANK, "value": str(contract.worker)},
+        {"name": DistributedEnv.MASTER_ADDR, **master},
+        {"name": DistributedEnv.MASTER_PORT, "value": str(DEFAULT_MASTER_PORT)},
     ]
+
+
+def gang_service(job: DPTrainingJob) -> dict[str, Any]:
+    """The headless Service of a multi-worker job (stable DNS names for its pods, ready or not)."""
+    name = job.metadata.name or ""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(job, gang_service_name(name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_UID_LABEL: job.metadata.uid or ""},
+            "ports": [{"name": "rendezvous", "port": DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def gang_network_policy(job: DPTrainingJob) -> dict[str, Any]:
+    """Lets the pods of one multi-worker job reach each other on any port (the rendezvous and the collectives'
+    own ports), added to the chart's DNS-only trainer policy; pods of other jobs stay unreachable."""
+    own_pods = {"podSelector": {"matchLabels": {JOB_UID_LABEL: job.metadata.uid or ""}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(job, gang_policy_name(job.metadata.name or "")),
+        "spec": {
+            "podSelector": {"matchLabels": {JOB_UID_LABEL: job.metadata.uid or ""}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [own_pods]}],
+            "egress": [{"to": [own_pods]}],
+        },
+    }
+
+
+def _volumes(
+    job: DPTrainingJob, dataset: PrivateDataset | None, settings: Settings, *, leader: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the trainer's mounts: data read-only, checkpoint and scratch writable. Only the
+    leader mounts the checkpoint claim (ReadWriteOnce; it alone writes the journal): the others get an emptyDir."""
+    checkpoint = (
+        _checkpoint_volume(job)
+        if leader
+        else {"name": "checkpoint", "emptyDir": {"sizeLimit": str(job.spec.checkpoint.size)}}
+    )
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}, checkpoint]
     mounts: list[dict[str, Any]] = [
         {"name": "scratch", "mountPath": settings.scratch_mount_path},
         {"name": "checkpoint", "mountPath": settings.checkpoint_mount_path},

@@ -11,6 +11,8 @@ MANAGED_BY = "dptrain-operator"
 JOB_UID_LABEL = "dptrain.io/job-uid"
 JOB_NAME_LABEL = "dptrain.io/job-name"
 ATTEMPT_LABEL = "dptrain.io/attempt"
+WORKER_LABEL = "dptrain.io/worker"
+"""The pod's index in its attempt's gang (0: the leader, rank 0, which owns the journal and the checkpoint)."""
 # Labels copied from the job onto its pods so queueing systems (Kueue) and policies can select them.
 PASS_THROUGH_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 _MAX_LABEL_VALUE = 63
@@ -75,5 +77,19 @@ def checkpoint_claim_name(job_name: str) -> str:
     return child_name(job_name, "checkpoint", limit=253)
 
 
-def pod_name(job_name: str, attempt: int) -> str:
-    return child_name(job_name, f"attempt-{attempt}")
+def pod_name(job_name: str, attempt: int, worker: int = 0) -> str:
+    """The leader of attempt n keeps the single-worker name ``<job>-attempt-<n>``; worker i > 0 of it is
+    ``<job>-attempt-<n>-worker-<i>``."""
+    if worker == 0:
+        return child_name(job_name, f"attempt-{attempt}")
+    return child_name(job_name, f"attempt-{attempt}-worker-{worker}")
+
+
+def gang_service_name(job_name: str) -> str:
+    """The headless Service of a multi-worker job: pod i answers as ``worker-<i>.<service>``."""
+    return child_name(job_name, "workers")
+
+
+def gang_policy_name(job_name: str) -> str:
+    """The NetworkPolicy that lets a multi-worker job's pods reach each other (and nothing else more)."""
+    return child_name(job_name, "gang", limit=253)
