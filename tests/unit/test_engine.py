@@ -401,3 +401,9 @@ def test_sample_rate_of_the_journal_matches_the_loader(
     steps = {(e["noiseMultiplier"], e["sampleRate"]) for e in result.journal if e["partition"] == "train"}
     assert steps == {(2.0, 64 / plan.train_size)}
     assert MechanismSegment(2.0, plan.sample_rate, plan.steps) == plan.segment
+
+
+def test_the_spec_can_force_a_clipping_mode(tmp_path: Path, breast_cancer: PreparedData) -> None:
+    job = _job(training={"epochs": 0.3, "batchSize": 64, "learningRate": 0.5, "seed": 1, "clipping": "hooks"})
+    plan = make_plan(job, num_examples=breast_cancer.num_examples)
+    assert train(job, breast_cancer, plan, workdir=tmp_path).clipping_mode == "hooks"

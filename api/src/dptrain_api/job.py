@@ -149,6 +149,10 @@ class TrainingSpec(ApiModel):
     """sgd only: momentum."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """L2 weight decay."""
+    clipping: Literal["auto", "bookkeeping", "ghost", "hooks"] = "auto"
+    """How per-example gradients are clipped: auto picks the fastest exact mode for the model (dptrain's book-keeping
+    kernels where they cover every layer, else Opacus ghost clipping, else hooks); the others force one. The
+    guarantee is the same in every mode."""
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
     """Share of the records held out for evaluation (never trained on), 0.2 when unset. A record is held out by a
     keyed hash of its own content, so adding or removing one record moves no other. With a datasetRef the holdout

@@ -112,6 +112,8 @@ def make_job_private(
     clipping mode, noise construction) with a fresh noise generator. ``noise_multiplier`` / ``max_grad_norm``
     override the plan's (the privacy audit's non-private baseline only; training never passes them)."""
     model = model.to(device)
+    if clipping_mode is None and job.spec.training.clipping != "auto":
+        clipping_mode = job.spec.training.clipping
     return make_private_training(
         model,
         make_optimizer(model.parameters(), job.spec.training),
