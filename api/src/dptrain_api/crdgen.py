@@ -113,6 +113,7 @@ RESOURCES: tuple[ResourceDefinition, ...] = (
         plural="privacyledgers",
         short_names=("pled",),
         scope="Cluster",
+        categories=(),  # cluster-scoped: `kubectl get dptrain -n <ns>` would list every dataset's ledger
         printer_columns=(
             PrinterColumn("Identity", ".spec.identity", "string", "The dataset identity the ledger keeps"),
             PrinterColumn("Dataset", ".status.dataset.name", "string", "The PrivateDataset describing it now"),
