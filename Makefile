@@ -53,9 +53,12 @@ images:
 image-trainer-cuda:
 	python3 images/build.py --cuda --repository $(IMAGE_REPOSITORY) --tag $(IMAGE_TAG)
 
+# Pushes both images; their digests (for the chart's operator.image.digest / trainer.image.digest) land in build/images/.
 push-images:
-	podman push $(IMAGE_REPOSITORY)/trainer:$(IMAGE_TAG)
-	podman push $(IMAGE_REPOSITORY)/operator:$(IMAGE_TAG)
+	mkdir -p build/images
+	podman push --digestfile build/images/trainer.digest $(IMAGE_REPOSITORY)/trainer:$(IMAGE_TAG)
+	podman push --digestfile build/images/operator.digest $(IMAGE_REPOSITORY)/operator:$(IMAGE_TAG)
+	@echo "digests: trainer $$(cat build/images/trainer.digest), operator $$(cat build/images/operator.digest)"
 
 image-facts: $(STAMP)
 	$(PY) benchmarks/images.py --repository $(IMAGE_REPOSITORY) --tag $(IMAGE_TAG)
