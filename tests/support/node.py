@@ -78,6 +78,13 @@ status, then deletes the pod with gracePeriodSeconds=0 as a kubelet does (the fi
 their owners unless ``remove_finalizers_on_delete``). ``kill()`` simulates a crash (SIGKILL: exit
 code 137, reason Error, or any reason given, e.g. OOMKilled).
 
+Container mode
+--------------
+Everything above that is about processes on the host (path rewriting, ``DPTRAIN_PATH_MAP``, the node's
+``PATH``/``HOME``, process groups) is this class's container runtime, in the ``_launch``/``_signal``/
+``_kill_container``/``_exited`` hooks. ``ContainerNode`` (``container_node.py``) overrides them to run each
+container in its image through podman, with the same volumes, env, pod IPs and status; see its docstring.
+
 The node uses its own ApiClient (same Configuration as the one given) and plain JSON, never the
 generated models, so an odd pod cannot break its watch. Status writes are JSON merge patches of
 ``/status`` (no resourceVersion, like the kubelet's), retried on 409/429/5xx and connection errors.
@@ -317,6 +324,8 @@ class _Container:
     tail_lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
     reported: bool = False
+    runtime_id: str | None = None  # the container runtime's name for it (container mode), else None
+    image_id: str | None = None
 
     @property
     def name(self) -> str:
@@ -478,35 +487,16 @@ class _PodRun:
         path_map = self.node._mounts(self, spec)
         term_path = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
         path_map[term_path] = str(container.term_file)
-        ordered = _sorted_map(path_map)
         variables = self.node._container_env(self, spec)
-        argv = [*self._entrypoint(spec), *(str(a) for a in spec.get("args") or [])]
-        argv = [rewrite_path(expand(word, variables), ordered) for word in argv]
-        env = self.node._base_env(self.name)
-        env.update({key: rewrite_path(value, ordered) for key, value in variables.items()})
-        env["DPTRAIN_PATH_MAP"] = json.dumps(path_map, sort_keys=True)
-        env["DPTRAIN_TERMINATION_MESSAGE_PATH"] = str(container.term_file)
-        cwd = self.dir / "rootfs"
-        if spec.get("workingDir"):
-            mapped = rewrite_path(str(spec["workingDir"]), ordered)
-            cwd = Path(mapped) if mapped != spec["workingDir"] else self.dir / "rootfs" / mapped.lstrip("/")
-        cwd.mkdir(parents=True, exist_ok=True)
         log_file = self.log_path.open("ab", buffering=0)
         try:
-            container.proc = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            container.proc = self.node._launch(self, container, path_map, variables)
         except OSError as error:
             log_file.close()
-            raise PodStartError(
-                "ContainerCannotRun", f"container {container.name!r}: cannot start {argv[0]!r}: {error}"
-            ) from error
+            raise PodStartError("ContainerCannotRun", f"container {container.name!r}: cannot start: {error}") from error
+        except BaseException:
+            log_file.close()
+            raise
         container.started_at = now()
         proc = container.proc
         pump = threading.Thread(target=self._pump, args=(proc, container, log_file), daemon=True)
@@ -543,14 +533,12 @@ class _PodRun:
 
     def _reap(self, proc: subprocess.Popen[bytes], container: _Container, pump: threading.Thread) -> None:
         returncode = proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)  # PID 1 is gone: so is the rest of the container
+        # PID 1 is gone: so is the rest of the container (before the pump waits for the pipe's end, which a
+        # leftover child would hold open). In container mode the group is the podman client alone.
+        _signal_group(proc.pid, signal.SIGKILL)
         pump.join(timeout=5)
+        self.node._exited(container, returncode)
         container.finished_at = now()
-        if returncode < 0:
-            container.exit_signal = -returncode
-            container.exit_code = 128 - returncode
-        else:
-            container.exit_code = returncode
         if container.reason is None:
             container.reason = "Completed" if container.exit_code == 0 else "Error"
         container.message = self._termination_message(container)
@@ -579,13 +567,12 @@ class _PodRun:
             if self.terminate_requested and not self.term_sent:
                 self.term_sent = True
                 for container in containers:
-                    if container.running and container.proc is not None:
-                        with contextlib.suppress(ProcessLookupError):
-                            container.proc.send_signal(signal.SIGTERM)
+                    if container.running:
+                        self.node._signal(container, signal.SIGTERM)
             if self.term_sent and self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                 for container in containers:
-                    if container.running and container.proc is not None:
-                        _signal_group(container.proc.pid, signal.SIGKILL)
+                    if container.running:
+                        self.node._kill_container(container)
                 self.kill_deadline = None
             pending = [c for c in containers if not c.done.is_set()]
             newly_done = [c for c in containers if c.done.is_set() and not c.reported]
@@ -602,8 +589,11 @@ class _PodRun:
 
     def _kill_all(self, sig: int) -> None:
         for container in self.all_containers:
-            if container.running and container.proc is not None:
-                _signal_group(container.proc.pid, sig)
+            if container.running:
+                if sig == signal.SIGKILL:
+                    self.node._kill_container(container)
+                else:
+                    self.node._signal(container, sig)
 
     def _finish(self) -> None:
         ran = [c for c in self.all_containers if c.proc is not None or c.exit_code is not None]
@@ -677,7 +667,7 @@ class _PodRun:
                 "reason": container.reason,
                 "startedAt": container.started_at,
                 "finishedAt": container.finished_at,
-                "containerID": self._container_id(container),
+                "containerID": self.node._container_id(self, container),
             }
             if container.message:
                 terminated["message"] = container.message
@@ -693,7 +683,7 @@ class _PodRun:
         status: Json = {
             "name": container.name,
             "image": image,
-            "imageID": f"fakenode://{image}",
+            "imageID": self.node._image_id(container),
             "ready": container.running and not container.init,
             "started": container.running,
             "restartCount": 0,
@@ -701,12 +691,8 @@ class _PodRun:
             "lastState": {},
         }
         if container.proc is not None:
-            status["containerID"] = self._container_id(container)
+            status["containerID"] = self.node._container_id(self, container)
         return status
-
-    def _container_id(self, container: _Container) -> str:
-        pid = container.proc.pid if container.proc is not None else 0
-        return f"fakenode://{self.uid}/{container.name}/{pid}"
 
     def _status(self) -> Json:
         terminal = self.phase in TERMINAL_PHASES
@@ -834,9 +820,8 @@ class FakeNode:
             runs = list(self._runs.values())
         for run in runs:
             for container in run.all_containers:
-                if container.running and container.proc is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        container.proc.send_signal(signal.SIGTERM)
+                if container.running:
+                    self._signal(container, signal.SIGTERM)
             run.wake.set()
         deadline = time.monotonic() + grace_seconds
         for run in runs:
@@ -881,7 +866,7 @@ class FakeNode:
     def pid(self, namespace: str, name: str, container: str | None = None) -> int | None:
         """The main process id of a running container (the first running one by default), else None."""
         target = self._running_container(namespace, name, container)
-        return target.proc.pid if target is not None and target.proc is not None else None
+        return self._main_pid(target) if target is not None and target.proc is not None else None
 
     def kill(
         self,
@@ -899,7 +884,7 @@ class FakeNode:
             raise LookupError(f"no running container {container or ''} of pod {namespace}/{name} on this node")
         if reason is not None:
             target.reason = reason
-        target.proc.send_signal(sig)
+        self._signal(target, sig)
 
     def wait_for_pod(self, namespace: str, name: str, predicate: Callable[[Json], bool], timeout: float = 10.0) -> Json:
         """Polls the API until predicate(pod as a dict) holds; returns that pod (TimeoutError otherwise)."""
@@ -924,6 +909,67 @@ class FakeNode:
         """wait_for_pod until status.phase is one of phases (default: Succeeded or Failed)."""
         wanted = phases or TERMINAL_PHASES
         return self.wait_for_pod(namespace, name, lambda pod: (pod.get("status") or {}).get("phase") in wanted, timeout)
+
+    # --- the container runtime: host processes here; ContainerNode (container_node.py) runs images with podman ---
+
+    def _launch(
+        self, run: _PodRun, container: _Container, path_map: Mapping[str, str], variables: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """Starts the container's main process; its stdout+stderr on a pipe. OSError: it cannot start."""
+        spec = container.spec
+        ordered = _sorted_map(path_map)
+        argv = [*run._entrypoint(spec), *(str(a) for a in spec.get("args") or [])]
+        argv = [rewrite_path(expand(word, variables), ordered) for word in argv]
+        env = self._base_env(run.name)
+        env.update({key: rewrite_path(value, ordered) for key, value in variables.items()})
+        env["DPTRAIN_PATH_MAP"] = json.dumps(dict(path_map), sort_keys=True)
+        env["DPTRAIN_TERMINATION_MESSAGE_PATH"] = str(container.term_file)
+        cwd = run.dir / "rootfs"
+        if spec.get("workingDir"):
+            mapped = rewrite_path(str(spec["workingDir"]), ordered)
+            cwd = Path(mapped) if mapped != spec["workingDir"] else run.dir / "rootfs" / mapped.lstrip("/")
+        cwd.mkdir(parents=True, exist_ok=True)
+        try:
+            return subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise OSError(f"{argv[0]!r}: {error}") from error
+
+    def _signal(self, container: _Container, sig: int) -> None:
+        """Sends sig to the container's main process."""
+        if container.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                container.proc.send_signal(sig)
+
+    def _kill_container(self, container: _Container) -> None:
+        """SIGKILLs everything the container runs (its process group)."""
+        if container.proc is not None:
+            _signal_group(container.proc.pid, signal.SIGKILL)
+
+    def _exited(self, container: _Container, returncode: int) -> None:
+        """The main process ended with returncode: set exit_code (and exit_signal, reason when known)."""
+        if returncode < 0:
+            container.exit_signal = -returncode
+            container.exit_code = 128 - returncode
+        else:
+            container.exit_code = returncode
+
+    def _main_pid(self, container: _Container) -> int | None:
+        return container.proc.pid if container.proc is not None else None
+
+    def _container_id(self, run: _PodRun, container: _Container) -> str:
+        pid = container.proc.pid if container.proc is not None else 0
+        return f"fakenode://{run.uid}/{container.name}/{pid}"
+
+    def _image_id(self, container: _Container) -> str:
+        return f"fakenode://{container.spec.get('image', '')}"
 
     # --- internals: runs, IPs ---
 

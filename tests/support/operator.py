@@ -1,4 +1,5 @@
-"""The real operator (`dptrain-operator`), run as a subprocess against the test API server."""
+"""The real operator (`dptrain-operator`) against the test API server: a subprocess (OperatorProcess), or its
+image run with podman (OperatorContainer)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO, Any
 
 import httpx
 
@@ -48,11 +50,9 @@ class OperatorProcess:
     def log_path(self) -> Path:
         return self.log_dir / f"operator-{self.namespace}-{self.starts}.log"
 
-    def start(self, timeout: float = 30.0) -> OperatorProcess:
-        self.starts += 1
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
+    def settings_env(self) -> dict[str, str]:
+        """The operator's own environment: its kubeconfig and settings."""
+        return {
             "KUBECONFIG": str(self.kubeconfig),
             "DPTRAIN_NAMESPACES": self.namespace,
             "DPTRAIN_SCRAPE_INTERVAL": str(self.scrape_interval),
@@ -60,9 +60,17 @@ class OperatorProcess:
             "DPTRAIN_LIVENESS_PORT": str(self.liveness_port),
             **self.extra_env,
         }
+
+    def _launch(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
         script = Path(sys.executable).parent / "dptrain-operator"
+        env = {**os.environ, **self.settings_env()}
+        return subprocess.Popen([str(script)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 30.0) -> OperatorProcess:
+        self.starts += 1
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen([str(script)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = self._launch(log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -97,3 +105,65 @@ class OperatorProcess:
             for n in range(1, self.starts + 1)
             if (self.log_dir / f"operator-{self.namespace}-{n}.log").exists()
         )
+
+
+class OperatorContainer(OperatorProcess):
+    """The operator run from its image with podman, as the Helm chart's Deployment runs it: UID 65532, read-only
+    root filesystem with a small writable /tmp, no capabilities, no privilege escalation, the chart's default
+    memory and CPU limits; host networking (it reaches the API server on 127.0.0.1 and the trainer pods on their
+    127.0.0.x IPs, and serves metrics/healthz on the host's ports). Its kubeconfig (certificates inlined) is
+    mounted read-only. kill() is `podman kill` (SIGKILL, a crash), stop() `podman stop` (SIGTERM)."""
+
+    KUBECONFIG_IN_CONTAINER = "/etc/dptrain/kubeconfig"
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_dir: Path, *, image: str, **kwargs: Any) -> None:
+        super().__init__(kubeconfig, namespace, log_dir, **kwargs)
+        self.image = image
+        self.name = ""
+
+    def _launch(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        from tests.support import podman
+
+        flat = self.log_dir / "kubeconfig"
+        view = subprocess.run(
+            ["kubectl", "config", "view", "--flatten", "--minify", "--kubeconfig", str(self.kubeconfig)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        flat.write_text(view.stdout)
+        flat.chmod(0o644)  # readable by UID 65532 in the container (a test credential)
+        self.name = f"dptrain-operator-{self.namespace}-{self.starts}"[:120]
+        podman.podman("rm", "--force", self.name, check=False)
+        env = {**self.settings_env(), "KUBECONFIG": self.KUBECONFIG_IN_CONTAINER, "HOME": "/tmp"}
+        command = [
+            "podman", "run", "--rm", "--name", self.name, "--pull=never", "--network=host",
+            "--user=65532:65532", "--read-only", "--read-only-tmpfs=false", "--tmpfs=/tmp:rw,size=64m,mode=1777",
+            "--cap-drop=ALL", "--security-opt", "no-new-privileges", "--memory=1g", "--memory-swap=1g", "--cpus=1",
+            f"--volume={flat}:{self.KUBECONFIG_IN_CONTAINER}:ro",
+            *(f"--env={key}={value}" for key, value in env.items()),
+            self.image, "dptrain-operator",
+        ]  # fmt: skip
+        return subprocess.Popen(command, env=podman.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            from tests.support import podman
+
+            podman.podman("kill", "--signal=KILL", self.name, check=False)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            from tests.support import podman
+
+            podman.podman("stop", "--time=10", self.name, check=False, timeout=60)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.name:
+            from tests.support import podman
+
+            podman.podman("rm", "--force", self.name, check=False)

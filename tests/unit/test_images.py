@@ -82,6 +82,19 @@ def test_dockerfile_rules(name: str) -> None:
     assert all("--from=builder" in copy for copy in copies), copies
 
 
+@pytest.mark.parametrize("name", list(DOCKERFILES))
+def test_builders_need_only_python3_with_ensurepip(name: str) -> None:
+    """`make images` bootstraps a Debian base (python3 + python3-venv) where python:3.11-slim cannot be pulled:
+    the builder may use no system `pip` or `python` command, only python3 and the virtualenv's own tools. It checks
+    the environment (`pip check`) before the final stage copies it."""
+    runs = [arguments for instruction, arguments in _instructions(DOCKERFILES[name]) if instruction == "RUN"]
+    commands = [command.strip() for run in runs for command in re.split(r"&&|;|\|\|", run)]
+    assert commands[0].startswith("python3 -m venv /opt/dptrain"), commands
+    bare = [command for command in commands if re.match(r"(pip|python)\b(?!3)", command)]
+    assert not bare, f"system pip/python in the builder: {bare}"
+    assert "/opt/dptrain/bin/pip check" in commands
+
+
 def test_trainer_image_builds_cpu_torch_by_default_and_can_take_cuda() -> None:
     text = DOCKERFILES["trainer"].read_text()
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text

@@ -361,6 +361,42 @@ def test_an_empty_dir_job_cannot_resume_so_a_failure_is_final(kube: FakeKube, ct
     assert "emptyDir" in _condition(kube, "Failed")["message"]
 
 
+@pytest.mark.parametrize("said", [None, 4], ids=["killed-silently", "reported-first"])
+def test_an_oom_killed_trainer_fails_the_job_with_what_to_raise(
+    kube: FakeKube, ctx: OperatorContext, said: int | None
+) -> None:
+    """A retry with the same memory limit would be killed again: fail at once, say what to raise. The ledger
+    commits what is known: the journal's charge when the trainer reported one, else the whole reservation."""
+    _add_dataset(kube, ctx)
+    kube.put(_on_cohort(resources={"memory": "300Mi"}))
+    _reconcile(kube, ctx)
+    planned = _status(kube)["privacy"]["plannedSteps"]
+    report = _report(said, code=137, releases=0) if said is not None else None
+    _end_pod(kube, 1, 137, report, reason="OOMKilled")
+    state = _reconcile(kube, ctx)
+    failed = _condition(kube, "Failed")
+    assert (_status(kube)["phase"], failed["reason"]) == ("Failed", "OOMKilled")
+    assert "spec.resources.memory=300Mi" in failed["message"]
+    assert "raise spec.resources.memory" in failed["message"]
+    assert "AttemptFailed" not in [event.reason for event in state.events]
+    assert _pod_names(kube) == ["study-attempt-1"]  # no retry
+    entry = _entry(kube)
+    assert entry.train is not None
+    assert (entry.state, entry.outcome) == ("Committed", "OOMKilled")
+    assert entry.train.steps == (planned if said is None else said)
+    assert kube.get_pod(NS, "study-attempt-1")["metadata"]["finalizers"] == []  # type: ignore[index]
+
+
+def test_a_kill_that_is_not_an_oom_kill_is_retried(kube: FakeKube, ctx: OperatorContext) -> None:
+    """Only the OOMKilled reason ends the job at once: a SIGKILL for another reason (137, Error) is retried."""
+    kube.put(_job())
+    _reconcile(kube, ctx)
+    _end_pod(kube, 1, 137)
+    _reconcile(kube, ctx)
+    assert _pod_names(kube) == ["study-attempt-1", "study-attempt-2"]
+    assert _status(kube)["phase"] != "Failed"
+
+
 def test_a_replaced_checkpoint_claim_fails_the_job_and_keeps_it_charged(kube: FakeKube, ctx: OperatorContext) -> None:
     _add_dataset(kube, ctx)
     kube.put(_on_cohort())

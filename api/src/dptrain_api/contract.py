@@ -142,6 +142,8 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     CHECKPOINT_LOST = "CheckpointLost"
+    OOM_KILLED = "OOMKilled"
+    """The trainer container was killed for memory: a retry with the same limit would be killed again."""
     CHILD_NAME_TAKEN = "ChildNameTaken"
     DELETED = "Deleted"
     INVALID_CONFIGURATION = "InvalidConfiguration"

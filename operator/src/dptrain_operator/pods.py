@@ -66,6 +66,14 @@ def trainer_ran(pod: Pod) -> bool:
     return False
 
 
+def oom_killed(pod: Pod) -> bool:
+    """Did the kernel kill a container of the pod for memory (terminated reason OOMKilled)?"""
+    for container in pod.get("status", {}).get("containerStatuses", []) or []:
+        if ((container.get("state") or {}).get("terminated") or {}).get("reason") == "OOMKilled":
+            return True
+    return False
+
+
 def report(pod: Pod) -> TerminationMessage | None:
     """What the trainer said when it ended (its termination message), if it said it in this contract."""
     return termination_message(pod)

@@ -469,7 +469,7 @@ class Reconciliation:
             return
         code = pods.code(pod)
         error = (report.error if report else None) or f"trainer exited with code {code}"
-        final = self._final_failure(entry, code, error)
+        final = self._final_failure(entry, code, error, oom=pods.oom_killed(pod))
         if final is not None:
             self._fail_and_commit(*final, report=report)
             return
@@ -478,8 +478,17 @@ class Reconciliation:
         entry = self._settle(pod, report=report, failed=True)
         self._start_pod(entry, number=entry.pods + 1)
 
-    def _final_failure(self, entry: LedgerEntry, code: int | None, error: str) -> tuple[Reason, str] | None:
+    def _final_failure(
+        self, entry: LedgerEntry, code: int | None, error: str, *, oom: bool = False
+    ) -> tuple[Reason, str] | None:
         """Why a failed pod ends the job (None: retry from the checkpoint)."""
+        if oom:  # the same memory limit would be killed again: no retry, say what to change
+            memory = self.job.spec.resources.memory
+            return (
+                Reason.OOM_KILLED,
+                f"the trainer was killed for exceeding its memory limit (OOMKilled at spec.resources.memory={memory}); "
+                "raise spec.resources.memory (or lower training.maxPhysicalBatchSize) and submit the job again",
+            )
         permanent = _permanent(code)
         if permanent is not None:
             return permanent, error
