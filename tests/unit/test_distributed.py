@@ -379,13 +379,17 @@ def test_a_killed_two_process_run_resumes_and_every_step_of_both_attempts_stays_
     command = _command(manifest, output, termination, "--nproc", "2")
     process = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _charged(output / JOURNAL_NAME) >= 150 and (output / CHECKPOINT_NAME).exists(), process)
-    workers = _children(process.pid)
-    assert len(workers) == 2
-    for pid in [*workers, process.pid]:  # the whole pod dies at once: nobody checkpoints or writes a message
-        os.kill(pid, signal.SIGKILL)
-    process.communicate(timeout=30)
-    charged_at_kill = PrivacyJournal(output / JOURNAL_NAME).charged_steps
+    (rank_0,) = [pid for pid in _children(process.pid) if _rank_of(pid) == "0"]
+    os.kill(rank_0, signal.SIGKILL)  # rank 0 dies without a word; rank 1 loses its peer and fails too
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGKILL, stderr
+    journal = PrivacyJournal(output / JOURNAL_NAME)
+    charged_at_kill = journal.charged_steps
     assert charged_at_kill < plan.steps
+    # The launcher wrote pod 0's message in rank 0's place: what the journal charged.
+    killed = json.loads(termination.read_text())
+    assert (killed["status"], killed["exitCode"], killed["chargedSteps"]) == ("Failed", 137, charged_at_kill)
+    assert killed["epsilon"] == journal.epsilon(plan.delta, plan.accountant)
 
     resumed = _run(command, _env())
     assert resumed.returncode == 0, resumed.stderr
@@ -400,6 +404,12 @@ def test_a_killed_two_process_run_resumes_and_every_step_of_both_attempts_stays_
     assert (final["status"], final["attempts"], final["chargedSteps"]) == ("Succeeded", 2, plan.steps)
     assert final["epsilon"] == journal.epsilon(plan.delta, plan.accountant) <= plan.target_epsilon
     assert final["stepsRun"] == step + (plan.steps - charged_at_kill)
+
+
+def _rank_of(pid: int) -> str | None:
+    variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    ranks = [v.split(b"=", 1)[1].decode() for v in variables if v.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
 
 
 def test_the_distributed_example_plans_as_its_one_process_twin() -> None:

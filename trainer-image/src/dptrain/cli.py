@@ -286,7 +286,7 @@ class _RunCommand:
         if isinstance(error, TrainingInterrupted):
             if self.received:
                 error.exit_code = 128 + self.received[0]
-            print(f"dptrain: {error}", file=sys.stderr)
+            print(f"{_program()}: {error}", file=sys.stderr)
             return int(error.exit_code)
         raise error
 
@@ -415,7 +415,22 @@ def _write_fallback_message(args: argparse.Namespace, topology: Topology, termin
         job = None
     name = job.metadata.name if job is not None else None
     output_dir = Path(args.output) if args.output else Path("runs") / (name or "job")
-    ReportWriter(output_dir=output_dir, termination_path=termination, job=job).write_failure(error)
+    ReportWriter(output_dir=output_dir, termination_path=termination, job=job).write_failure(
+        error, epsilon_spent=_journal_epsilon(output_dir, job)
+    )
+
+
+def _journal_epsilon(output_dir: Path, job: DPTrainingJob | None) -> float | None:
+    """ε of the journal in ``output_dir`` at the job's δ and accountant (no plan needed), None if unknown."""
+    from dptrain.journal import JOURNAL_NAME, PrivacyJournal
+
+    if job is None:
+        return None
+    try:
+        journal = PrivacyJournal(output_dir / JOURNAL_NAME)
+        return journal.epsilon(job.spec.privacy.delta, job.spec.privacy.accountant) if journal.exists else None
+    except Exception:  # a damaged journal: say unknown, never guess
+        return None
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
