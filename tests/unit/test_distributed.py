@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +22,13 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from dptrain.checkpoint import CHECKPOINT_NAME
+from dptrain.checkpoint import CHECKPOINT_NAME, job_fingerprint, load_checkpoint
 from dptrain.data import PreparedData, load_builtin, record_hashes, shard, shard_mask, split_holdout
 from dptrain.distributed import Group, PeerFailedError, Topology, agree, check_same_plan, from_primary
 from dptrain.dpsgd import make_private_training
-from dptrain.engine import TrainingRun
-from dptrain.errors import ConfigurationError, DataError, ModelError, PlanMismatchError
+from dptrain.engine import TrainingRun, train
+from dptrain.errors import ConfigurationError, DataError, ModelError, PlanMismatchError, TrainingInterrupted
+from dptrain.events import Progress, TrainingResult
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.plan import TrainingPlan, make_plan
 from dptrain.report import REPORT_NAME
@@ -275,6 +277,77 @@ def test_an_empty_local_batch_keeps_the_ranks_in_step_and_only_rank_0_writes(
         (5, 5),
         (10, 5),
     ]
+
+
+class _StopAt:
+    """An observer (on rank 0 only) that asks for a stop after ``step``, as a SIGTERM handler would."""
+
+    def __init__(self, step: int, event: threading.Event) -> None:
+        self.step, self.event = step, event
+
+    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None:
+        """Nothing to do."""
+
+    def on_step(self, progress: Progress) -> None:
+        if progress.step == self.step:
+            self.event.set()
+
+    def on_finish(self, result: TrainingResult) -> None:
+        """Nothing to do."""
+
+
+def _stopped_then_resumed(
+    group: Group, job: DPTrainingJob, plan: TrainingPlan, data: PreparedData, workdir: Path
+) -> dict[str, Any]:
+    stop = threading.Event()  # only rank 0 is asked to stop: the ranks must agree on it
+    observers = [_StopAt(7, stop)] if group.primary else []
+    try:
+        train(job, data, plan, workdir=workdir, observers=observers, stop_event=stop, group=group)
+    except TrainingInterrupted as interrupted:
+        stopped_at = interrupted.step
+    run = TrainingRun.open(job, data, plan, workdir=workdir, group=group)  # the second attempt
+    with run:
+        resumed = _params(run.private.model)
+        run.start()
+        while not run.done:
+            run.run_chunk()
+        result = run.finish()
+    return {
+        "stopped": stopped_at,
+        "resumed": resumed,
+        "from": result.resumed_from_step,
+        "final": _params(run.private.model),
+    }
+
+
+def test_a_stop_asked_of_rank_0_stops_every_rank_and_the_resume_starts_every_rank_from_its_checkpoint(
+    tmp_path: Path, breast_cancer: PreparedData
+) -> None:
+    job = DPTrainingJob.model_validate(_job())
+    plan = make_plan(job)
+    workdirs = [tmp_path / "rank0", tmp_path / "rank1"]
+    rank_0, rank_1 = spawn(lambda group: _stopped_then_resumed(group, job, plan, breast_cancer, workdirs[group.rank]))
+    assert rank_0["stopped"] == rank_1["stopped"] == 7  # the same step on both ranks
+    assert rank_0["from"] == rank_1["from"] == 7
+    checkpoint = load_checkpoint(workdirs[0] / CHECKPOINT_NAME, job_hash=job_fingerprint(job))
+    assert checkpoint is not None
+    assert checkpoint.step == 7 + (plan.steps - 10)  # steps 8-10 were charged but never ran: lost
+    for rank in (rank_0, rank_1):  # both started the second attempt from rank 0's checkpoint of step 7
+        assert all(torch.equal(a, b) for a, b in zip(rank["resumed"], rank_0["resumed"], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(rank["final"], rank_0["final"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(rank_0["resumed"], _params(_logistic(breast_cancer)), strict=True))
+    journal = PrivacyJournal(workdirs[0] / JOURNAL_NAME)
+    steps = [(e["attempt"], e["startStep"], e["steps"]) for e in journal.entries if e["partition"] == "train"]
+    assert steps == [(1, 0, 5), (1, 5, 5), (2, 7, 5)]  # each step charged once per attempt that ran it
+    assert not workdirs[1].exists()
+
+
+def _logistic(data: PreparedData) -> nn.Module:
+    from dptrain.models import build_model
+
+    torch.manual_seed(3)  # the job's seed
+    model, _ = build_model(ModelSpec(architecture="logistic"), input_shape=data.input_shape, num_classes=2)
+    return model
 
 
 # --- the CLI: dptrain run --nproc 2, two pods, resume ----------------------------------------------------

@@ -40,6 +40,7 @@ global run:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -47,7 +48,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -182,7 +182,7 @@ def plan_fingerprint(
     }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Opened:
     """What rank 0 found in the output folder, as handed to every rank."""
 
@@ -611,18 +611,23 @@ def _open_shared(
 ) -> tuple[JournalView, Checkpoint | None]:
     """Rank 0 locks ``workdir`` and opens its journal and checkpoint; the other ranks get the checkpoint and the
     journal's state from it (or fail with rank 0's error)."""
-    opened_here: list[PrivacyJournal] = []
+    opened_here: list[tuple[PrivacyJournal, Checkpoint | None]] = []
 
     def open_on_rank_0() -> _Opened:
         lock.enter_context(workdir_lock(workdir))
         journal, checkpoint = _open_journal(job, plan, workdir, expect_journal=expect_journal)
-        opened_here.append(journal)
-        mirror = JournalMirror.of(journal, delta=plan.delta, accountant=plan.accountant) if group.distributed else None
-        return _Opened(checkpoint=checkpoint, journal=mirror)
+        opened_here.append((journal, checkpoint))
+        if not group.distributed:
+            return _Opened(checkpoint=None, journal=None)
+        # The others need the weights, the optimizer state and the step; the history and releases stay here.
+        shared = dataclasses.replace(checkpoint, history=[], eval_metrics={}) if checkpoint is not None else None
+        return _Opened(
+            checkpoint=shared, journal=JournalMirror.of(journal, delta=plan.delta, accountant=plan.accountant)
+        )
 
     opened = from_primary(group, open_on_rank_0, what="opening the privacy journal")
     if opened_here:
-        return opened_here[0], opened.checkpoint
+        return opened_here[0]
     assert opened.journal is not None  # rank 0 sends its journal's state whenever there are other ranks
     return opened.journal, opened.checkpoint
 

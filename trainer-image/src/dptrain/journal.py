@@ -461,10 +461,13 @@ class JournalView(Protocol):
 class JournalMirror:
     """Rank 0's journal as it last told the other ranks of a distributed run (they never read or write the file).
 
-    ``spent`` is ε as rank 0 computed it, at the plan's δ by the plan's accountant (what :meth:`epsilon` returns).
+    Counts only (a few numbers per chunk, however long the journal grows): the entries stay in rank 0's file.
+    ``spent`` is ε as rank 0 composed it, at the plan's δ by the plan's accountant (what :meth:`epsilon` returns).
     """
 
-    entries: list[dict[str, Any]]
+    charged_steps: int
+    charged_releases: int
+    attempts: int
     remaining_by_partition: dict[str, int]
     spent: float
     exists: bool = True
@@ -473,23 +476,18 @@ class JournalMirror:
     def of(cls, journal: JournalView, *, delta: float, accountant: str) -> JournalMirror:
         """A snapshot of ``journal`` (composing ε once, on rank 0)."""
         return cls(
-            entries=journal.entries,
+            charged_steps=journal.charged_steps,
+            charged_releases=journal.charged_releases,
+            attempts=journal.attempts,
             remaining_by_partition={partition: journal.remaining(partition) for partition in PARTITIONS},
             spent=journal.epsilon(delta, accountant) if journal.exists else 0.0,
             exists=journal.exists,
         )
 
     @property
-    def charged_steps(self) -> int:
-        return PrivacyJournal._charged(self.entries, TRAIN)
-
-    @property
-    def charged_releases(self) -> int:
-        return PrivacyJournal._charged(self.entries, HOLDOUT)
-
-    @property
-    def attempts(self) -> int:
-        return max((int(entry["attempt"]) for entry in self.entries), default=0)
+    def entries(self) -> list[dict[str, Any]]:
+        """None here: the entries are in rank 0's file (and its report)."""
+        return []
 
     def remaining(self, partition: str = TRAIN) -> int:
         return self.remaining_by_partition.get(partition, 0)
