@@ -1,19 +1,21 @@
 """Benchmark: data-parallel DP-SGD throughput, one process vs several, side by side in one run.
 
-    .venv/bin/python benchmarks/distributed.py [--rounds 5] [--steps 30] [--models mlp cnn] [--device cpu|cuda]
+    .venv/bin/python benchmarks/distributed.py [--rounds 15] [--steps 20] [--models mlp cnn] [--device cpu|cuda]
                                                [--configs 1x1 1x2 2x1] [--json out.json]
 
-A configuration ``PxT`` is P processes (a gloo group on CPU, NCCL with one GPU each on CUDA) × T torch threads
-each. Every process runs the engine's step (``dptrain.dpsgd.make_private_training``, book-keeping clipping,
-σ = 1, C = 1, secure noise, ``distributed=True`` when P > 1) on Poisson batches of its keyed shard
-(``dptrain.data.shard``) at the GLOBAL rate q = B / N, exactly as ``dptrain run --nproc P`` does, on the same
-model and the same global expected batch B for every configuration. After warm-up steps and a barrier, ``--steps``
-steps are timed (from a barrier to a barrier); samples/s = the records in all ranks' batches ÷ the time.
+A configuration ``PxT`` is P processes × T torch threads each; P is 1 or the largest P asked for (W). W processes
+are started once per model (torch.multiprocessing, a gloo group on CPU, NCCL with one GPU each on CUDA) and every
+configuration runs in them: a W-process configuration on all of them, a one-process configuration on rank 0
+while the others wait at a barrier (blocked, not spinning). Every configuration runs the engine's step
+(``dptrain.dpsgd.make_private_training``: book-keeping clipping, σ = 1, C = 1, secure noise, ``distributed=True``
+over W processes) on Poisson batches of its keyed shard (``dptrain.data.shard``) at the GLOBAL rate q = B / N,
+as ``dptrain run --nproc W`` does, with the same model and the same global expected batch B.
 
-Configurations are measured in interleaved rounds (the order rotated per round, each in freshly started
-processes), and the median samples/s over rounds is reported. Speed-up and scaling efficiency are relative to
-the single process with one thread (efficiency = speed-up ÷ P); ``vs 1×T`` compares with one process using the
-same total threads (the fair single-process baseline on a machine with P·T cores).
+Rounds interleave the configurations (order rotated per round): each round times ``--steps`` steps of each, from
+a barrier to a barrier, after warm-up. samples/s = records in all ranks' batches ÷ time. The machine is shared, so
+the table reports medians over rounds, and the speed-up is the median over rounds of the ratio to the first
+configuration IN THE SAME ROUND (neighbours' load moves absolute numbers, the paired ratios much less). Scaling
+efficiency = speed-up ÷ cores used (P·T).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ MODELS: dict[str, tuple[ModelSpec, tuple[int, ...], int, int]] = {
     "cnn": (ModelSpec(architecture="cnn", channels=[16, 32]), (1, 16, 16), 10, 256),
 }
 RECORDS = 20_000
-WARMUP = 5
+WARMUP = 3
 KEY = b"benchmarks/distributed"
 
 
@@ -74,24 +76,29 @@ class Config:
 
 @dataclass(frozen=True)
 class Task:
-    """One measurement: ``config`` on ``device`` training ``model`` for ``steps`` timed steps."""
+    """What every rank measures: ``configs`` on ``device`` with ``model``, ``rounds`` × ``steps`` timed steps."""
 
     model: str
-    config: Config
+    configs: tuple[Config, ...]
     device: str
+    rounds: int
     steps: int
     port: int
     out: str
 
+    @property
+    def world(self) -> int:
+        return max(config.processes for config in self.configs)
 
-def _private_step(task: Task, rank: int, device: torch.device) -> Callable[[], int]:
-    """The engine's DP-SGD step on this rank's shard, at the global q; returns the records it used."""
+
+def _private_step(task: Task, config: Config, rank: int, device: torch.device) -> Callable[[], int]:
+    """The engine's DP-SGD step of ``config`` on this rank's shard at the global q; it returns the records used."""
     spec, shape, classes, batch = MODELS[task.model]
     data = torch.utils.data.TensorDataset(
         torch.rand(RECORDS, *shape, generator=torch.Generator().manual_seed(0)),
         torch.randint(0, classes, (RECORDS,), generator=torch.Generator().manual_seed(1)),
     )
-    local = shard(data, shards=task.config.processes, index=rank, key=KEY)
+    local = shard(data, shards=config.processes, index=rank, key=KEY)
     features, labels = (t.to(device) for t in local.tensors)
     torch.manual_seed(0)
     model, _ = build_model(spec, input_shape=shape, num_classes=classes)
@@ -107,7 +114,7 @@ def _private_step(task: Task, rank: int, device: torch.device) -> Callable[[], i
             physical_batch_size=batch,
             noise_generator=torch.Generator(device=device).manual_seed(rank),
             clipping_mode="bookkeeping",
-            distributed=task.config.processes > 1,
+            distributed=config.processes > 1,
         )
     sampler = PoissonSampler(len(labels), sample_rate=batch / RECORDS, generator=torch.Generator().manual_seed(7))
 
@@ -120,101 +127,86 @@ def _private_step(task: Task, rank: int, device: torch.device) -> Callable[[], i
 
 
 def _rank(rank: int, task: Task) -> None:
-    """One rank of one measurement (started by torch.multiprocessing.start_processes)."""
+    """One of the W processes (started by torch.multiprocessing.start_processes): every round, every config."""
     import torch.distributed as dist
 
-    torch.set_num_threads(task.config.threads)
-    distributed = task.config.processes > 1
     device = torch.device(task.device, rank) if task.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if distributed:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(task.port))
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=task.config.processes
-        )
-    step = _private_step(task, rank, device)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(task.port))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=task.world)
+    steps = {c: _private_step(task, c, rank, device) for c in task.configs if rank < c.processes}
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if distributed:
-            dist.barrier()
+        dist.barrier()
 
-    for _ in range(WARMUP):
-        step()
-    sync()
-    started = time.perf_counter()
-    samples = sum(step() for _ in range(task.steps))
-    sync()
-    elapsed = time.perf_counter() - started
-    total = torch.tensor([samples], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(total)
-        dist.destroy_process_group()
+    results: dict[str, list[dict[str, float]]] = {c.name: [] for c in task.configs}
+    for round_index in range(task.rounds):
+        shift = round_index % len(task.configs)
+        for config in task.configs[shift:] + task.configs[:shift]:
+            torch.set_num_threads(config.threads)
+            step = steps.get(config)
+            for _ in range(WARMUP if step else 0):
+                step()  # type: ignore[misc]
+            sync()
+            started = time.perf_counter()
+            samples = sum(step() for _ in range(task.steps)) if step else 0
+            sync()
+            elapsed = time.perf_counter() - started
+            total = torch.tensor([samples], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            results[config.name].append({"seconds": elapsed, "samples": float(total.item())})
+    dist.destroy_process_group()
     if rank == 0:
-        Path(task.out).write_text(json.dumps({"seconds": elapsed, "samples": float(total.item()), "steps": task.steps}))
+        Path(task.out).write_text(json.dumps(results))
 
 
-def measure(model: str, config: Config, device: str, steps: int) -> dict[str, float]:
-    """One measurement in fresh processes: (seconds, samples) of ``steps`` timed global steps."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "result.json"
-        task = Task(model=model, config=config, device=device, steps=steps, port=free_port(), out=str(out))
-        start_processes(_rank, args=(task,), nprocs=config.processes, start_method="spawn")
-        result: dict[str, float] = json.loads(out.read_text())
-    return result
+def measure(task: Task) -> dict[str, list[dict[str, float]]]:
+    """Per configuration, per round: seconds and samples of the timed steps."""
+    start_processes(_rank, args=(task,), nprocs=task.world, start_method="spawn")
+    results: dict[str, list[dict[str, float]]] = json.loads(Path(task.out).read_text())
+    return results
 
 
-def run(models: list[str], configs: list[Config], device: str, rounds: int, steps: int) -> list[dict[str, Any]]:
+def summarise(model: str, configs: list[Config], results: dict[str, list[dict[str, float]]], steps: int) -> list[Any]:
+    """One row per configuration: medians over rounds, and the paired speed-up against the first configuration."""
+    rate = {name: [r["samples"] / r["seconds"] for r in rounds] for name, rounds in results.items()}
+    base = configs[0].name
     rows = []
-    for model in models:
-        samples_per_second: dict[str, list[float]] = {c.name: [] for c in configs}
-        step_ms: dict[str, list[float]] = {c.name: [] for c in configs}
-        for round_index in range(rounds):
-            order = configs[round_index % len(configs) :] + configs[: round_index % len(configs)]
-            for config in order:
-                result = measure(model, config, device, steps)
-                samples_per_second[config.name].append(result["samples"] / result["seconds"])
-                step_ms[config.name].append(1000 * result["seconds"] / result["steps"])
-        base = statistics.median(samples_per_second[configs[0].name])
-        for config in configs:
-            median = statistics.median(samples_per_second[config.name])
-            same_threads = f"1x{config.processes * config.threads}"
-            rows.append(
-                {
-                    "model": model,
-                    "batch": MODELS[model][3],
-                    "config": config.name,
-                    "processes": config.processes,
-                    "threadsPerProcess": config.threads,
-                    "stepMs": statistics.median(step_ms[config.name]),
-                    "samplesPerSecond": median,
-                    "rounds": samples_per_second[config.name],
-                    "speedup": median / base,
-                    "efficiency": median / base / config.processes,
-                    "vsOneProcessSameThreads": (
-                        median / statistics.median(samples_per_second[same_threads])
-                        if config.processes > 1 and same_threads in samples_per_second
-                        else None
-                    ),
-                }
-            )
+    for config in configs:
+        ratios = [mine / theirs for mine, theirs in zip(rate[config.name], rate[base], strict=True)]
+        speedup = statistics.median(ratios)
+        rows.append(
+            {
+                "model": model,
+                "batch": MODELS[model][3],
+                "config": config.name,
+                "processes": config.processes,
+                "threadsPerProcess": config.threads,
+                "stepMs": statistics.median(1000 * r["seconds"] / steps for r in results[config.name]),
+                "samplesPerSecond": statistics.median(rate[config.name]),
+                "rounds": rate[config.name],
+                "speedup": speedup,
+                "efficiency": speedup / (config.processes * config.threads),
+            }
+        )
     return rows
 
 
-def _table(rows: list[dict[str, Any]], device: str) -> str:
+def _table(rows: list[dict[str, Any]], device: str, rounds: int) -> str:
     lines = [
-        f"device {device}; P×T = processes × threads each; speed-up and efficiency vs {rows[0]['config']}",
+        f"device {device}; P×T = processes × threads each; median of {rounds} interleaved rounds; speed-up = median "
+        f"paired ratio to {rows[0]['config'].replace('x', '×')}; efficiency = speed-up ÷ (P·T)",
         "",
-        "| model | global batch | P×T | step (ms) | samples/s | speed-up | efficiency | vs 1×(P·T) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | global batch | P×T | step (ms) | samples/s | speed-up | efficiency |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        versus = "—" if r["vsOneProcessSameThreads"] is None else f"{r['vsOneProcessSameThreads']:.2f}×"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['config'].replace('x', '×')} | {r['stepMs']:.1f} | "
-            f"{r['samplesPerSecond']:.0f} | {r['speedup']:.2f}× | {100 * r['efficiency']:.0f} % | {versus} |"
+            f"{r['samplesPerSecond']:.0f} | {r['speedup']:.2f}× | {100 * r['efficiency']:.0f} % |"
         )
     return "\n".join(lines)
 
@@ -224,17 +216,24 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--configs", nargs="+", default=None, help="PxT configurations; the first is the baseline")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.configs is None:
         args.configs = ["1x1", "1x2", "2x1"] if args.device == "cpu" else ["1x1", f"{torch.cuda.device_count()}x1"]
     configs = list(dict.fromkeys(Config.parse(text) for text in args.configs))
-    if args.device == "cuda" and max(c.processes for c in configs) > torch.cuda.device_count():
+    world = max(c.processes for c in configs)
+    if any(c.processes not in (1, world) for c in configs):
+        parser.error(f"each configuration runs 1 process or {world} (the largest asked for)")
+    if args.device == "cuda" and world > torch.cuda.device_count():
         parser.error(f"{torch.cuda.device_count()} GPU(s) visible: each process needs one")
-    rows = run(args.models, configs, args.device, args.rounds, args.steps)
-    print(_table(rows, args.device))
+    rows = []
+    for model in args.models:
+        with tempfile.TemporaryDirectory() as folder:
+            task = Task(model, tuple(configs), args.device, args.rounds, args.steps, free_port(), f"{folder}/out.json")
+            rows += summarise(model, configs, measure(task), args.steps)
+    print(_table(rows, args.device, args.rounds))
     if args.json:
         machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
         if args.device == "cuda":
