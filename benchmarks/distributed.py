@@ -8,8 +8,9 @@ are started once per model (torch.multiprocessing, a gloo group on CPU, NCCL wit
 configuration runs in them: a W-process configuration on all of them, a one-process configuration on rank 0
 while the others wait at a barrier (blocked, not spinning). Every configuration runs the engine's step
 (``dptrain.dpsgd.make_private_training``: book-keeping clipping, σ = 1, C = 1, secure noise, ``distributed=True``
-over W processes) on Poisson batches of its keyed shard (``dptrain.data.shard``) at the GLOBAL rate q = B / N,
-as ``dptrain run --nproc W`` does, with the same model and the same global expected batch B.
+over W processes, and the engine's per-step stop vote) on Poisson batches of its keyed shard
+(``dptrain.data.shard``) at the GLOBAL rate q = B / N, as ``dptrain run --nproc W`` does, with the same model and
+the same global expected batch B.
 
 Rounds interleave the configurations (order rotated per round): each round times ``--steps`` steps of each, from
 a barrier to a barrier, after warm-up. samples/s = records in all ranks' batches ÷ time. The machine is shared, so
@@ -39,6 +40,7 @@ import torch
 from torch.multiprocessing import start_processes
 
 from dptrain.data import shard
+from dptrain.distributed import Group, StopVote
 from dptrain.dpsgd import PoissonSampler, make_private_training
 from dptrain.models import build_model
 from dptrain_api.job import ModelSpec
@@ -117,8 +119,11 @@ def _private_step(task: Task, config: Config, rank: int, device: torch.device) -
             distributed=config.processes > 1,
         )
     sampler = PoissonSampler(len(labels), sample_rate=batch / RECORDS, generator=torch.Generator().manual_seed(7))
+    group = Group(rank=rank, world_size=config.processes, local_rank=rank, local_world_size=config.processes)
+    vote = StopVote(group if config.processes > 1 else Group())  # the engine's per-step stop vote
 
     def step() -> int:
+        vote.poll(False)
         index = sampler.next_batch().to(device)
         private.step(features[index], labels[index])
         return int(index.numel())

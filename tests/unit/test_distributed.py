@@ -327,18 +327,19 @@ def test_a_stop_asked_of_rank_0_stops_every_rank_and_the_resume_starts_every_ran
     plan = make_plan(job)
     workdirs = [tmp_path / "rank0", tmp_path / "rank1"]
     rank_0, rank_1 = spawn(lambda group: _stopped_then_resumed(group, job, plan, breast_cancer, workdirs[group.rank]))
-    assert rank_0["stopped"] == rank_1["stopped"] == 7  # the same step on both ranks
-    assert rank_0["from"] == rank_1["from"] == 7
+    # The same step on both ranks: one after the request (the vote's all-reduce runs behind the next step).
+    assert rank_0["stopped"] == rank_1["stopped"] == 8
+    assert rank_0["from"] == rank_1["from"] == 8
     checkpoint = load_checkpoint(workdirs[0] / CHECKPOINT_NAME, job_hash=job_fingerprint(job))
     assert checkpoint is not None
-    assert checkpoint.step == 7 + (plan.steps - 10)  # steps 8-10 were charged but never ran: lost
-    for rank in (rank_0, rank_1):  # both started the second attempt from rank 0's checkpoint of step 7
+    assert checkpoint.step == 8 + (plan.steps - 10)  # steps 9-10 were charged but never ran: lost
+    for rank in (rank_0, rank_1):  # both started the second attempt from rank 0's checkpoint of step 8
         assert all(torch.equal(a, b) for a, b in zip(rank["resumed"], rank_0["resumed"], strict=True))
         assert all(torch.equal(a, b) for a, b in zip(rank["final"], rank_0["final"], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(rank_0["resumed"], _params(_logistic(breast_cancer)), strict=True))
     journal = PrivacyJournal(workdirs[0] / JOURNAL_NAME)
     steps = [(e["attempt"], e["startStep"], e["steps"]) for e in journal.entries if e["partition"] == "train"]
-    assert steps == [(1, 0, 5), (1, 5, 5), (2, 7, 5)]  # each step charged once per attempt that ran it
+    assert steps == [(1, 0, 5), (1, 5, 5), (2, 8, 5)]  # each step charged once per attempt that ran it
     assert not workdirs[1].exists()
 
 

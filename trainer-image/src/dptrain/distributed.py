@@ -33,6 +33,7 @@ __all__ = [
     "SINGLE_PROCESS",
     "Group",
     "PeerFailedError",
+    "StopVote",
     "Topology",
     "agree",
     "check_same_plan",
@@ -260,6 +261,13 @@ class Group:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def any_async(self, flag: bool) -> tuple[Any, torch.Tensor]:
+        """Start :meth:`any` in the background: (the work to wait for, the tensor that then holds the answer)."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True), tensor
+
     def close(self) -> None:
         """Leave the process group."""
         if not self.distributed:
@@ -271,6 +279,47 @@ class Group:
 
 
 SINGLE_PROCESS: Final = Group()
+
+
+class StopVote:
+    """Whether any rank was asked to stop, agreed by all: every rank stops after the same step.
+
+    :meth:`poll` is called by every rank at the same points (before each step). Distributed, the OR of the ranks'
+    flags is an all-reduce that runs behind the next step (issued at one poll, read at the next), so the vote costs
+    no round trip per step; a request is therefore honoured one step later than in a single process, where
+    :meth:`poll` returns the flag at once. :meth:`settle` gives the final answer when the loop has ended.
+    """
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.decided = False
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, flag: bool) -> bool:
+        """True (on every rank, at the same call) once the vote says stop; it stays True."""
+        if self.decided or not self.group.distributed:
+            self.decided = self.decided or flag
+            return self.decided
+        self.decided = self._collect()
+        if not self.decided:
+            self._pending = self.group.any_async(flag)
+        return self.decided
+
+    def settle(self, flag: bool) -> bool:
+        """The final vote, counting ``flag`` too (synchronous); no all-reduce is left running after it."""
+        if self.decided or not self.group.distributed:
+            self.decided = self.decided or flag
+            return self.decided
+        self.decided = self._collect() or self.group.any(flag)
+        return self.decided
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, tensor = self._pending
+        self._pending = None
+        work.wait()
+        return bool(tensor.item())
 
 
 def init_worker(environ: Mapping[str, str] | None = None) -> Group:

@@ -70,7 +70,7 @@ from dptrain.checkpoint import (
     unwrap_model,
 )
 from dptrain.data import PreparedData, shard, shard_key, split_holdout
-from dptrain.distributed import SINGLE_PROCESS, Group, agree, check_same_plan, from_primary
+from dptrain.distributed import SINGLE_PROCESS, Group, StopVote, agree, check_same_plan, from_primary
 from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
 from dptrain.errors import JournalError, JournalLostError, TrainingInterrupted
 from dptrain.evaluation import dp_release, release_schedule
@@ -239,7 +239,7 @@ class TrainingRun:
         self.release_noise = fresh_generator()
         self.schedule = release_schedule(steps=plan.steps, releases=plan.releases)
         self._lock: contextlib.ExitStack | None = None
-        self._stopping = False
+        self._stop_vote = StopVote(group)
 
     # --- preparing -----------------------------------------------------------------------------------
 
@@ -353,13 +353,13 @@ class TrainingRun:
         return self.journal.epsilon(self.plan.delta, self.plan.accountant)
 
     def stopping(self, stop: Callable[[], bool]) -> bool:
-        """Whether to stop before the next step, agreed by every rank (so all stop after the same step).
+        """Whether to stop before the next step, agreed by every rank (so all stop after the same step; one step
+        after the request when distributed, see :class:`~dptrain.distributed.StopVote`). Once yes, always yes."""
+        return self._stop_vote.poll(stop())
 
-        Every rank asks at the same points of the loop; once the answer is yes it stays yes without asking again.
-        """
-        if not self._stopping:
-            self._stopping = self.group.any(stop())
-        return self._stopping
+    def stop_requested(self, stop: Callable[[], bool]) -> bool:
+        """The final agreed answer once training has left its loop (no vote is left running after it)."""
+        return self._stop_vote.settle(stop())
 
     @property
     def _writer(self) -> PrivacyJournal:
@@ -708,6 +708,6 @@ def train(
         completed = True
         while not run.done and not run.stopping(stop):
             completed = run.run_chunk(stop)
-        if run.stopping(stop) and not (completed and run.done):
+        if run.stop_requested(stop) and not (completed and run.done):
             raise run.interrupt(stop_exit_code)
         return run.finish()
