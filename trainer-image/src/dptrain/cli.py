@@ -3,6 +3,10 @@
 Exit codes: 0 success, 1 unexpected crash, 2 bad manifest or configuration, 3 bad data, 4 bad model,
 5 unusable checkpoint/journal, 6 privacy budget refused, 7 journal lost, 8 (`dptrain audit`) the audit's lower bound
 contradicts the claimed ε, 128+N stopped by signal N (143 = SIGTERM).
+
+``dptrain run`` is distributed when the pod's ``PET_NNODES`` × ``PET_NPROC_PER_NODE`` or ``--nproc N`` exceeds 1:
+it then launches this node's processes with torch.distributed.run's launcher (:mod:`dptrain.distributed`),
+each of which runs ``dptrain run`` again as a worker of the process group.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -26,11 +30,13 @@ from dptrain.console import ConsoleProgress, print_summary
 from dptrain.errors import ConfigurationError, DptrainError, TrainingInterrupted
 from dptrain.report import format_up
 from dptrain_api import (
+    DistributedEnv,
     DPTrainingJob,
     ExitCode,
     ManifestError,
     PodEnv,
     PrivateDataset,
+    TerminationMessage,
     load_documents,
     load_manifest_file,
     parse_resource,
@@ -38,9 +44,10 @@ from dptrain_api import (
 
 if TYPE_CHECKING:
     from dptrain.audit import AuditSettings
+    from dptrain.distributed import Group, Topology
     from dptrain.metrics import PrometheusExporter
     from dptrain.plan import TrainingPlan
-    from dptrain.report import ReportWriter
+    from dptrain.report import ReportWriter, StatusReport
 
 __all__ = ["LoadedManifest", "audit_settings", "build_parser", "load_job_manifest", "main"]
 
@@ -139,19 +146,26 @@ def _graceful_signals(stop: threading.Event, received: list[int]) -> Iterator[No
             signal.signal(sig, old)
 
 
+def _termination_path(args: argparse.Namespace) -> Path | None:
+    from dptrain.report import default_termination_path
+
+    return Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
+
+
 class _RunCommand:
-    """`dptrain run`: load, plan, train, report; on any failure a termination message still says what was charged."""
+    """`dptrain run`: load, plan, train, report; on any failure a termination message still says what was charged.
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        from dptrain.report import default_termination_path
+    In a distributed run, global rank 0 does all of that; another rank trains its shard and reports only its
+    outcome (:class:`~dptrain.report.StatusReport`, written by the first process of its pod).
+    """
 
+    def __init__(self, args: argparse.Namespace, group: Group) -> None:
         self.args = args
-        self.termination = (
-            Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
-        )
+        self.group = group
+        self.termination = _termination_path(args)
         self.output_dir: Path | None = Path(args.output) if args.output else None
         self.loaded: LoadedManifest | None = None
-        self.report: ReportWriter | None = None
+        self.report: ReportWriter | StatusReport | None = None
         self.exporter: PrometheusExporter | None = None
         self.console: ConsoleProgress | None = None
         self.stop = threading.Event()
@@ -162,7 +176,7 @@ class _RunCommand:
         from dptrain.engine import train
         from dptrain.metrics import PrometheusExporter, metric_labels
         from dptrain.plan import make_plan, reserved_from_env
-        from dptrain.report import ReportWriter
+        from dptrain.report import ReportWriter, StatusReport
 
         args = self.args
         self.loaded = loaded = load_job_manifest(
@@ -170,21 +184,29 @@ class _RunCommand:
         )
         job = loaded.job
         output_dir = self.output_dir = self.output_dir or Path("runs") / (job.metadata.name or "job")
-        self.report = ReportWriter(
-            output_dir=output_dir,
-            termination_path=self.termination,
-            job=job,
-            example_count_source=_example_count_source(loaded),
-        )
+        primary = self.group.primary
+        if primary:
+            self.report = ReportWriter(
+                output_dir=output_dir,
+                termination_path=self.termination,
+                job=job,
+                example_count_source=_example_count_source(loaded),
+            )
+        else:  # the output folder is rank 0's: this rank never reads or writes it
+            self.report = StatusReport(self.termination if self.group.reports_pod else None)
         _check_admitted_identity(loaded)
         # The plan uses public numbers only (the declared size); the data is read after the journal is open.
-        plan = self.report.plan = make_plan(job, dataset=loaded.dataset, reserved=reserved_from_env())
-        self.exporter = PrometheusExporter(
-            labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address
-        )
-        if port := self.exporter.start():
-            print(f"dptrain: metrics on http://{args.metrics_address}:{port}/metrics", file=sys.stderr)
-        self.console = ConsoleProgress(stream=sys.stderr, rich_bar=sys.stderr.isatty(), quiet=args.quiet)
+        plan = make_plan(job, dataset=loaded.dataset, reserved=reserved_from_env())
+        observers: list[Any] = [self.report]
+        if isinstance(self.report, ReportWriter):
+            self.report.plan = plan
+            self.exporter = PrometheusExporter(
+                labels=metric_labels(job), port=args.metrics_port, address=args.metrics_address
+            )
+            if port := self.exporter.start():
+                print(f"dptrain: metrics on http://{args.metrics_address}:{port}/metrics", file=sys.stderr)
+            self.console = ConsoleProgress(stream=sys.stderr, rich_bar=sys.stderr.isatty(), quiet=args.quiet)
+            observers = [self.console, self.exporter, self.report]
         with _graceful_signals(self.stop, self.received):
             result = train(
                 job,
@@ -193,16 +215,19 @@ class _RunCommand:
                 workdir=output_dir,
                 dataset=loaded.dataset,
                 expect_journal=_attempt() > 1,
-                observers=[self.console, self.exporter, self.report],
+                observers=observers,
                 stop_event=self.stop,
                 stop_exit_code=ExitCode.TERMINATED,
                 base_dir=loaded.base_dir,
+                device=self.group.device if self.group.distributed else None,
+                group=self.group,
             )
-            audited = job.spec.audit is not None and not self.stop.is_set() and self.audit(plan, output_dir)
-            if audited and self.exporter.bound_port:
+            audited = primary and job.spec.audit is not None and not self.stop.is_set() and self.audit(plan, output_dir)
+            if audited and self.exporter is not None and self.exporter.bound_port:
                 # The pod ends right after; keep answering scrapes long enough for Prometheus to see the audit.
                 self.stop.wait(max(0.0, float(args.metrics_linger)))
-        print_summary(result, output_dir=output_dir, files=_output_files(output_dir), console_file=sys.stdout)
+        if primary:
+            print_summary(result, output_dir=output_dir, files=_output_files(output_dir), console_file=sys.stdout)
         return 0
 
     def audit(self, plan: TrainingPlan, output_dir: Path) -> bool:
@@ -211,9 +236,10 @@ class _RunCommand:
         It never fails the job (training succeeded and is charged): a failed audit is logged and reported as such.
         """
         from dptrain.audit import run_audit, verdict, write_audit_report
+        from dptrain.report import ReportWriter
 
         assert self.loaded is not None
-        assert self.report is not None
+        assert isinstance(self.report, ReportWriter)  # rank 0 alone audits (one process, after training)
         assert self.exporter is not None
         job = self.loaded.job
         try:
@@ -239,15 +265,19 @@ class _RunCommand:
 
     def fail(self, error: BaseException) -> int:
         """Write the failure termination message; the exit code of a requested stop, else re-raise."""
-        from dptrain.report import ReportWriter
+        from dptrain.report import ReportWriter, StatusReport
 
         if self.console is not None:
             self.console.close()
-        report = self.report or ReportWriter(
-            output_dir=self.output_dir or Path(os.devnull),
-            termination_path=self.termination,
-            job=self.loaded.job if self.loaded else None,
-        )
+        report = self.report
+        if report is None and self.group.primary:
+            report = ReportWriter(
+                output_dir=self.output_dir or Path(os.devnull),
+                termination_path=self.termination,
+                job=self.loaded.job if self.loaded else None,
+            )
+        elif report is None:
+            report = StatusReport(self.termination if self.group.reports_pod else None)
         if not report.failure_written:
             try:
                 report.write_failure(error)
@@ -256,7 +286,7 @@ class _RunCommand:
         if isinstance(error, TrainingInterrupted):
             if self.received:
                 error.exit_code = 128 + self.received[0]
-            print(f"dptrain: {error}", file=sys.stderr)
+            print(f"{_program()}: {error}", file=sys.stderr)
             return int(error.exit_code)
         raise error
 
@@ -297,13 +327,110 @@ def _output_files(output_dir: Path) -> list[Path]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    command = _RunCommand(args)
+    from dptrain.distributed import SINGLE_PROCESS, Topology, init_worker, is_worker
+
+    if is_worker():  # one process of a distributed run, started by the launcher below (or by torchrun)
+        group = init_worker()
+        _quiet_followers(group)
+        try:
+            return _run_command(args, group)
+        finally:
+            group.close()
+    topology = Topology.from_env(nproc=args.nproc)
+    if topology.world_size > 1:
+        return _launch(args, topology)
+    return _run_command(args, SINGLE_PROCESS)
+
+
+def _run_command(args: argparse.Namespace, group: Group) -> int:
+    command = _RunCommand(args, group)
     try:
         return command.run()
     except BaseException as error:
         return command.fail(error)
     finally:
         command.close()
+
+
+def _quiet_followers(group: Group) -> None:
+    """Ranks other than 0 log errors only (rank 0 already says everything else), marked with their rank."""
+    if group.primary:
+        return
+    root = logging.getLogger()
+    root.setLevel(logging.ERROR)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"dptrain[rank {group.rank}]: %(levelname)s %(name)s: %(message)s"))
+
+
+def _launch(args: argparse.Namespace, topology: Topology) -> int:
+    """Start this node's worker processes (``dptrain run`` again, same arguments) and wait for them.
+
+    If the pod's reporting process died before writing a termination message, write one here: on node 0 what
+    the journal charged (ε unknown: the operator keeps what the journal's charges imply), elsewhere the outcome.
+    """
+    from dptrain.distributed import launch
+
+    if args.manifest == "-":
+        raise ConfigurationError(
+            "several processes cannot share stdin: give the manifest as a file or with --from-env VAR"
+        )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    termination = _termination_path(args)
+    _clear(termination)
+    command = [sys.executable, "-u", "-m", "dptrain.cli", *args.argv]
+    code = launch(topology, command, run_id=os.environ.get(PodEnv.JOB_UID) or "dptrain")
+    if code != 0 and termination is not None and not _has_message(termination):
+        _write_fallback_message(args, topology, termination, code)
+    return code
+
+
+def _clear(path: Path | None) -> None:
+    """Empty an earlier termination message, so that after the workers end an empty file means none wrote one."""
+    if path is None or not path.exists():
+        return
+    with suppress(OSError):
+        path.write_text("")
+
+
+def _has_message(path: Path) -> bool:
+    try:
+        return TerminationMessage.parse(path.read_text()) is not None
+    except OSError:
+        return False
+
+
+def _write_fallback_message(args: argparse.Namespace, topology: Topology, termination: Path, code: int) -> None:
+    from dptrain.distributed import PeerFailedError
+    from dptrain.report import ReportWriter, StatusReport
+
+    error = PeerFailedError(
+        f"a training process ended with exit status {code} before it wrote a termination message", exit_code=code
+    )
+    if topology.node_rank != 0:
+        StatusReport(termination).write_failure(error)
+        return
+    try:
+        job: DPTrainingJob | None = load_job_manifest(args.manifest, from_env=args.from_env).job
+    except Exception:
+        job = None
+    name = job.metadata.name if job is not None else None
+    output_dir = Path(args.output) if args.output else Path("runs") / (name or "job")
+    ReportWriter(output_dir=output_dir, termination_path=termination, job=job).write_failure(
+        error, epsilon_spent=_journal_epsilon(output_dir, job)
+    )
+
+
+def _journal_epsilon(output_dir: Path, job: DPTrainingJob | None) -> float | None:
+    """ε of the journal in ``output_dir`` at the job's δ and accountant (no plan needed), None if unknown."""
+    from dptrain.journal import JOURNAL_NAME, PrivacyJournal
+
+    if job is None:
+        return None
+    try:
+        journal = PrivacyJournal(output_dir / JOURNAL_NAME)
+        return journal.epsilon(job.spec.privacy.delta, job.spec.privacy.accountant) if journal.exists else None
+    except Exception:  # a damaged journal: say unknown, never guess
+        return None
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -488,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="after a privacy audit (spec.audit), keep serving metrics this long so they are scraped (default 30)",
     )
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N data-parallel processes on this machine (torch.distributed: gloo on CPU, one GPU each "
+        "with CUDA); in a pod the operator's PET_* environment says how many",
+    )
     run.set_defaults(func=_cmd_run)
 
     plan = commands.add_parser("plan", help="print the privacy plan (q, steps, σ, planned ε) without training")
@@ -545,23 +679,31 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _program() -> str:
+    """``dptrain``, or ``dptrain[rank N]`` in a worker of a distributed run other than rank 0."""
+    rank = os.environ.get(DistributedEnv.RANK, "0") if os.environ.get("TORCHELASTIC_RUN_ID") else "0"
+    return "dptrain" if rank == "0" else f"dptrain[rank {rank}]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dptrain`` console script; returns the exit code."""
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    args.argv = arguments  # a distributed run's workers get the same command line
     _configure_logging(getattr(args, "quiet", False))
     func: Callable[[argparse.Namespace], int] = args.func
     started = time.monotonic()
     try:
         return func(args)
     except ManifestError as error:
-        print(f"dptrain: error: {error}", file=sys.stderr)
+        print(f"{_program()}: error: {error}", file=sys.stderr)
         return ExitCode.INVALID_CONFIGURATION
     except DptrainError as error:
-        print(f"dptrain: error: {error}", file=sys.stderr)
+        print(f"{_program()}: error: {error}", file=sys.stderr)
         return int(error.exit_code)
     except KeyboardInterrupt:
         print(f"dptrain: interrupted after {time.monotonic() - started:.0f} s", file=sys.stderr)

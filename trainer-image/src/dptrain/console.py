@@ -133,7 +133,8 @@ def print_summary(result: TrainingResult, *, output_dir: Path, files: Sequence[P
         marker = " (headline)" if name == result.eval_metric else ""
         table.add_row(f"held-out {name}{marker}", f"{value:.4f} (released with DP)")
     table.add_row("clipping", f"{result.clipping_mode}, C={plan.max_grad_norm:g}")
-    table.add_row("device", f"{result.device}, {result.threads} thread(s)")
+    processes = f"{result.world_size} processes × " if result.world_size > 1 else ""
+    table.add_row("device", f"{result.device}, {processes}{result.threads} thread(s)")
     table.add_row("time", f"{result.elapsed_seconds:.1f} s")
     table.add_row("output", "\n".join(str(path) for path in files if path.exists()))
     Console(file=console_file).print(table)

@@ -37,6 +37,10 @@ __all__ = [
     "load_builtin",
     "load_data",
     "load_file",
+    "record_hashes",
+    "shard",
+    "shard_key",
+    "shard_mask",
     "split_holdout",
 ]
 
@@ -438,6 +442,22 @@ def load_data(
 # --- split ---------------------------------------------------------------------------------------
 
 
+def record_hashes(features: torch.Tensor, labels: torch.Tensor, *, key: bytes) -> list[int]:
+    """A 64-bit keyed hash (blake2b) of each record's own content: its features and its label.
+
+    It depends on the record and the key alone, never on the other records, their number or their order.
+    """
+    count = int(labels.shape[0])
+    if count == 0:
+        return []
+    rows = features.reshape(count, -1).to(torch.float32).contiguous().numpy()
+    targets = labels.to(torch.int64).numpy()
+    return [
+        int.from_bytes(hashlib.blake2b(row.tobytes() + label.tobytes(), key=key[:64], digest_size=8).digest(), "little")
+        for row, label in zip(rows, targets, strict=True)
+    ]
+
+
 def holdout_mask(data: PreparedData, *, fraction: float, key: bytes) -> torch.Tensor:
     """Which records are held out: those whose keyed hash of their own content falls below ``fraction``.
 
@@ -447,15 +467,9 @@ def holdout_mask(data: PreparedData, *, fraction: float, key: bytes) -> torch.Te
     count = data.num_examples
     if fraction <= 0.0 or count == 0:
         return torch.zeros(count, dtype=torch.bool)
-    features = data.features.reshape(count, -1).to(torch.float32).contiguous().numpy()
-    labels = data.labels.to(torch.int64).numpy()
     threshold = int(fraction * 2**64)
-    held_out = [
-        int.from_bytes(hashlib.blake2b(row.tobytes() + label.tobytes(), key=key[:64], digest_size=8).digest(), "little")
-        < threshold
-        for row, label in zip(features, labels, strict=True)
-    ]
-    return torch.tensor(held_out, dtype=torch.bool)
+    hashes = record_hashes(data.features, data.labels, key=key)
+    return torch.tensor([value < threshold for value in hashes], dtype=torch.bool)
 
 
 def split_holdout(data: PreparedData, *, fraction: float, key: bytes) -> tuple[TensorDataset, TensorDataset]:
@@ -464,3 +478,37 @@ def split_holdout(data: PreparedData, *, fraction: float, key: bytes) -> tuple[T
     train = TensorDataset(data.features[~held_out], data.labels[~held_out])
     holdout = TensorDataset(data.features[held_out], data.labels[held_out])
     return train, holdout
+
+
+def shard_key(key: bytes) -> bytes:
+    """The key of the training shards, derived from the holdout ``key`` but independent of it.
+
+    With the holdout's own key, every training record would have a hash above the holdout fraction and the
+    shards would be as uneven as the split (the first one short by that fraction).
+    """
+    return hashlib.sha256(b"dptrain/shard/v1\0" + key).digest()
+
+
+def shard_mask(dataset: TensorDataset, *, shards: int, index: int, key: bytes) -> torch.Tensor:
+    """Which records of ``dataset`` belong to shard ``index`` of ``shards``: by a keyed hash of each record.
+
+    Shard = ⌊hash · shards / 2⁶⁴⌋, so the shards are disjoint, cover every record, and a record's shard depends on
+    that record (and ``key``) alone: adding or removing one record moves no other record between shards. Each rank
+    Poisson-samples its own shard at the global rate q, so the union of the ranks' batches is exactly a Poisson
+    sample of the whole training partition at q (what the accountant assumes).
+    """
+    if not 0 <= index < shards:
+        raise ValueError(f"shard index {index} is not in [0, {shards})")
+    features, labels = dataset.tensors
+    if shards == 1:
+        return torch.ones(int(labels.shape[0]), dtype=torch.bool)
+    owners = [(value * shards) >> 64 for value in record_hashes(features, labels, key=key)]
+    return torch.tensor([owner == index for owner in owners], dtype=torch.bool)
+
+
+def shard(dataset: TensorDataset, *, shards: int, index: int, key: bytes) -> TensorDataset:
+    """Shard ``index`` of ``shards`` of ``dataset`` (see :func:`shard_mask`)."""
+    if shards == 1:
+        return dataset
+    mask = shard_mask(dataset, shards=shards, index=index, key=key)
+    return TensorDataset(*(tensor[mask] for tensor in dataset.tensors))

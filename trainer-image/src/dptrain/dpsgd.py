@@ -109,6 +109,7 @@ def make_private_training(
     clipping_mode: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     secure_noise: bool = True,
+    distributed: bool = False,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with :func:`dptrain.make_private`: per-example clipping at ``max_grad_norm``, noise σ·C
     once per step, mean over the expected batch.
@@ -116,6 +117,8 @@ def make_private_training(
     ``clipping_mode``: "bookkeeping" (dptrain's kernels), or Opacus' "ghost" / "hooks"; automatic by default (the
     fastest that is exact for the model, given ``input_shape``). ``secure_noise`` draws each noise coordinate as
     Opacus' secure_mode does (four draws), which defeats the floating-point attacks on a single Gaussian draw.
+    ``distributed`` (torch.distributed initialised): every mode's clipped sums are all-reduced over the world and
+    rank 0 alone adds the noise; ``expected_batch_size`` is then the GLOBAL expected batch.
     """
     from dptrain.clipping import make_private
 
@@ -135,6 +138,7 @@ def make_private_training(
             clipping=mode,  # type: ignore[arg-type]
             generator=noise_generator,
             secure_noise=secure_noise,
+            distributed=distributed,
         )
     return PrivateTraining(
         model=private_model,

@@ -19,11 +19,28 @@ finish; the local CLI drives it through :func:`train`. Privacy invariants (each 
 * Noise and sampling come from generators seeded freshly from the OS on every attempt (never from
   the job's seed, never restored from a checkpoint). Opacus' secure_mode (torchcsprng) is not
   available with torch 2.x, so this is torch's PRNG, not a CSPRNG (the privacy report says so).
+
+Distributed (a :class:`~dptrain.distributed.Group` of several processes), the same invariants hold for the
+global run:
+
+* Every rank first checks that all run the same plan (:func:`plan_fingerprint`); global rank 0 alone then
+  owns the journal, the checkpoint, the held-out releases and the observers (report, metrics, console).
+  The other ranks never touch the output folder: they follow rank 0's decisions (:class:`JournalMirror`).
+* Each rank Poisson-samples its own disjoint keyed shard of the training partition at the GLOBAL q, so
+  the union of the ranks' batches is a Poisson sample of the whole partition at q; the clipped sums are
+  all-reduced and rank 0 alone adds the noise, divided by the GLOBAL expected batch (``make_private(...,
+  distributed=True)``): noise enters once per global step. A rank with an empty local batch still joins
+  the step's all-reduce, so every rank takes every step.
+* Rank 0 appends a chunk's intent to the journal BEFORE the broadcast that tells every rank the chunk's
+  size: no rank runs a step that is not charged. A resumed run's checkpoint is read by rank 0 and
+  broadcast; every rank agrees on a stop request before each step, so all stop after the same step.
+* Held-out releases are computed by rank 0 alone, on the whole holdout (every rank loads all the data).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -33,6 +50,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,18 +69,35 @@ from dptrain.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from dptrain.data import PreparedData, split_holdout
+from dptrain.data import PreparedData, shard, shard_key, split_holdout
+from dptrain.distributed import SINGLE_PROCESS, Group, StopVote, agree, check_same_plan, from_primary
 from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
 from dptrain.errors import JournalError, JournalLostError, TrainingInterrupted
 from dptrain.evaluation import dp_release, release_schedule
 from dptrain.events import FailureObserver, Progress, TrainingObserver, TrainingResult
-from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, workdir_lock
+from dptrain.journal import (
+    HOLDOUT,
+    JOURNAL_NAME,
+    TRAIN,
+    JournalMirror,
+    JournalView,
+    PrivacyJournal,
+    workdir_lock,
+)
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan
 from dptrain.runtime import configure_threads, fresh_generator, select_device
 from dptrain_api import DPTrainingJob, ExitCode, PrivateDataset, dataset_identity, holdout_key
 
-__all__ = ["DataSource", "TrainingRun", "build_job_model", "make_job_private", "resolve_seed", "train"]
+__all__ = [
+    "DataSource",
+    "TrainingRun",
+    "build_job_model",
+    "make_job_private",
+    "plan_fingerprint",
+    "resolve_seed",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +142,12 @@ def make_job_private(
     clipping_mode: str | None = None,
     noise_multiplier: float | None = None,
     max_grad_norm: float | None = None,
+    distributed: bool = False,
 ) -> PrivateTraining:
     """``model`` on ``device`` with the job's optimizer, wrapped for DP-SGD under ``plan`` (σ, C, batch sizes,
     clipping mode, noise construction) with a fresh noise generator. ``noise_multiplier`` / ``max_grad_norm``
-    override the plan's (the privacy audit's non-private baseline only; training never passes them)."""
+    override the plan's (the privacy audit's non-private baseline only; training never passes them).
+    ``distributed``: one rank of a data-parallel run (clipped sums all-reduced, noise added once, by rank 0)."""
     model = model.to(device)
     if clipping_mode is None and job.spec.training.clipping != "auto":
         clipping_mode = job.spec.training.clipping
@@ -125,7 +162,32 @@ def make_job_private(
         clipping_mode=clipping_mode,
         input_shape=input_shape,
         secure_noise=job.spec.privacy.secure_noise,
+        distributed=distributed,
     )
+
+
+def plan_fingerprint(
+    job: DPTrainingJob, plan: TrainingPlan, *, identity: str, clipping_mode: str | None, world_size: int
+) -> dict[str, Any]:
+    """What every process of a distributed run must share before anything is charged: the mechanism (σ, q, steps,
+    the holdout's σ and releases...), the job, the dataset's identity (it keys the holdout and the shards), the
+    clipping mode asked for and the number of processes."""
+    return {
+        **plan.mechanism_key(),
+        "reserved": plan.reserved,
+        "jobHash": job_fingerprint(job),
+        "dataset": identity,
+        "clippingMode": clipping_mode or job.spec.training.clipping,
+        "worldSize": world_size,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """What rank 0 found in the output folder, as handed to every rank."""
+
+    checkpoint: Checkpoint | None
+    journal: JournalMirror | None
 
 
 class TrainingRun:
@@ -143,7 +205,7 @@ class TrainingRun:
         data: PreparedData,
         plan: TrainingPlan,
         workdir: Path,
-        journal: PrivacyJournal,
+        journal: JournalView,
         checkpoint: Checkpoint | None,
         observers: Sequence[TrainingObserver],
         device: torch.device,
@@ -151,8 +213,11 @@ class TrainingRun:
         holdout_key: bytes,
         clipping_mode: str | None = None,
         base_dir: Path | None = None,
+        group: Group = SINGLE_PROCESS,
     ) -> None:
-        self.job, self.data, self.plan, self.workdir, self.journal = job, data, plan, workdir, journal
+        self.job, self.data, self.plan, self.workdir = job, data, plan, workdir
+        self.journal: JournalView = journal
+        self.group = group
         self.observers = list(observers)
         self.device, self.threads = device, threads
         self.started = time.monotonic()
@@ -163,6 +228,10 @@ class TrainingRun:
         self.history: list[dict[str, float]] = list(checkpoint.history) if checkpoint is not None else []
         self.eval_metrics: dict[str, float] = dict(checkpoint.eval_metrics) if checkpoint is not None else {}
         self.train_set, self.holdout_set = split_holdout(data, fraction=plan.holdout_fraction, key=holdout_key)
+        # This rank's disjoint keyed shard of the training partition (all of it in one process).
+        self.train_set = shard(self.train_set, shards=group.world_size, index=group.rank, key=shard_key(holdout_key))
+        if not group.primary:  # rank 0 alone releases held-out metrics
+            self.holdout_set = TensorDataset(*(tensor[:0] for tensor in self.holdout_set.tensors))
         if device.type != "cpu":
             self.train_set = TensorDataset(*(t.to(device) for t in self.train_set.tensors))
         self.private, self.model_warnings = self._build(checkpoint, clipping_mode, base_dir)
@@ -170,6 +239,7 @@ class TrainingRun:
         self.release_noise = fresh_generator()
         self.schedule = release_schedule(steps=plan.steps, releases=plan.releases)
         self._lock: contextlib.ExitStack | None = None
+        self._stop_vote = StopVote(group)
 
     # --- preparing -----------------------------------------------------------------------------------
 
@@ -187,20 +257,29 @@ class TrainingRun:
         device: torch.device | None = None,
         clipping_mode: str | None = None,
         base_dir: Path | None = None,
+        group: Group = SINGLE_PROCESS,
     ) -> TrainingRun:
         """Lock ``workdir``, open (or create) its journal, load its checkpoint, then the data, and build the model.
 
         ``expect_journal`` (a retry): a missing journal is :class:`JournalLostError`, never a fresh start.
+        With a distributed ``group`` every rank first checks that all run the same plan; rank 0 alone locks
+        ``workdir`` and opens its journal and checkpoint, and hands the checkpoint to the others.
         """
         workdir = Path(workdir)
-        threads = configure_threads()
+        threads = configure_threads(processes=group.local_world_size)
+        identity = dataset_identity(job, dataset)
+        fingerprint = plan_fingerprint(
+            job, plan, identity=identity, clipping_mode=clipping_mode, world_size=group.world_size
+        )
+        check_same_plan(group, fingerprint)
         lock = contextlib.ExitStack()
-        lock.enter_context(workdir_lock(workdir))
         try:
-            journal, checkpoint = _open_journal(job, plan, workdir, expect_journal=expect_journal)
+            journal, checkpoint = _open_shared(
+                job, plan, workdir, expect_journal=expect_journal, lock=lock, group=group
+            )
             run = cls(
                 job=job,
-                data=data() if callable(data) else data,
+                data=agree(group, lambda: data() if callable(data) else data, what="loading the data"),
                 plan=plan,
                 workdir=workdir,
                 journal=journal,
@@ -208,9 +287,10 @@ class TrainingRun:
                 observers=observers,
                 device=select_device(device),
                 threads=threads,
-                holdout_key=holdout_key(dataset_identity(job, dataset)),
+                holdout_key=holdout_key(identity),
                 clipping_mode=clipping_mode,
                 base_dir=base_dir,
+                group=group,
             )
         except BaseException:
             lock.close()
@@ -221,12 +301,7 @@ class TrainingRun:
     def _build(
         self, checkpoint: Checkpoint | None, clipping_mode: str | None, base_dir: Path | None
     ) -> tuple[PrivateTraining, list[str]]:
-        model, model_warnings = build_job_model(
-            self.job, input_shape=self.data.input_shape, num_classes=self.data.num_classes, base_dir=base_dir
-        )
-        if checkpoint is not None:
-            unwrap_model(model).load_state_dict(checkpoint.model_state)
-            restore_rng_state(checkpoint.rng)
+        model, model_warnings = agree(self.group, lambda: self._model(checkpoint, base_dir), what="building the model")
         private = make_job_private(
             self.job,
             self.plan,
@@ -234,10 +309,21 @@ class TrainingRun:
             device=self.device,
             input_shape=self.data.input_shape,
             clipping_mode=clipping_mode,
+            distributed=self.group.distributed,
         )
         if checkpoint is not None:
             private.optimizer.load_state_dict(checkpoint.optimizer_state)
         return private, model_warnings
+
+    def _model(self, checkpoint: Checkpoint | None, base_dir: Path | None) -> tuple[nn.Module, list[str]]:
+        """The job's model from its seed, or the checkpoint's (every rank builds the same replica)."""
+        model, model_warnings = build_job_model(
+            self.job, input_shape=self.data.input_shape, num_classes=self.data.num_classes, base_dir=base_dir
+        )
+        if checkpoint is not None:
+            unwrap_model(model).load_state_dict(checkpoint.model_state)
+            restore_rng_state(checkpoint.rng)
+        return model, model_warnings
 
     def __enter__(self) -> TrainingRun:
         return self
@@ -266,6 +352,32 @@ class TrainingRun:
         """ε of everything the journal charged (both partitions), by the plan's accountant."""
         return self.journal.epsilon(self.plan.delta, self.plan.accountant)
 
+    def stopping(self, stop: Callable[[], bool]) -> bool:
+        """Whether to stop before the next step, agreed by every rank (so all stop after the same step; one step
+        after the request when distributed, see :class:`~dptrain.distributed.StopVote`). Once yes, always yes."""
+        return self._stop_vote.poll(stop())
+
+    def stop_requested(self, stop: Callable[[], bool]) -> bool:
+        """The final agreed answer once training has left its loop (no vote is left running after it)."""
+        return self._stop_vote.settle(stop())
+
+    @property
+    def _writer(self) -> PrivacyJournal:
+        """The journal file, which only global rank 0 opens."""
+        if not isinstance(self.journal, PrivacyJournal):
+            raise RuntimeError("only global rank 0 writes the privacy journal")
+        return self.journal
+
+    def _mirror(self) -> JournalMirror | None:
+        """The journal's state for the other ranks (None in a single process: nobody to tell)."""
+        if not self.group.distributed:
+            return None
+        return JournalMirror.of(self.journal, delta=self.plan.delta, accountant=self.plan.accountant)
+
+    def _follow(self, mirror: JournalMirror | None) -> None:
+        if mirror is not None and not self.group.primary:
+            self.journal = mirror
+
     def start(self) -> None:
         """Tell the observers where this attempt starts."""
         if self.resumed_from_step or self.journal.charged_steps:
@@ -291,19 +403,17 @@ class TrainingRun:
 
     def run_chunk(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Charge the next chunk in the journal, then run it; True if it ran to its end (else ``stop`` fired)."""
-        chunk = min(self.job.spec.checkpoint.every_steps, self.journal.remaining(TRAIN))
+        chunk = self._charge_chunk()
         if chunk <= 0:
             return True
-        # Write-ahead: the chunk is durably charged before any of its steps runs.
-        self.journal.append_intent(chunk, attempt=self.attempt, start_step=self.step)
         spent = self.epsilon()
         chunk_started = time.monotonic()
         for index in range(chunk):
-            if stop():  # a signal arrived between steps: run no further step
+            if self.stopping(stop):  # a signal arrived between steps: run no further step (interrupt checkpoints)
                 return False
             self.run_step()
             self.history.append({"step": float(self.step), "epsilon": spent})
-            last = index == chunk - 1 or stop()
+            last = index == chunk - 1
             if last:
                 if self._release_due():
                     self.release()
@@ -313,7 +423,26 @@ class TrainingRun:
             self._notify_step(spent, examples_per_second=self.plan.batch_size * (index + 1) / elapsed, last=last)
         return True
 
+    def _charge_chunk(self) -> int:
+        """Charge the next chunk in rank 0's journal; every rank learns its size only once the intent is on disk.
+
+        Write-ahead: the chunk is durably charged before any of its steps runs. Distributed, the broadcast that
+        hands the size (and the journal's new state) to the other ranks is the barrier behind that fsync.
+        """
+
+        def charge() -> tuple[int, JournalMirror | None]:
+            chunk = min(self.job.spec.checkpoint.every_steps, self.journal.remaining(TRAIN))
+            if chunk > 0:
+                self._writer.append_intent(chunk, attempt=self.attempt, start_step=self.step)
+            return chunk, self._mirror()
+
+        chunk, mirror = from_primary(self.group, charge, what="charging the next chunk")
+        self._follow(mirror)
+        return chunk
+
     def _release_due(self) -> bool:
+        if not self.group.primary:
+            return False
         released = self.journal.charged_releases
         return (
             self.journal.remaining(HOLDOUT) > 0
@@ -322,8 +451,11 @@ class TrainingRun:
         )
 
     def release(self) -> None:
-        """Release the held-out metrics with DP: charge one release to the holdout partition, then compute it."""
-        self.journal.append_intent(1, attempt=self.attempt, start_step=self.step, partition=HOLDOUT)
+        """Release the held-out metrics with DP: charge one release to the holdout partition, then compute it.
+
+        Rank 0 only: it holds the whole holdout, so the release is one Gaussian mechanism as in a single process.
+        """
+        self._writer.append_intent(1, attempt=self.attempt, start_step=self.step, partition=HOLDOUT)
         assert self.plan.holdout_noise_multiplier is not None  # a holdout partition exists in the journal
         self.eval_metrics = dp_release(
             self.private.model,
@@ -336,7 +468,13 @@ class TrainingRun:
         self.history.append({"step": float(self.step), "epsilon": self.epsilon(), "released": 1.0, **self.eval_metrics})
 
     def save_checkpoint(self) -> None:
-        """Write the checkpoint (atomically): model, optimizer, step, RNG states and where the journal stood."""
+        """Write the checkpoint (atomically): model, optimizer, step, RNG states and where the journal stood.
+
+        Rank 0 only: every rank holds the same model and optimizer state (each applies the same all-reduced step).
+        """
+        if not self.group.primary:
+            self.checkpointed_step = self.step
+            return
         save_checkpoint(
             self.workdir / CHECKPOINT_NAME,
             Checkpoint(
@@ -389,10 +527,15 @@ class TrainingRun:
         )
 
     def finish(self) -> TrainingResult:
-        """Release held-out metrics if none was, export the model and report the result."""
-        if self.journal.remaining(HOLDOUT) > 0 and not self.eval_metrics:  # at least one release of a final model
-            self.release()
+        """Release held-out metrics if none was, export the model and report the result.
+
+        Distributed, rank 0 does the release and the export, and hands the final journal state and release to the
+        other ranks, whose results then tell the same numbers (``model_path`` is rank 0's file).
+        """
+        if self.group.primary and self.journal.remaining(HOLDOUT) > 0 and not self.eval_metrics:
+            self.release()  # at least one release of a final model
             self.save_checkpoint()
+        self._share_final()
         run_warnings = list(self.model_warnings)
         if self.step < self.plan.steps:
             message = (
@@ -411,7 +554,11 @@ class TrainingRun:
             clipping_mode=self.private.clipping_mode,
             elapsed_seconds=time.monotonic() - self.started,
             attempts=max(self.journal.attempts, 1),
-            model_path=export_model(self.workdir / MODEL_NAME, self.private.model),
+            model_path=(
+                export_model(self.workdir / MODEL_NAME, self.private.model)
+                if self.group.primary
+                else self.workdir / MODEL_NAME
+            ),
             charged_steps=self.journal.charged_steps,
             charged_releases=self.journal.charged_releases,
             resumed_from_step=self.resumed_from_step,
@@ -421,10 +568,21 @@ class TrainingRun:
             threads=self.threads,
             warnings=run_warnings,
             workdir=self.workdir,
+            world_size=self.group.world_size,
         )
         for observer in self.observers:
             observer.on_finish(result)
         return result
+
+    def _share_final(self) -> None:
+        if not self.group.distributed:
+            return
+        mirror, metrics = from_primary(
+            self.group, lambda: (self._mirror(), dict(self.eval_metrics)), what="finishing the run"
+        )
+        self._follow(mirror)
+        if not self.group.primary:
+            self.eval_metrics = metrics
 
     def notify_failure(self, error: BaseException) -> None:
         """Tell observers that can hear it (``on_failure``) what the journal charged before ``error``."""
@@ -440,6 +598,38 @@ class TrainingRun:
                     )
                 except Exception:  # pragma: no cover
                     logger.exception("observer %r failed in on_failure", observer)
+
+
+def _open_shared(
+    job: DPTrainingJob,
+    plan: TrainingPlan,
+    workdir: Path,
+    *,
+    expect_journal: bool,
+    lock: contextlib.ExitStack,
+    group: Group,
+) -> tuple[JournalView, Checkpoint | None]:
+    """Rank 0 locks ``workdir`` and opens its journal and checkpoint; the other ranks get the checkpoint and the
+    journal's state from it (or fail with rank 0's error)."""
+    opened_here: list[tuple[PrivacyJournal, Checkpoint | None]] = []
+
+    def open_on_rank_0() -> _Opened:
+        lock.enter_context(workdir_lock(workdir))
+        journal, checkpoint = _open_journal(job, plan, workdir, expect_journal=expect_journal)
+        opened_here.append((journal, checkpoint))
+        if not group.distributed:
+            return _Opened(checkpoint=None, journal=None)
+        # The others need the weights, the optimizer state and the step; the history and releases stay here.
+        shared = dataclasses.replace(checkpoint, history=[], eval_metrics={}) if checkpoint is not None else None
+        return _Opened(
+            checkpoint=shared, journal=JournalMirror.of(journal, delta=plan.delta, accountant=plan.accountant)
+        )
+
+    opened = from_primary(group, open_on_rank_0, what="opening the privacy journal")
+    if opened_here:
+        return opened_here[0]
+    assert opened.journal is not None  # rank 0 sends its journal's state whenever there are other ranks
+    return opened.journal, opened.checkpoint
 
 
 def _open_journal(
@@ -482,6 +672,7 @@ def train(
     stop_exit_code: int = ExitCode.TERMINATED,
     clipping_mode: str | None = None,
     base_dir: Path | None = None,
+    group: Group = SINGLE_PROCESS,
 ) -> TrainingResult:
     """Train ``job`` on ``data`` under ``plan``, resuming from ``workdir``'s checkpoint when there is one.
 
@@ -490,6 +681,7 @@ def train(
     training after the current step: the model is checkpointed and :class:`TrainingInterrupted` raised
     (exit code ``stop_exit_code``). ``clipping_mode`` forces "bookkeeping" or Opacus' grad_sample_mode
     ("ghost"/"hooks"); auto by default. ``base_dir`` resolves a relative ``model.pretrainedWeights`` path.
+    ``group``: this process's place in a distributed run (see the module docstring); one process by default.
     """
 
     def stop() -> bool:
@@ -506,6 +698,7 @@ def train(
         device=device,
         clipping_mode=clipping_mode,
         base_dir=base_dir,
+        group=group,
     )
     with run, warnings.catch_warnings():
         # Opacus' ghost clipping triggers torch's "full backward hook ... no inputs require gradients"
@@ -513,8 +706,8 @@ def train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         run.start()
         completed = True
-        while not run.done and not stop():
+        while not run.done and not run.stopping(stop):
             completed = run.run_chunk(stop)
-        if stop() and not (completed and run.done):
+        if run.stop_requested(stop) and not (completed and run.done):
             raise run.interrupt(stop_exit_code)
         return run.finish()

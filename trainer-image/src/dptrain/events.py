@@ -76,6 +76,8 @@ class TrainingResult:
     threads: int = 1
     warnings: list[str] = field(default_factory=list)
     workdir: Path | None = None
+    world_size: int = 1
+    """Training processes (data-parallel ranks) of this attempt."""
 
     @property
     def eval_value(self) -> float | None:

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from dptrain.errors import CheckpointError, JournalError, PrivacyBudgetError
 from dptrain_accounting import MechanismSegment, compact, partitioned_epsilon
@@ -55,6 +55,8 @@ __all__ = [
     "PARTITIONS",
     "TRAIN",
     "JournalHeader",
+    "JournalMirror",
+    "JournalView",
     "PrivacyJournal",
     "atomic_write",
     "fsync_directory",
@@ -430,6 +432,69 @@ class PrivacyJournal:
         self._entries.append(entry)
         self._complete_size += len(data)
         return dict(entry)
+
+
+class JournalView(Protocol):
+    """What the engine reads of a journal: :class:`PrivacyJournal` (rank 0) or a :class:`JournalMirror`."""
+
+    @property
+    def exists(self) -> bool: ...
+
+    @property
+    def entries(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def charged_steps(self) -> int: ...
+
+    @property
+    def charged_releases(self) -> int: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+    def remaining(self, partition: str = TRAIN) -> int: ...
+
+    def epsilon(self, delta: float, accountant: str = "pld") -> float: ...
+
+
+@dataclass(frozen=True)
+class JournalMirror:
+    """Rank 0's journal as it last told the other ranks of a distributed run (they never read or write the file).
+
+    Counts only (a few numbers per chunk, however long the journal grows): the entries stay in rank 0's file.
+    ``spent`` is ε as rank 0 composed it, at the plan's δ by the plan's accountant (what :meth:`epsilon` returns).
+    """
+
+    charged_steps: int
+    charged_releases: int
+    attempts: int
+    remaining_by_partition: dict[str, int]
+    spent: float
+    exists: bool = True
+
+    @classmethod
+    def of(cls, journal: JournalView, *, delta: float, accountant: str) -> JournalMirror:
+        """A snapshot of ``journal`` (composing ε once, on rank 0)."""
+        return cls(
+            charged_steps=journal.charged_steps,
+            charged_releases=journal.charged_releases,
+            attempts=journal.attempts,
+            remaining_by_partition={partition: journal.remaining(partition) for partition in PARTITIONS},
+            spent=journal.epsilon(delta, accountant) if journal.exists else 0.0,
+            exists=journal.exists,
+        )
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """None here: the entries are in rank 0's file (and its report)."""
+        return []
+
+    def remaining(self, partition: str = TRAIN) -> int:
+        return self.remaining_by_partition.get(partition, 0)
+
+    def epsilon(self, delta: float, accountant: str = "pld") -> float:
+        """ε as rank 0 composed it (at the plan's δ and accountant, the only ones the engine asks for)."""
+        return self.spent
 
 
 def _describe(mechanisms: Mapping[str, MechanismSegment]) -> str:

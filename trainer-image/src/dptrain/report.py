@@ -42,6 +42,7 @@ __all__ = [
     "CURVES_NAME",
     "REPORT_NAME",
     "ReportWriter",
+    "StatusReport",
     "default_termination_path",
     "format_up",
     "plot_curves",
@@ -417,6 +418,7 @@ class ReportWriter:
             "runtime": {
                 "device": result.device,
                 "threads": result.threads,
+                "processes": result.world_size,
                 "elapsedSecondsThisAttempt": result.elapsed_seconds,
                 "platform": sys.platform,
             },
@@ -490,7 +492,17 @@ def _mechanism_section(result: TrainingResult) -> dict[str, Any]:
         "chargedReleases": result.charged_releases,
         "plannedEpsilon": plan.planned_epsilon,
         "reservedByOperator": plan.reserved,
+        "processes": result.world_size,
+        **({"dataParallel": _DATA_PARALLEL} if result.world_size > 1 else {}),
     }
+
+
+_DATA_PARALLEL: Final = (
+    "the training partition is split into disjoint shards by a keyed hash of each record; each process "
+    "Poisson-samples its shard at sampleRate, so the union of their batches is a Poisson sample of the whole "
+    "partition at sampleRate; the clipped sums are all-reduced and the noise is added once per step (by rank 0), "
+    "divided by the global expected batch size: the same mechanism, and the same (ε, δ), as one process"
+)
 
 
 def _journal_section(result: TrainingResult) -> dict[str, Any]:
@@ -535,3 +547,48 @@ def _released(result: TrainingResult) -> list[dict[str, str]]:
     if plan.releases == 0:
         released.pop(1)
     return released
+
+
+class StatusReport:
+    """The termination message of a process that is not global rank 0 of a distributed run: its outcome only.
+
+    The journal, and so every charge, is rank 0's; this pod's message carries no ε and no charges (the operator
+    charges the ledger from pod 0's message alone). ``termination_path`` None: say nothing (a second process of
+    a pod whose first process reports).
+    """
+
+    def __init__(self, termination_path: Path | None) -> None:
+        self.termination_path = termination_path
+        self.failure_written = False
+
+    def _write(self, message: TerminationMessage) -> None:
+        if self.termination_path is None:
+            return
+        try:
+            self.termination_path.write_text(message.to_text())
+        except OSError as error:
+            logger.warning("cannot write the termination message to %s: %s", self.termination_path, error.strerror)
+
+    def on_start(self, plan: TrainingPlan, *, resumed_from_step: int, attempt: int) -> None:
+        """Nothing to say before the end."""
+
+    def on_step(self, progress: Progress) -> None:
+        """Nothing to say before the end."""
+
+    def on_finish(self, result: TrainingResult) -> None:
+        self._write(TerminationMessage(status=RunOutcome.SUCCEEDED, exit_code=ExitCode.SUCCEEDED))
+
+    def on_failure(self, error: BaseException, *, epsilon_spent: float, charged_steps: int, step: int) -> None:
+        self.write_failure(error)
+
+    def write_failure(self, error: BaseException) -> None:
+        interrupted = isinstance(error, TrainingInterrupted)
+        self._write(
+            TerminationMessage(
+                status=RunOutcome.INTERRUPTED if interrupted else RunOutcome.FAILED,
+                reason=type(error).__name__,
+                exit_code=_exit_code(error),
+                error=str(error),
+            )
+        )
+        self.failure_written = True

@@ -82,9 +82,10 @@ def cpu_thread_limit(
     return max(1, threads)
 
 
-def configure_threads(environ: Mapping[str, str] | None = None) -> int:
-    """Set torch's intra-op threads to :func:`cpu_thread_limit`; returns the count."""
-    threads = cpu_thread_limit(environ)
+def configure_threads(environ: Mapping[str, str] | None = None, *, processes: int = 1) -> int:
+    """Set torch's intra-op threads to :func:`cpu_thread_limit` ÷ ``processes`` (the training processes sharing
+    this machine's CPU limit, at least one thread each); returns the count."""
+    threads = max(1, cpu_thread_limit(environ) // max(1, processes))
     torch.set_num_threads(threads)
     return threads
 
