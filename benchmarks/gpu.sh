@@ -8,10 +8,12 @@
 #    report (device, ε, steps, elapsed time) and the per-chunk examples/s.
 # 2. Step time and samples/s of the engine's DP-SGD step on CUDA (benchmarks/distributed.py --device cuda):
 #    1 GPU, and 1 GPU vs one process per GPU (NCCL) when more than one GPU is visible.
-# 3. With more than one GPU, the same training with `dptrain run --nproc <GPUs>` (NCCL, noise once per step).
+# 3. The step-time table of benchmarks/step_time.py on CUDA (batch 512: non-private, Opacus hooks/ghost,
+#    dptrain's kernels), with peak CUDA memory ratios.
+# 4. With more than one GPU, the same training with `dptrain run --nproc <GPUs>` (NCCL, noise once per step).
 #
 # Files (at most 8, for the device tool's $OUT): summary.txt, nvidia-smi.txt, run-1gpu.log, report-1gpu.json,
-# bench-cuda.json, and with several GPUs run-multi.log, report-multi.json.
+# bench-cuda.json, step-time-cuda.json, and with several GPUs run-multi.log, report-multi.json.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -87,9 +89,14 @@ if [[ "$GPUS" -gt 1 ]]; then CONFIGS+=("${GPUS}x1"); fi
 "$PYTHON" "$ROOT/benchmarks/distributed.py" --device cuda --configs "${CONFIGS[@]}" --rounds 3 --steps 50 \
   --json "$RESULTS/bench-cuda.json" 2>&1 | tee -a "$SUMMARY" || say "benchmark FAILED"
 
+say ""
+say "== 3. Step time and peak memory ÷ non-private per clipping path on CUDA (benchmarks/step_time.py, batch 512)"
+CUDA_VISIBLE_DEVICES=0 "$PYTHON" "$ROOT/benchmarks/step_time.py" --device cuda --batches 512 --rounds 5 \
+  --json "$RESULTS/step-time-cuda.json" 2>/dev/null | tee -a "$SUMMARY" || say "step_time.py FAILED"
+
 if [[ "$GPUS" -gt 1 ]]; then
   say ""
-  say "== 3. dptrain run --nproc $GPUS (NCCL)"
+  say "== 4. dptrain run --nproc $GPUS (NCCL)"
   run_training multi --nproc "$GPUS"
 fi
 say ""

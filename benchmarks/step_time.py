@@ -23,6 +23,11 @@ subprocess: after setup (model, wrapping, batch) the kernel's peak-RSS mark is r
 (/proc/self/clear_refs 5), 5 steps run, and VmHWM − VmRSS-before-the-steps is reported: the most
 extra resident memory the steps needed (activations, gradients, per-example gradients or norms,
 optimizer state, allocator slack). Linux only; ``--no-memory`` skips it.
+
+``--device cuda`` times the same variants on the GPU (model and batch on the device, a
+``torch.cuda.synchronize()`` closes every timed block) and reports, instead of RSS, the peak CUDA memory each
+variant's steps allocated above what was allocated before them (``torch.cuda.max_memory_allocated``), measured
+in the same process after the timing rounds; ``benchmarks/gpu.sh`` runs it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ PRIVATE = VARIANTS[1:]
 MODELS = ("mlp", "cnn", "resnet", "transformer", "encoder", "logistic")
 SEQ_LEN = 32
 VOCAB = 1000
+CPU = torch.device("cpu")
 
 
 class TinyTransformer(nn.Module):
@@ -228,18 +234,38 @@ def _steps_for(step: Callable[[], None], target_s: float) -> int:
     return max(1, min(200, int(target_s / max(elapsed, 1e-6))))
 
 
-def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict[str, Any]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_peak_mib(variants: list[Variant], device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory of 5 steps of each variant above what was allocated before them (MiB)."""
+    peaks = {}
+    for v in variants:
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(5):
+            v.step()
+        _synchronize(device)
+        peaks[v.name] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peaks
+
+
+def time_case(model_name: str, batch: int, rounds: int, target_s: float, device: torch.device = CPU) -> dict[str, Any]:
     from dptrain.clipping import choose_clipping_mode
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    base = make_model(model_name)
-    x, y = make_batch(model_name, batch, generator)
+    base = make_model(model_name).to(device)
+    x, y = (t.to(device) for t in make_batch(model_name, batch, generator))
     made = [make_variant(v, base, x, y) for v in VARIANTS]
     variants = [v for v in made if v is not None]
     for v in variants:  # warm-up (first calls allocate, JIT-free but cache-cold)
         for _ in range(2):
             v.step()
+    _synchronize(device)
     # same step count per round for all variants: sized on the slowest one
     steps = min(_steps_for(v.step, target_s) for v in variants)
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -249,6 +275,7 @@ def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict
             started = time.perf_counter()
             for _ in range(steps):
                 v.step()
+            _synchronize(device)
             samples[v.name].append((time.perf_counter() - started) / steps)
     medians = {name: statistics.median(times) for name, times in samples.items()}
     # Ratios pair each round's variant with the same round's non-private run (adjacent in time), then take
@@ -257,8 +284,9 @@ def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict
         name: statistics.median(t / base for t, base in zip(times, samples["nonprivate"], strict=True))
         for name, times in samples.items()
     }
-    return {
+    row: dict[str, Any] = {
         "model": model_name,
+        "device": device.type,
         "batch": batch,
         "steps_per_round": steps,
         "rounds": rounds,
@@ -266,6 +294,9 @@ def time_case(model_name: str, batch: int, rounds: int, target_s: float) -> dict
         "ratio": paired,
         "auto_mode": choose_clipping_mode(base).mode,
     }
+    if device.type == "cuda":
+        row["peak_cuda_mib"] = cuda_peak_mib(variants, device)
+    return row
 
 
 def _status_kib(field: str) -> int:
@@ -323,6 +354,15 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
             ratios = {k: v / max(m["nonprivate"], 1e-9) for k, v in m.items()}
             cells = " | ".join(cell(ratios, v, ".2f", "×") for v in PRIVATE)
             print(f"| {row['model']} | {row['batch']} | {m['nonprivate']:.1f} | {cells} |")
+    if rows and "peak_cuda_mib" in rows[0]:
+        print("\nPeak CUDA memory of 5 steps ÷ non-private's (non-private in MiB):")
+        print(f"| model | batch | non-private MiB | {header} |")
+        print("|---|---|---|" + "---|" * len(PRIVATE))
+        for row in rows:
+            m = row["peak_cuda_mib"]
+            ratios = {k: v / max(m["nonprivate"], 1e-9) for k, v in m.items()}
+            cells = " | ".join(cell(ratios, v, ".2f", "×") for v in PRIVATE)
+            print(f"| {row['model']} | {row['batch']} | {m['nonprivate']:.1f} | {cells} |")
 
 
 def main() -> int:
@@ -332,6 +372,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--target-seconds", type=float, default=0.05, help="time per variant per round")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "BATCH", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,11 +382,14 @@ def main() -> int:
         model_name, batch, variant = args.memory_child
         memory_child(model_name, int(batch), variant)
         return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     rows = []
     for model_name in args.models:
         for batch in args.batches:
-            row = time_case(model_name, batch, args.rounds, args.target_seconds)
-            if not args.no_memory:
+            row = time_case(model_name, batch, args.rounds, args.target_seconds, device)
+            if not args.no_memory and device.type == "cpu":
                 row["peak_rss_mib"] = measure_memory(model_name, batch, list(row["ms"]))
             rows.append(row)
             print(f"# {model_name} b={batch}: {row['ms']}", file=sys.stderr, flush=True)
@@ -356,6 +400,7 @@ def main() -> int:
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0
