@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
 from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
-from dptrain_api.common import GROUP_VERSION, Condition, LocalObjectReference, ObjectMeta
+from dptrain_api.common import BUILTIN_DATASETS, GROUP_VERSION, Condition, LocalObjectReference, ObjectMeta
+from dptrain_api.dataset import PrivateDataset
 from dptrain_api.job import CheckpointSpec, ModelSpec, PrivacySpec, PrivacyStatus, ResourcesSpec
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
+    "CoordinatorReport",
     "DPFederatedJob",
     "DPFederatedJobSpec",
     "DPFederatedJobStatus",
@@ -40,6 +43,7 @@ __all__ = [
     "DPFederatedSiteSpec",
     "DPFederatedSiteStatus",
     "FederatedTrainingSpec",
+    "FederationDataSpec",
     "FederationPhase",
     "FederationReference",
     "FederationRunPolicy",
@@ -47,10 +51,18 @@ __all__ = [
     "GlobalMetricStatus",
     "RoundsStatus",
     "SecureAggregationSpec",
+    "SitePlanInputs",
+    "SiteReport",
     "SiteStatus",
     "SuperLinkConnection",
     "SuperLinkSpec",
+    "dataset_allows",
+    "dataset_shape",
+    "declared_size",
     "federation_fingerprint",
+    "federation_reference_of",
+    "site_object",
+    "site_plan_inputs",
 ]
 
 DEFAULT_SUPERLINK_PORT = 9092
@@ -122,6 +134,35 @@ class FederatedTrainingSpec(ApiModel):
     def total_steps(self) -> int:
         """DP-SGD steps of a site that takes part in every round."""
         return self.rounds * self.local_steps
+
+
+class FederationDataSpec(ApiModel):
+    """What every site's records look like (public metadata): the coordinator builds the global model from it without
+    seeing any data, and a site whose PrivateDataset differs is refused."""
+
+    input_shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=4)]
+    """Shape of one example: [features] for tables (the PrivateDataset's feature columns, in order), [1, 8, 8] for
+    the digits images."""
+    num_classes: Annotated[int, Field(ge=2, le=10000)]
+    """Classes of the label."""
+    eval_metric: Literal["accuracy", "auc"] | None = None
+    """Headline metric of the global model: AUC for binary labels and accuracy otherwise, when unset."""
+
+    @property
+    def metric(self) -> str:
+        if self.eval_metric is not None:
+            return self.eval_metric
+        return "auc" if self.num_classes == 2 else "accuracy"
+
+
+def dataset_shape(dataset: PrivateDataset) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of a PrivateDataset, from its public declaration."""
+    source = dataset.spec.source
+    if source.file is not None:
+        return (len(source.file.features),), source.file.num_classes
+    assert source.builtin is not None
+    facts = BUILTIN_DATASETS[source.builtin]
+    return facts.input_shape, facts.num_classes
 
 
 class FederationSite(ApiModel):
@@ -255,6 +296,8 @@ class DPFederatedJobSpec(ApiModel):
         }
     )
 
+    data: Annotated[FederationDataSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    """What every site's records look like (immutable)."""
     model: Annotated[ModelSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = ModelSpec()
     """The global model (immutable). Custom factories and pretrained weights must exist on every site's image."""
     privacy: Annotated[PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
@@ -442,6 +485,8 @@ class DPFederatedSiteSpec(ApiModel):
     """This site's name in the federation (immutable)."""
     dataset_ref: Annotated[LocalObjectReference, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
     """The PrivateDataset (in this namespace) the site trains on (immutable)."""
+    data: Annotated[FederationDataSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    """The coordinator's spec.data (immutable); the dataset must match it."""
     model: Annotated[ModelSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = ModelSpec()
     """The coordinator's spec.model (immutable)."""
     privacy: Annotated[PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
@@ -506,20 +551,163 @@ class DPFederatedSite(ApiModel):
     status: DPFederatedSiteStatus | None = None
 
 
-def federation_fingerprint(
-    model: ModelSpec,
-    privacy: PrivacySpec,
-    training: FederatedTrainingSpec,
-    secure_aggregation: SecureAggregationSpec | None,
-    federation: FederationReference,
-) -> str:
-    """sha256 of what every site must agree on: the coordinator sends it with each round, and a site whose own
-    settings give another fingerprint refuses to train (nothing is charged)."""
+def federation_fingerprint(federation: FederationReference, spec: DPFederatedJobSpec | DPFederatedSiteSpec) -> str:
+    """sha256 of what every site must agree on (the federation, data shape, model, privacy, training, secure
+    aggregation): the coordinator sends it with each round, and a site whose own DPFederatedSite gives another
+    fingerprint refuses to train (nothing is charged)."""
     agreed = {
         "federation": federation.to_wire(),
-        "model": model.to_wire(),
-        "privacy": privacy.to_wire(),
-        "training": training.model_copy(update={"round_timeout_seconds": 0.0}).to_wire(),
-        "secureAggregation": secure_aggregation.to_wire() if secure_aggregation is not None else None,
+        "data": spec.data.to_wire(),
+        "model": spec.model.to_wire(),
+        "privacy": spec.privacy.to_wire(),
+        "training": spec.training.model_copy(update={"round_timeout_seconds": 0.0}).to_wire(),
+        "secureAggregation": spec.secure_aggregation.to_wire() if spec.secure_aggregation is not None else None,
     }
     return hashlib.sha256(json.dumps(agreed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dataset_allows(dataset: PrivateDataset, federation: FederationReference) -> bool:
+    """Does the PrivateDataset consent to ``federation`` (its spec.allowFederations names it)?"""
+    return any(
+        grant.namespace == federation.namespace and grant.name == federation.name
+        for grant in dataset.spec.allow_federations
+    )
+
+
+def declared_size(dataset: PrivateDataset) -> int:
+    """The dataset's PUBLIC declared record count (numExamples, or a built-in's published size)."""
+    if dataset.spec.num_examples is not None:
+        return dataset.spec.num_examples
+    builtin = dataset.spec.source.builtin
+    if builtin is None:  # the schema requires numExamples for file sources
+        raise ValueError("the dataset declares no numExamples")
+    return BUILTIN_DATASETS[builtin].num_examples
+
+
+@dataclass(frozen=True)
+class SitePlanInputs:
+    """Keyword arguments of ``dptrain_accounting.plan_fixed_steps`` for one site: public numbers only."""
+
+    num_examples: int
+    eval_fraction: float
+    batch_size: int
+    steps: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float | None
+    eval_releases: int
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def site_plan_inputs(
+    spec: DPFederatedSiteSpec, dataset: PrivateDataset, *, holdout: float | None = None
+) -> SitePlanInputs:
+    """A site's plan inputs: q = batchSize / its training examples (declared size minus the dataset's holdout),
+    rounds × localSteps steps, σ for the federation's target ε; its holdout releases for the global model's metric.
+    ``holdout`` overrides the dataset's holdoutFraction (the operator passes the one its ledger fixed)."""
+    return SitePlanInputs(
+        num_examples=declared_size(dataset),
+        eval_fraction=dataset.spec.holdout_fraction if holdout is None else holdout,
+        batch_size=spec.training.batch_size,
+        steps=spec.training.total_steps,
+        target_epsilon=spec.privacy.target_epsilon,
+        delta=spec.privacy.delta,
+        accountant=spec.privacy.accountant.value,
+        noise_multiplier=spec.privacy.noise_multiplier,
+        eval_releases=spec.training.eval_releases,
+    )
+
+
+class SiteReport(ApiModel):
+    """One site in the coordinator's report: public numbers the site reported, and the rounds it counted in."""
+
+    model_config = ApiModel.model_config | ConfigDict(extra="ignore")
+
+    name: str
+    epsilon: float | None = None
+    steps: int | None = None
+    planned_steps: int | None = None
+    target_epsilon: float | None = None
+    rounds: int = 0
+    error: str | None = None
+
+
+class CoordinatorReport(ApiModel):
+    """What the coordinator pod says when it ends (its termination message, compact JSON of at most 4096 bytes)."""
+
+    model_config = ApiModel.model_config | ConfigDict(extra="ignore")
+    CURRENT_VERSION: ClassVar[int] = 1
+
+    version: Literal[1] = 1
+    kind: Literal["coordinator"] = "coordinator"
+    status: Literal["Succeeded", "Failed", "Interrupted"]
+    exit_code: int
+    reason: str | None = None
+    error: str | None = None
+    completed_rounds: int = 0
+    total_rounds: int | None = None
+    sites: list[SiteReport] = Field(default_factory=list)
+    global_metric: GlobalMetricStatus | None = None
+
+    def to_text(self, limit: int = 4096) -> str:
+        message = self.model_copy(deep=True)
+
+        def encoded() -> str:
+            return json.dumps(message.to_wire(), separators=(",", ":"), allow_nan=False)
+
+        text = encoded()
+        if len(text.encode()) > limit and message.error:
+            message.error = message.error[: max(0, len(message.error) - (len(text.encode()) - limit) - 16)] + "…"
+            text = encoded()
+        while len(text.encode()) > limit and message.sites:
+            message.sites = message.sites[:-1]
+            text = encoded()
+        return text
+
+    @classmethod
+    def parse(cls, text: str | None) -> CoordinatorReport | None:
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict) or raw.get("kind") != "coordinator" or raw.get("version") != 1:
+                return None
+            return cls.model_validate(raw)
+        except ValueError:
+            return None
+
+
+def federation_reference_of(job: DPFederatedJob) -> FederationReference:
+    """The reference sites (and their datasets' consent) use for ``job``: its namespace and name."""
+    return FederationReference(name=job.metadata.name or "", namespace=job.metadata.namespace or "default")
+
+
+def site_object(
+    job: DPFederatedJob, site: FederationSite, *, superlink: SuperLinkConnection, name: str | None = None
+) -> DPFederatedSite:
+    """The DPFederatedSite an in-cluster site gets (and the one an external hospital writes for itself): the
+    coordinator's agreed settings, the site's dataset, and how to reach the SuperLink."""
+    if site.dataset_ref is None:
+        raise ValueError(f"site {site.name} is external: its own cluster writes its DPFederatedSite")
+    spec = job.spec
+    return DPFederatedSite(
+        metadata=ObjectMeta(name=name or f"{job.metadata.name}-{site.name}", namespace=site.namespace),
+        spec=DPFederatedSiteSpec(
+            federation=federation_reference_of(job),
+            site_name=site.name,
+            dataset_ref=site.dataset_ref,
+            data=spec.data,
+            model=spec.model,
+            privacy=spec.privacy,
+            training=spec.training,
+            secure_aggregation=spec.secure_aggregation,
+            superlink=superlink,
+            resources=spec.site_resources,
+            checkpoint=spec.checkpoint,
+            image=spec.image,
+            backoff_limit=spec.run_policy.backoff_limit,
+        ),
+    )

@@ -15,6 +15,8 @@ from dptrain_api import API_GROUP, API_VERSION
 JOBS = "dptrainingjobs"
 DATASETS = "privatedatasets"
 LEDGERS = "privacyledgers"
+FEDERATIONS = "dpfederatedjobs"
+SITES = "dpfederatedsites"
 
 
 class ConflictError(Exception):
@@ -74,6 +76,14 @@ class KubeApi(Protocol):
     def remove_pod_finalizer(self, pod: dict[str, Any], finalizer: str) -> None: ...
     def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete_claim(self, namespace: str, name: str) -> None: ...
+    def get_federation(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch_federation_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def delete_federation(self, namespace: str, name: str) -> None: ...
+    def get_site(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch_site_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def patch_site_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None: ...
+    def delete_site(self, namespace: str, name: str) -> None: ...
+    def delete_service(self, namespace: str, name: str) -> None: ...
 
 
 class Kube:
@@ -158,6 +168,9 @@ class Kube:
                 namespace, manifest, _preload_content=False
             ),
             "Service": lambda: self.core.create_namespaced_service(namespace, manifest, _preload_content=False),
+            "DPFederatedSite": lambda: self.custom.create_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, manifest, _preload_content=False
+            ),
         }
         try:
             creators[manifest["kind"]]()
@@ -210,3 +223,60 @@ class Kube:
         _ignore(
             404, lambda: self.core.delete_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
         )
+
+    # --- federations (the coordinator's DPFederatedJob, a site's DPFederatedSite) ------------------------------
+    def get_federation(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, FEDERATIONS, name)
+        )
+        return found
+
+    def patch_federation_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, FEDERATIONS, name, {"status": status}
+            ),
+        )
+
+    def delete_federation(self, namespace: str, name: str) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, FEDERATIONS, name, _preload_content=False
+            ),
+        )
+
+    def get_site(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SITES, name)
+        )
+        return found
+
+    def patch_site_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, SITES, name, {"status": status}
+            ),
+        )
+
+    def patch_site_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        """A merge patch of a site's spec (the coordinator sets spec.stop on the sites it created)."""
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, name, {"spec": spec}
+            ),
+        )
+
+    def delete_site(self, namespace: str, name: str) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, name, _preload_content=False
+            ),
+        )
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        _ignore(404, lambda: self.core.delete_namespaced_service(name, namespace, _preload_content=False))

@@ -45,6 +45,14 @@ class Settings:
     """Where a PrivateDataset's claim is mounted (read-only) in trainer pods."""
     scratch_mount_path: str = "/tmp"
     """Writable scratch emptyDir (the root filesystem is read-only)."""
+    federation_allow_insecure: bool = False
+    """Allow federations and sites with superlink.insecure (plain HTTP, no TLS, no SuperNode authentication). Off by
+    default (the chart keeps it off): only for tests on one machine."""
+    federation_loopback: bool = False
+    """Test mode for fake kubelets that share one network namespace and have no DNS: in-cluster sites dial the
+    SuperLink at 127.0.0.1:<port> and each SuperNode's local Runtime API binds its pod IP instead of 127.0.0.1."""
+    federation_join_timeout_seconds: float = 300.0
+    """How long a federation's round 1 waits for every expected site to connect before starting with those there."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
