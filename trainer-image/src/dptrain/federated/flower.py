@@ -9,6 +9,7 @@ stops its SuperExec and app processes too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -43,6 +44,18 @@ logger = logging.getLogger(__name__)
 CONNECTION: Final = "dptrain"
 """The SuperLink connection name in the CLI's config.toml."""
 FINISHED_STATES: Final = ("finished:completed", "finished:failed", "finished:stopped")
+_PR_SET_PDEATHSIG: Final = 1
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when its parent dies (a killed supervisor leaves no SuperLink behind
+    holding the port; in a pod the container's end does the same for everything)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def flower_executable(name: str) -> str:
@@ -99,8 +112,13 @@ class FlowerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = log_path.open("ab")
         logger.info("starting %s: %s", name, " ".join(self.command))
-        self.process = subprocess.Popen(
-            self.command, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        self.process = subprocess.Popen(  # a fixed Flower executable and our own arguments
+            self.command,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: stopping it stops its SuperExec and app processes too
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one async-signal-safe prctl call
         )
 
     @property

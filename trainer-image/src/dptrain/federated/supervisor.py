@@ -200,6 +200,13 @@ def run_server(options: ServerOptions, stop: threading.Event) -> int:
     status: FederationStatus | None = None
     try:
         initial, resume_from, status = _resume_point(out_dir)
+        if initial > 0:
+            logger.warning(
+                "an earlier coordinator aggregated %d round(s): resuming after round %d from %s",
+                initial,
+                initial,
+                resume_from,
+            )
         _export_server(exporter, options, status)
         if status is not None and status.state == "succeeded":  # a restart after the end: nothing left to run
             return _finish_server(options, status, exit_code=0)
