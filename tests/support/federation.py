@@ -112,8 +112,8 @@ def journal_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def independent_epsilon(entries: Sequence[dict[str, Any]], delta: float) -> float:
-    """ε of a journal's charges by Google's dp_accounting directly (PLD, composed here without dptrain_accounting): each partition's
-    Poisson-subsampled Gaussian steps composed, the two partitions in parallel (max)."""
+    """ε of a journal's charges by Google's dp_accounting directly (PLD, composed here without dptrain_accounting):
+    each partition's Poisson-subsampled Gaussian steps composed, the two partitions in parallel (max)."""
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,6 +108,13 @@ def _cmd_federate(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    with _signals(stop) as received:  # before the heavy imports: a SIGTERM at start-up still gets a clean report
+        code = _server(args, stop)
+    return 128 + received[0] if received and code == ExitCode.TERMINATED else code
+
+
+def _server(args: argparse.Namespace, stop: threading.Event) -> int:
     from dptrain.federated.config import ServerConfig
     from dptrain.federated.flower import TlsServer
     from dptrain.federated.supervisor import ServerOptions, run_server
@@ -138,13 +144,17 @@ def _cmd_server(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         termination_path=_termination_path(args),
     )
-    stop = threading.Event()
-    with _signals(stop) as received:
-        code = run_server(options, stop)
-    return 128 + received[0] if received and code == ExitCode.TERMINATED else code
+    return run_server(options, stop)
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    with _signals(stop) as received:  # before the heavy imports: a SIGTERM at start-up still gets a clean report
+        code = _site(args, stop)
+    return 128 + received[0] if received and code == ExitCode.TERMINATED else code
+
+
+def _site(args: argparse.Namespace, stop: threading.Event) -> int:
     from dptrain.federated.config import SiteConfig
     from dptrain.federated.flower import TlsClient
     from dptrain.federated.supervisor import SiteOptions, run_site
@@ -194,10 +204,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         termination_path=_termination_path(args),
     )
-    stop = threading.Event()
-    with _signals(stop) as received:
-        code = run_site(options, stop)
-    return 128 + received[0] if received and code == ExitCode.TERMINATED else code
+    return run_site(options, stop)
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
@@ -285,6 +292,3 @@ def add_commands(commands: Any) -> None:
     pki.add_argument("--host", action="append", metavar="NAME", help="a name the SuperLink certificate must carry")
     pki.add_argument("--site", action="append", metavar="SITE", help="a site to make a SuperNode key pair for")
     pki.set_defaults(func=_cmd_pki)
-
-
-_ = sys

@@ -209,7 +209,9 @@ def run_local(path: Path, output: Path, *, secure: bool = False, join_timeout: f
         results[name] = run_site(options, site_stops[name])
 
     threads = [threading.Thread(target=server, name="coordinator", daemon=True)]
-    threads += [threading.Thread(target=run_one_site, args=(name,), name=f"site-{name}", daemon=True) for name in admitted]
+    threads += [
+        threading.Thread(target=run_one_site, args=(name,), name=f"site-{name}", daemon=True) for name in admitted
+    ]
     for thread in threads:
         thread.start()
     try:

@@ -63,6 +63,10 @@ REPLY_GRACE_SECONDS: Final = 5.0
 CLOSE_WAIT_SECONDS: Final = 120.0
 """A site that received the final model but no close (the coordinator died in between) stops after this long."""
 FLOWER_DIR: Final = "flower"
+JOIN_RETRY_SECONDS: Final = 120.0
+"""A SuperNode that cannot join in this long after the site started (the SuperLink not serving yet, or the site's key
+not registered there yet) is started again instead of failing the site; later exits fail it (its pod restarts)."""
+_JOIN_FAILURES: Final = ("Failed to activate SuperNode", "could not establish a connection to the SuperLink")
 
 
 def _write_text(path: Path | None, text: str) -> None:
@@ -458,6 +462,9 @@ def run_site(options: SiteOptions, stop: threading.Event) -> int:
     error: BaseException | str | None = None
     try:
         plan = site_plan(config)  # a plan other than the reserved one stops here, before anything is charged
+        if stop.is_set():  # told to stop while starting: nothing ran
+            exit_code, error = int(ExitCode.TERMINATED), "stopped before the SuperNode started"
+            return exit_code
         initialise_journal(config, expect_journal=options.attempt > 1)
         if (workdir / FINISHED_MARKER).exists():  # restarted after the federation finished: only report
             exit_code = 0
@@ -486,9 +493,14 @@ def run_site(options: SiteOptions, stop: threading.Event) -> int:
             "--node-config",
             " ".join(f"{key}={_toml(value)}" for key, value in node_config.items()),
         ]
-        supernode = FlowerProcess(
-            "supernode", command, env=flower_env(flower / "home"), log_path=flower / "supernode.log"
-        )
+
+        def start_supernode() -> FlowerProcess:
+            return FlowerProcess(
+                "supernode", command, env=flower_env(flower / "home"), log_path=flower / "supernode.log"
+            )
+
+        supernode = start_supernode()
+        started = time.monotonic()
         finished_since: float | None = None
         while True:
             _export_site(exporter, options)
@@ -505,6 +517,16 @@ def run_site(options: SiteOptions, stop: threading.Event) -> int:
                 if time.monotonic() - finished_since > CLOSE_WAIT_SECONDS:
                     exit_code = 0
                     break
+            if not supernode.running and time.monotonic() - started < JOIN_RETRY_SECONDS:
+                tail = supernode.log_tail(600)
+                if any(failure in tail for failure in _JOIN_FAILURES):
+                    logger.warning("the SuperNode could not join the SuperLink yet; starting it again")
+                    supernode.stop()
+                    if stop.wait(2.0):
+                        exit_code, error = int(ExitCode.TERMINATED), "stopped by a signal"
+                        break
+                    supernode = start_supernode()
+                    continue
             if not supernode.running:
                 exit_code = int(ExitCode.CRASHED)
                 error = f"the SuperNode exited with {supernode.returncode}: {supernode.log_tail(600)}"
