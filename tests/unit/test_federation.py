@@ -70,6 +70,8 @@ def _federation(**changes: Any) -> DPFederatedJob:
             "unique",
         ),
         ({"secureAggregation": {"numShares": 5}}, "numShares"),
+        ({"secureAggregation": {}}, "numShares"),  # the default 3 shares need 3 sites (Flower: more than 2)
+        ({"secureAggregation": {"numShares": 2, "reconstructionThreshold": 2}}, "numShares"),
     ],
 )
 def test_a_bad_federation_is_refused_naming_the_field(patch: dict[str, Any], message: str) -> None:

@@ -211,10 +211,10 @@ class SecureAggregationSpec(ApiModel):
     It complements DP-SGD (each update is already DP); it does not replace it. Updates are clipped to
     ±clippingRange and quantized before masking; every site weights its own update by its public declared size."""
 
-    num_shares: Annotated[int, Field(ge=2, le=1000)] = 3
-    """Shares of each site's secret key (at most the number of sites)."""
-    reconstruction_threshold: Annotated[int, Field(ge=2, le=1000)] = 2
-    """Shares needed to unmask a site that dropped out mid-round."""
+    num_shares: Annotated[int, Field(ge=3, le=1000)] = 3
+    """Shares of each site's secret key: at least 3 (Flower's SecAgg+ refuses fewer), at most the number of sites."""
+    reconstruction_threshold: Annotated[int, Field(ge=2, le=999)] = 2
+    """Shares needed to unmask a site that dropped out mid-round (less than numShares)."""
     clipping_range: Annotated[float, Field(gt=0)] = 8.0
     """Each weighted model coordinate is clipped to [-clippingRange, clippingRange] before quantization."""
     quantization_range: Annotated[int, Field(ge=2**10, le=2**30)] = 2**22
@@ -349,8 +349,8 @@ class DPFederatedJobSpec(ApiModel):
         if self.secure_aggregation is not None:
             if self.secure_aggregation.num_shares > len(self.sites):
                 raise ValueError("secureAggregation.numShares must be at most the number of sites")
-            if self.secure_aggregation.reconstruction_threshold > self.secure_aggregation.num_shares:
-                raise ValueError("secureAggregation.reconstructionThreshold must be at most numShares")
+            if self.secure_aggregation.reconstruction_threshold >= self.secure_aggregation.num_shares:
+                raise ValueError("secureAggregation.reconstructionThreshold must be less than numShares")
         return self
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dptrain.federated.config import NODE_CONFIG_KEY, SiteConfig
@@ -42,7 +42,29 @@ __all__ = ["app"]
 
 logger = logging.getLogger("dptrain.federated.client")
 
-app = ClientApp()
+
+class _SiteClientApp(ClientApp):
+    """The message-API ClientApp, which also answers Flower's SecAgg+ rounds: their train messages carry the SecAgg+
+    stage configuration and go through ``secaggplus_mod`` to the same site runtime (:mod:`dptrain.federated.secagg`)."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+        if message.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in message.content.config_records:
+            from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
+            from flwr.client.mod import secaggplus_mod
+
+            from dptrain.federated.secagg import secagg_client_fn
+
+            def legacy(inner: Message, inner_context: Context) -> Message:
+                return handle_legacy_message_from_msgtype(secagg_client_fn, inner, inner_context)
+
+            reply: Message = secaggplus_mod(message, context, legacy)
+            return reply
+        return super().__call__(message, context)
+
+
+app = _SiteClientApp()
 
 
 def _runtime(context: Context) -> SiteRuntime:

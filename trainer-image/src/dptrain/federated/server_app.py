@@ -341,7 +341,11 @@ def main(grid: Grid, context: Context) -> None:
         _wait_for_sites(grid, config)
         rounds_left = spec.training.rounds - config.initial_round
         final = ArrayRecord(state)
-        if rounds_left > 0:
+        if rounds_left > 0 and spec.secure_aggregation is not None:
+            from dptrain.federated.secagg import run_secure
+
+            final = run_secure(grid, context, config, state, status)
+        elif rounds_left > 0:
             result = strategy.start(
                 grid=grid,
                 initial_arrays=final,
