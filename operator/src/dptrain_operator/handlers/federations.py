@@ -437,6 +437,17 @@ class SiteReconciliation:
 
     def _run(self, entry: LedgerEntry) -> None:
         refusal = self._consent_message()
+        if self.site.spec.stop and refusal is None:
+            # The coordinator's operator sets spec.stop when the federation ends: a SuperNode that already finished
+            # (exit 0, its report written) before this reconciliation saw it ended is a success, not a stop.
+            current = next((pod for pod in self._pods() if pods.number(pod) == entry.pods), None)
+            if (
+                current is not None
+                and pods.phase(current) == "Succeeded"
+                and current["metadata"]["name"] not in entry.settled_pods
+            ):
+                self._pod_ended(entry, current)
+                return
         if self.site.spec.stop or refusal is not None:
             reason = Reason.SITE_STOPPED if refusal is None else Reason.FEDERATION_NOT_ALLOWED
             message = refusal or "spec.stop: the site left the federation (what its journal charged stays charged)"
