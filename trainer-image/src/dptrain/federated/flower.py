@@ -234,5 +234,9 @@ class FlowerCli:
         path = self.home / f"{name}.pub"
         path.write_text(public_key.strip() + "\n")
         answer = self._call("supernode", "register", str(path), CONNECTION, "--name", name)
+        if not answer.get("success") and "already in use" in str(answer.get("error-message", "")):
+            # registered by an earlier coordinator on the same database (`flwr supernode ls` lists only some nodes)
+            logger.info("the SuperNode key of site %s is already registered", name)
+            return
         if not answer.get("success"):
             raise ConfigurationError(f"cannot register the SuperNode key of site {name}: {answer}")

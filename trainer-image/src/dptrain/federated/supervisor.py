@@ -248,6 +248,8 @@ def run_server(options: ServerOptions, stop: threading.Event) -> int:
         cli = FlowerCli(flower / "home-cli", address=local, tls=tls_client)
         if federation.spec.superlink.node_authentication:
             for site in federation.spec.sites:
+                if config.expected_sites and site.name not in config.expected_sites:
+                    continue  # refused (consent, budget): its key is never needed, and may be a placeholder
                 assert site.public_key is not None  # the schema requires it with node authentication
                 cli.register(site.name, site.public_key)
         stale = cli.stop_unfinished()
