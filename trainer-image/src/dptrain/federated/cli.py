@@ -50,6 +50,11 @@ def _signals(stop: threading.Event) -> Iterator[list[int]]:
         yield received
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    import dptrain
+
+    if dptrain.EARLY_SIGNALS:  # stopped while the command was still importing
+        received.extend(dptrain.EARLY_SIGNALS)
+        stop.set()
     try:
         yield received
     finally:
