@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -365,3 +369,25 @@ def test_reference_epsilon_helper_matches_the_accountant() -> None:
         compute_epsilon([MechanismSegment(3.0, 1.0, 2)], delta=1e-5),
     )
     assert independent_epsilon(entries, 1e-5) <= ours <= independent_epsilon(entries, 1e-5) * 1.001 + 1e-4
+
+
+def test_a_sigterm_while_the_federation_command_imports_is_kept_for_a_clean_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pod stopped at start-up must still report (nothing charged), not die before its handlers exist."""
+    code = (
+        "import sys; sys.argv = ['dptrain', 'federation', 'site']; import dptrain, os, signal; "
+        "os.kill(os.getpid(), signal.SIGTERM); print(dptrain.EARLY_SIGNALS)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"[{int(signal.SIGTERM)}]"
+    # ... and the federation command's own handler turns it into a stop
+    import dptrain
+    from dptrain.federated.cli import _signals
+
+    monkeypatch.setattr(dptrain, "EARLY_SIGNALS", [int(signal.SIGTERM)])
+    stop = threading.Event()
+    with _signals(stop) as received:
+        assert stop.is_set()
+        assert received == [int(signal.SIGTERM)]
