@@ -25,7 +25,7 @@ $(STAMP): api/pyproject.toml operator/pyproject.toml trainer-image/pyproject.tom
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exact: 2.13.0 is the local CPU build here; the packages keep an open range for CUDA images.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e 'api[accounting]' -e operator -e trainer-image -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt -e 'api[accounting]' -e operator -e 'trainer-image[federated]' -r requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

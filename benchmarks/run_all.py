@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "epsilon_tightness": ("epsilon_tightness.py", [], []),
     "operator_scale": ("operator_scale.py", [], ["--latency-jobs", "5", "--jobs", "50"]),
     "audit": ("audit.py", [], ["--seeds", "0", "--examples", "breast-cancer-logistic"]),
+    "federated": ("federated.py", [], ["--epsilons", "3"]),
 }
 
 

@@ -35,7 +35,13 @@ from kubernetes.client.exceptions import ApiException
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
 TESTENV = Path(__file__).resolve().parents[3] / "shared" / "testenv"
-DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io", "privacyledgers.dptrain.io")
+DPTRAIN_CRDS = (
+    "dptrainingjobs.dptrain.io",
+    "privatedatasets.dptrain.io",
+    "privacyledgers.dptrain.io",
+    "dpfederatedjobs.dptrain.io",
+    "dpfederatedsites.dptrain.io",
+)
 DPTRAIN_GROUP, DPTRAIN_VERSION = "dptrain.io", "v1alpha1"
 _ETCD_OFFSETS = (10000, 10001)  # up.sh: etcd client port = PORT+10000, peer port = PORT+10001
 _MAX_PORT = 55000
@@ -43,6 +49,8 @@ _MAX_PORT = 55000
 # Namespaced kinds the namespace fixture cleans up (the testenv has no namespace deletion cascade):
 # (API prefix, plural). The dptrain kinds come first so an operator's finalizers are gone first.
 CLEANUP_KINDS: tuple[tuple[str, str], ...] = (
+    (f"/apis/{DPTRAIN_GROUP}/{DPTRAIN_VERSION}", "dpfederatedjobs"),
+    (f"/apis/{DPTRAIN_GROUP}/{DPTRAIN_VERSION}", "dpfederatedsites"),
     (f"/apis/{DPTRAIN_GROUP}/{DPTRAIN_VERSION}", "dptrainingjobs"),
     (f"/apis/{DPTRAIN_GROUP}/{DPTRAIN_VERSION}", "privatedatasets"),
     ("/api/v1", "pods"),

@@ -772,7 +772,11 @@ class FakeNode:
         extra_env: Mapping[str, str] | None = None,
         remove_finalizers_on_delete: bool = False,
         watch_timeout_seconds: int = 60,
+        ip_block: int | None = None,
     ) -> None:
+        """``ip_block`` N gives this node's pods 127.0.N.x (default: by pytest-xdist worker): a second node on the same
+        machine (a second test cluster, say) needs its own block, or two pods would share an address."""
+        self.ip_block = ip_block
         self.api = ApiClient(api_client.configuration)
         self.core = CoreV1Api(self.api)
         self.namespace = namespace
@@ -992,6 +996,8 @@ class FakeNode:
         # (127.0.N+1.x) so two trainers never bind the same address and port.
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
         first = 2 + 256 * (int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0)
+        if self.ip_block is not None:
+            first = 2 + 256 * self.ip_block
         with self._lock:
             for host in range(first, 65535):
                 if host % 256 in (0, 255) or host in self._ips:

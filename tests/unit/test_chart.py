@@ -201,9 +201,9 @@ def test_defaults(helm: str) -> None:
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ConfigMap",
-            *["CustomResourceDefinition"] * 3,
+            *["CustomResourceDefinition"] * 5,  # jobs, datasets, ledgers, federations, federation sites
             "Deployment",
-            "NetworkPolicy",
+            *["NetworkPolicy"] * 3,  # trainer, SuperNode and coordinator pods
             "Service",
             "ServiceAccount",
             "ServiceAccount",
@@ -285,9 +285,11 @@ def test_namespaced_rbac(helm: str) -> None:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
         assert binding["roleRef"]["kind"] == "Role"
     assert container_env(one(objects, "Deployment"))["DPTRAIN_NAMESPACES"] == "team-a,team-b"
-    for kind in ("ServiceAccount", "NetworkPolicy"):
+    for kind, per_namespace in (("ServiceAccount", 1), ("NetworkPolicy", 3)):
         trainer_objects = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] != account]
-        assert sorted(obj["metadata"]["namespace"] for obj in trainer_objects) == ["team-a", "team-b"]
+        assert sorted(obj["metadata"]["namespace"] for obj in trainer_objects) == sorted(
+            ["team-a", "team-b"] * per_namespace
+        )
     # only the ledgers (cluster-scoped) and kopf's listing stay cluster-wide
     (cluster_role,) = [
         role for role in of_kind(objects, "ClusterRole") if role["metadata"]["name"].endswith("-cluster")
@@ -339,7 +341,7 @@ def test_monitoring_objects_select_what_exists(helm: str) -> None:
     assert isinstance(job, DPTrainingJob)
     settings = Settings.from_env(container_env(one(objects, "Deployment")))
     pod = sample_trainer_pod(job, settings)
-    pod_monitor = one(objects, "PodMonitor")
+    (pod_monitor,) = [item for item in of_kind(objects, "PodMonitor") if item["metadata"]["name"].endswith("-trainer")]
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "dptrain-trainer"}
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
@@ -349,7 +351,9 @@ def test_monitoring_objects_select_what_exists(helm: str) -> None:
     assert pod_monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # job="dptrain-trainer", as the alerts expect
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
 
-    network_policy = one(objects, "NetworkPolicy")
+    policies = {item["metadata"]["name"].rsplit("-", 1)[-1]: item for item in of_kind(objects, "NetworkPolicy")}
+    assert set(policies) == {"trainer", "supernode", "coordinator"}
+    network_policy = policies["trainer"]
     assert network_policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (ingress,) = network_policy["spec"]["ingress"]
     assert ingress["ports"] == [{"protocol": "TCP", "port": ports[endpoint["port"]]}]
@@ -363,17 +367,42 @@ def test_monitoring_objects_select_what_exists(helm: str) -> None:
     assert "to" not in egress
 
     for kind in MONITORING_KINDS:
-        assert one(objects, kind)["metadata"]["labels"]["release"] == RELEASE  # what kube-prometheus-stack selects
+        for item in of_kind(objects, kind):  # what kube-prometheus-stack selects
+            assert item["metadata"]["labels"]["release"] == RELEASE
+
+    # A federation's pods (operator-rendered, issue 13): their PodMonitor and NetworkPolicies select them.
+    from tests.support.federation_render import sample_federation_pods
+
+    coordinator_pod, supernode_pod = sample_federation_pods(settings)
+    (federation_monitor,) = [m for m in of_kind(objects, "PodMonitor") if m["metadata"]["name"].endswith("-federation")]
+    selector = federation_monitor["spec"]["selector"]
+    for federated in (coordinator_pod, supernode_pod):
+        labels = federated["metadata"]["labels"]
+        assert selector["matchLabels"].items() <= labels.items()
+        assert all(labels[e["key"]] in e["values"] for e in selector["matchExpressions"])
+        assert "metrics" in {port["name"] for port in federated["spec"]["containers"][0]["ports"]}
+    supernode_policy, coordinator_policy = policies["supernode"], policies["coordinator"]
+    assert supernode_policy["spec"]["podSelector"]["matchLabels"].items() <= supernode_pod["metadata"]["labels"].items()
+    assert (
+        coordinator_policy["spec"]["podSelector"]["matchLabels"].items()
+        <= coordinator_pod["metadata"]["labels"].items()
+    )
+    dial = supernode_policy["spec"]["egress"][1]
+    assert dial == {"ports": [{"protocol": "TCP", "port": 9092}]}  # out to a SuperLink, nothing else but DNS
+    assert coordinator_policy["spec"]["ingress"][0] == {"ports": [{"protocol": "TCP", "port": 9092}]}
+    assert len(coordinator_policy["spec"]["egress"]) == 1  # DNS only
 
 
 def test_monitoring_labels_are_configurable(helm: str) -> None:
     objects = render(*VALUE_SETS["everything-set"])
     for kind in MONITORING_KINDS:
-        assert one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+        for item in of_kind(objects, kind):
+            assert item["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    for monitor in of_kind(objects, "PodMonitor"):
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
     assert one(objects, "ConfigMap")["metadata"]["namespace"] == "grafana"
     trainer_namespaces = sorted(obj["metadata"]["namespace"] for obj in of_kind(objects, "NetworkPolicy"))
-    assert trainer_namespaces == ["ml", "ml-eval"]
+    assert trainer_namespaces == sorted(["ml", "ml-eval"] * 3)  # trainer, SuperNode and coordinator pods
 
 
 def render_notes(tmp_path: Path, *values: str) -> str:
@@ -841,10 +870,15 @@ def test_chart_crd_templates_are_generated() -> None:
 
 def exported_metric_names() -> set[str]:
     """Sample names the operator (dptrain_operator.metrics) and the trainer (dptrain.metrics) export."""
+    from dptrain.federated.metrics import FederationExporter
     from dptrain.metrics import PrometheusExporter
 
     names: set[str] = set()
-    registries = [OperatorMetrics().registry, PrometheusExporter(labels={"job": "j", "namespace": "n"}).registry]
+    registries = [
+        OperatorMetrics().registry,
+        PrometheusExporter(labels={"job": "j", "namespace": "n"}).registry,
+        FederationExporter(federation="f", namespace="n").registry,
+    ]
     for registry in registries:
         for family in registry.collect():
             names.add(family.name + "_total" if family.type == "counter" else family.name)
@@ -889,6 +923,11 @@ def dashboard() -> dict[str, Any]:
 def dashboard_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, expr) of every panel target."""
     return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel.get("targets", [])]
+
+
+def query_panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """The panels with queries (rows only group them)."""
+    return [panel for panel in board["panels"] if panel["type"] != "row"]
 
 
 def substitute_dashboard_variables(expr: str, namespace: str = ".*", job: str = ".*") -> str:
@@ -950,8 +989,8 @@ def test_dashboard(helm: str) -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     exported = exported_metric_names()
-    panels = board["panels"]
-    assert len({panel["id"] for panel in panels}) == len(panels)
+    assert len({panel["id"] for panel in board["panels"]}) == len(board["panels"])
+    panels = query_panels(board)
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], f"panel {panel['title']!r} has no query"
@@ -970,6 +1009,15 @@ def test_dashboard(helm: str) -> None:
     # the panels the chart's README documents
     for needle in ("ε", "budget", "Held-out loss (DP)", "Held-out metric (DP)", "examples/s", "Jobs by phase"):
         assert needle in titles, needle
+    # the row for federations (issue 13): rounds, ε per site vs target, the global DP metric, round time
+    assert [panel["title"] for panel in board["panels"] if panel["type"] == "row"] == ["Federations"]
+    assert {
+        "dptrain_federation_rounds_completed",
+        "dptrain_federation_site_epsilon_spent",
+        "dptrain_federation_site_epsilon_target",
+        "dptrain_federation_global_auc",
+        "dptrain_federation_round_seconds",
+    } <= used_everywhere
     assert {"dptrain_epsilon_spent", "dptrain_epsilon_target", "dptrain_dataset_epsilon_remaining"} <= used_everywhere
     assert {
         "dptrain_holdout_loss",

@@ -26,7 +26,15 @@ from ._accountants import (
 from ._calibration import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from ._errors import AccountingError, CalibrationError, UnsupportedAccountantError
 from ._mechanism import MechanismSegment, compact, plan_steps
-from ._plan import MAX_PLANNED_STEPS, MechanismPlan, PlanError, partitioned_epsilon, plan_mechanism, training_set_size
+from ._plan import (
+    MAX_PLANNED_STEPS,
+    MechanismPlan,
+    PlanError,
+    partitioned_epsilon,
+    plan_fixed_steps,
+    plan_mechanism,
+    training_set_size,
+)
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
@@ -50,6 +58,7 @@ __all__ = [
     "compute_epsilon",
     "get_accountant",
     "partitioned_epsilon",
+    "plan_fixed_steps",
     "plan_mechanism",
     "plan_steps",
     "register_accountant",

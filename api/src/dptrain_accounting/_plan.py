@@ -25,6 +25,7 @@ __all__ = [
     "MechanismPlan",
     "PlanError",
     "partitioned_epsilon",
+    "plan_fixed_steps",
     "plan_mechanism",
     "training_set_size",
 ]
@@ -162,6 +163,73 @@ def plan_mechanism(
             f"the plan needs {steps} steps (epochs {epochs:g} at q={sample_rate:.3g}), more than the maximum "
             f"{MAX_PLANNED_STEPS}; raise training.batchSize or lower training.epochs"
         )
+    return _calibrated_plan(
+        sample_rate=sample_rate,
+        steps=steps,
+        train_size=train_size,
+        eval_fraction=eval_fraction,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        noise_multiplier=noise_multiplier,
+        eval_releases=eval_releases,
+        holdout_noise_multiplier=holdout_noise_multiplier,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_fixed_steps(
+    *,
+    num_examples: int,
+    eval_fraction: float,
+    batch_size: int,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "pld",
+    noise_multiplier: float | None = None,
+    eval_releases: int = 0,
+    holdout_noise_multiplier: float | None = None,
+) -> MechanismPlan:
+    """Plan exactly ``steps`` DP-SGD steps (a federated site: rounds × local steps) at q = batch / training examples,
+    with σ and σ_holdout calibrated as :func:`plan_mechanism` does (same checks, same refusals)."""
+    train_size = training_set_size(num_examples, eval_fraction)
+    _check_sizes(
+        num_examples=num_examples,
+        eval_fraction=eval_fraction,
+        train_size=train_size,
+        batch_size=batch_size,
+        delta=delta,
+    )
+    if not 1 <= steps <= MAX_PLANNED_STEPS:
+        raise PlanError(f"the plan needs {steps} steps; a plan has between 1 and {MAX_PLANNED_STEPS}")
+    return _calibrated_plan(
+        sample_rate=batch_size / train_size,
+        steps=steps,
+        train_size=train_size,
+        eval_fraction=eval_fraction,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        noise_multiplier=noise_multiplier,
+        eval_releases=eval_releases,
+        holdout_noise_multiplier=holdout_noise_multiplier,
+    )
+
+
+def _calibrated_plan(
+    *,
+    sample_rate: float,
+    steps: int,
+    train_size: int,
+    eval_fraction: float,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    noise_multiplier: float | None,
+    eval_releases: int,
+    holdout_noise_multiplier: float | None,
+) -> MechanismPlan:
     sigma = noise_multiplier
     if sigma is None:
         sigma = _calibrate(

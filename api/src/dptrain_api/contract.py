@@ -23,6 +23,7 @@ __all__ = [
     "PERMANENT_FAILURES",
     "ConditionType",
     "ExitCode",
+    "FederationMetric",
     "Mechanism",
     "PodEnv",
     "Reason",
@@ -100,6 +101,9 @@ class ExitCode(IntEnum):
     """A retry found no privacy journal: what earlier attempts spent is unknown, so nothing more may run."""
     AUDIT_CONTRADICTED = 8
     """`dptrain audit` only: the audit's lower bound on ε is above the claimed ε."""
+    FEDERATION_ABORTED = 9
+    """`dptrain federation site` only: the coordinator ended the federation without finishing it (the site stopped;
+    what its journal charged is in the termination message)."""
     INTERRUPTED = 130
     """SIGINT (128 + 2)."""
     TERMINATED = 143
@@ -155,6 +159,17 @@ class Reason(StrEnum):
     # audits
     AUDIT_CONTRADICTS_EPSILON = "AuditContradictsEpsilon"
     AUDITED = "Audited"
+    # federations
+    FEDERATION_NOT_ALLOWED = "FederationNotAllowed"
+    INSECURE_NOT_ALLOWED = "InsecureNotAllowed"
+    NOT_ENOUGH_SITES = "NotEnoughSites"
+    SITE_CREATED = "SiteCreated"
+    SITE_REFUSED = "SiteRefused"
+    SITE_FAILED = "SiteFailed"
+    SITE_STOPPED = "SiteStopped"
+    ROUND_COMPLETED = "RoundCompleted"
+    FEDERATION_FAILED = "FederationFailed"
+    FEDERATION_ABORTED = "FederationAborted"
     # datasets
     BUDGET_TRACKED = "BudgetTracked"
     BUDGET_SET = "BudgetSet"
@@ -206,6 +221,31 @@ class TrainerMetric(StrEnum):
     """ε̂ of the empirical privacy audit (spec.audit): the pipeline is not (ε, δ)-DP below it."""
     AUDIT_EPSILON = "dptrain_audit_epsilon"
     """The claimed ε the audit is compared with (the job's DP-SGD steps at δ)."""
+
+
+class FederationMetric(StrEnum):
+    """Prometheus series of a federation, labelled ``federation`` and ``namespace`` (the coordinator's, or the site's
+    own) and, per site, ``site``. Everything here is public (privacy parameters, counts of rounds and steps) or a DP
+    release (the global metric: the sum of the sites' DP held-out releases)."""
+
+    ROUNDS_COMPLETED = "dptrain_federation_rounds_completed"
+    ROUNDS_TOTAL = "dptrain_federation_rounds_total"
+    ROUND_SECONDS = "dptrain_federation_round_seconds"
+    """Wall time of the last round (timing is not DP: it depends on the sites' batch sizes)."""
+    SITES_MIN = "dptrain_federation_sites_min"
+    SITE_EPSILON_SPENT = "dptrain_federation_site_epsilon_spent"
+    """ε a site's privacy journal has charged so far (label site)."""
+    SITE_EPSILON_TARGET = "dptrain_federation_site_epsilon_target"
+    SITE_STEPS = "dptrain_federation_site_steps"
+    """DP-SGD steps a site's journal charged (label site)."""
+    SITE_PLANNED_STEPS = "dptrain_federation_site_planned_steps"
+    SITE_ROUNDS = "dptrain_federation_site_rounds"
+    """Rounds whose update from the site was aggregated (label site)."""
+    GLOBAL_ACCURACY = "dptrain_federation_global_accuracy"
+    """The global model's held-out accuracy: the sum of the sites' DP releases."""
+    GLOBAL_AUC = "dptrain_federation_global_auc"
+    GLOBAL_LOSS = "dptrain_federation_global_loss"
+    FINISHED = "dptrain_federation_finished"
 
 
 class RunOutcome(StrEnum):

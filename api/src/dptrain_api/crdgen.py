@@ -19,6 +19,14 @@ from pydantic import BaseModel
 
 from dptrain_api.common import API_GROUP, API_VERSION
 from dptrain_api.dataset import PrivateDataset, PrivateDatasetSpec, PrivateDatasetStatus
+from dptrain_api.federation import (
+    DPFederatedJob,
+    DPFederatedJobSpec,
+    DPFederatedJobStatus,
+    DPFederatedSite,
+    DPFederatedSiteSpec,
+    DPFederatedSiteStatus,
+)
 from dptrain_api.job import DPTrainingJob, DPTrainingJobSpec, DPTrainingJobStatus
 from dptrain_api.ledger import PrivacyLedger, PrivacyLedgerSpec, PrivacyLedgerStatus
 
@@ -121,6 +129,38 @@ RESOURCES: tuple[ResourceDefinition, ...] = (
             PrinterColumn("Spent", ".status.epsilonSpent", "number", "ε committed by finished jobs"),
             PrinterColumn("Reserved", ".status.epsilonReserved", "number", "ε held by running jobs"),
             PrinterColumn("Remaining", ".status.epsilonRemaining", "number", "ε still available"),
+            _AGE,
+        ),
+    ),
+    ResourceDefinition(
+        model=DPFederatedJob,
+        spec_model=DPFederatedJobSpec,
+        status_model=DPFederatedJobStatus,
+        plural="dpfederatedjobs",
+        short_names=("dpfj",),
+        printer_columns=(
+            PrinterColumn("Phase", ".status.phase", "string", "Pending, Running, Succeeded or Failed"),
+            PrinterColumn("Rounds", ".status.rounds.completed", "integer", "Rounds aggregated so far"),
+            PrinterColumn("Total", ".spec.training.rounds", "integer", "Rounds of the federation"),
+            PrinterColumn("Target", ".spec.privacy.targetEpsilon", "number", "Each site's privacy budget (ε)"),
+            PrinterColumn("Metric", ".status.globalMetric.value", "number", "Global model's DP held-out metric"),
+            PrinterColumn("SuperLink", ".status.superlinkAddress", "string", "Address the sites dial", priority=1),
+            _AGE,
+        ),
+    ),
+    ResourceDefinition(
+        model=DPFederatedSite,
+        spec_model=DPFederatedSiteSpec,
+        status_model=DPFederatedSiteStatus,
+        plural="dpfederatedsites",
+        short_names=("dpfs",),
+        printer_columns=(
+            PrinterColumn("Phase", ".status.phase", "string", "Pending, Running, Succeeded or Failed"),
+            PrinterColumn("Federation", ".spec.federation.name", "string", "The coordinator's DPFederatedJob"),
+            PrinterColumn("Epsilon", ".status.privacy.epsilonSpent", "number", "ε this site's journal charged"),
+            PrinterColumn("Target", ".spec.privacy.targetEpsilon", "number", "This site's privacy budget (ε)"),
+            PrinterColumn("Rounds", ".status.rounds", "integer", "Rounds this site trained"),
+            PrinterColumn("Dataset", ".spec.datasetRef.name", "string", "PrivateDataset charged", priority=1),
             _AGE,
         ),
     ),

@@ -123,6 +123,10 @@ class LedgerEntry(ApiModel):
     """DPTrainingJob namespace."""
     job_uid: str
     """DPTrainingJob UID."""
+    kind: Literal["DPTrainingJob", "DPFederatedSite"] | None = None
+    """What charged: a DPTrainingJob (when unset) or a site of a federation (DPFederatedSite)."""
+    federation: str | None = None
+    """DPFederatedSite only: the federation, ``<namespace>/<name>`` of its DPFederatedJob."""
     state: Literal["Reserved", "Committed", "Refused"]
     """Reserved while the job may run (charged at its full plan); Committed once final (charged at what its privacy
     journal proves ran, or in full when that is unknown); Refused (charged nothing, never runs)."""
@@ -154,6 +158,16 @@ class LedgerEntry(ApiModel):
     """When the entry was last changed."""
 
 
+class FederationGrant(ApiModel):
+    """A federation allowed to train on the dataset (in the spirit of Gateway API's ReferenceGrant): the
+    coordinator's DPFederatedJob, by namespace and name in the coordinator's cluster."""
+
+    namespace: Annotated[str, Field(min_length=1, max_length=63)]
+    """Namespace of the DPFederatedJob."""
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    """Name of the DPFederatedJob."""
+
+
 class PrivateDatasetSpec(ApiModel):
     """A sensitive dataset and its privacy budget."""
 
@@ -181,6 +195,10 @@ class PrivateDatasetSpec(ApiModel):
     ] = 0.2
     """Share of the records held out from training for evaluation, the same for every job (immutable): a record is
     held out by a keyed hash of its own content, and held-out metrics are released with their own DP noise."""
+    allow_federations: Annotated[list[FederationGrant], Field(max_length=100)] = Field(default=[])
+    """Federations whose sites may train on these records (a DPFederatedSite naming another federation is refused
+    with FederationNotAllowed). Each site's whole plan is still reserved in this dataset's budget. Removing a grant
+    stops a site that is running."""
 
     @model_validator(mode="after")
     def _file_needs_size(self) -> PrivateDatasetSpec:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from dptrain_api.dataset import PrivateDataset
 from dptrain_api.errors import ManifestError
+from dptrain_api.federation import DPFederatedJob, DPFederatedSite
 from dptrain_api.job import DPTrainingJob
 
 Resource = DPTrainingJob | PrivateDataset
@@ -38,6 +39,26 @@ def parse_resource(document: Mapping[str, Any], *, source: str = "manifest") -> 
     model = _KINDS.get(str(kind))
     if model is None:
         raise ManifestError(f"{source}: kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    try:
+        return model.model_validate(dict(document))
+    except ValidationError as error:
+        raise ManifestError(f"{source}: invalid {kind}", problems=describe_validation_error(error)) from None
+
+
+FederationResource = DPFederatedJob | DPFederatedSite | PrivateDataset
+_FEDERATION_KINDS: dict[str, type[DPFederatedJob] | type[DPFederatedSite] | type[PrivateDataset]] = {
+    "DPFederatedJob": DPFederatedJob,
+    "DPFederatedSite": DPFederatedSite,
+    "PrivateDataset": PrivateDataset,
+}
+
+
+def parse_federation_resource(document: Mapping[str, Any], *, source: str = "manifest") -> FederationResource:
+    """Validate one object of a federation manifest (DPFederatedJob, DPFederatedSite or PrivateDataset)."""
+    kind = document.get("kind")
+    model = _FEDERATION_KINDS.get(str(kind))
+    if model is None:
+        raise ManifestError(f"{source}: kind must be one of {sorted(_FEDERATION_KINDS)}, got {kind!r}")
     try:
         return model.model_validate(dict(document))
     except ValidationError as error:
@@ -71,3 +92,16 @@ def load_manifest_file(path: str | Path) -> list[Resource]:
     except OSError as error:
         raise ManifestError(f"cannot read {file}: {error.strerror}") from None
     return [parse_resource(doc, source=f"{file}[{i}]") for i, doc in enumerate(load_documents(text, source=str(file)))]
+
+
+def load_federation_manifest_file(path: str | Path) -> list[FederationResource]:
+    """Every resource of a federation manifest file (a DPFederatedJob and its sites' PrivateDatasets), validated."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ManifestError(f"cannot read {file}: {error.strerror}") from None
+    return [
+        parse_federation_resource(doc, source=f"{file}[{i}]")
+        for i, doc in enumerate(load_documents(text, source=str(file)))
+    ]

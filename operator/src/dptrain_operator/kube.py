@@ -15,6 +15,8 @@ from dptrain_api import API_GROUP, API_VERSION
 JOBS = "dptrainingjobs"
 DATASETS = "privatedatasets"
 LEDGERS = "privacyledgers"
+FEDERATIONS = "dpfederatedjobs"
+SITES = "dpfederatedsites"
 
 
 class ConflictError(Exception):
@@ -76,6 +78,14 @@ class KubeApi(Protocol):
     def delete_claim(self, namespace: str, name: str) -> None: ...
     def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     def delete_child(self, kind: str, namespace: str, name: str) -> None: ...
+    def get_federation(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch_federation_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def delete_federation(self, namespace: str, name: str) -> None: ...
+    def get_site(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch_site_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def patch_site_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None: ...
+    def delete_site(self, namespace: str, name: str) -> None: ...
+    def delete_service(self, namespace: str, name: str) -> None: ...
 
 
 class Kube:
@@ -164,6 +174,9 @@ class Kube:
             "NetworkPolicy": lambda: self.networking.create_namespaced_network_policy(
                 namespace, manifest, _preload_content=False
             ),
+            "DPFederatedSite": lambda: self.custom.create_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, manifest, _preload_content=False
+            ),
         }
         try:
             creators[manifest["kind"]]()
@@ -235,3 +248,60 @@ class Kube:
             ),
         }
         _ignore(404, deleters[kind])
+
+    # --- federations (the coordinator's DPFederatedJob, a site's DPFederatedSite) ------------------------------
+    def get_federation(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, FEDERATIONS, name)
+        )
+        return found
+
+    def patch_federation_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, FEDERATIONS, name, {"status": status}
+            ),
+        )
+
+    def delete_federation(self, namespace: str, name: str) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, FEDERATIONS, name, _preload_content=False
+            ),
+        )
+
+    def get_site(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = _ignore(
+            404, lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SITES, name)
+        )
+        return found
+
+    def patch_site_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, SITES, name, {"status": status}
+            ),
+        )
+
+    def patch_site_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        """A merge patch of a site's spec (the coordinator sets spec.stop on the sites it created)."""
+        _ignore(
+            404,
+            lambda: self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, name, {"spec": spec}
+            ),
+        )
+
+    def delete_site(self, namespace: str, name: str) -> None:
+        _ignore(
+            404,
+            lambda: self.custom.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, SITES, name, _preload_content=False
+            ),
+        )
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        _ignore(404, lambda: self.core.delete_namespaced_service(name, namespace, _preload_content=False))

@@ -48,6 +48,14 @@ class Settings:
     gang_network_policy: bool = False
     """Give each multi-worker job a NetworkPolicy that lets its pods reach each other (the chart turns it on with
     its trainer NetworkPolicy, which would otherwise cut the gang's rendezvous and collectives)."""
+    federation_allow_insecure: bool = False
+    """Allow federations and sites with superlink.insecure (plain HTTP, no TLS, no SuperNode authentication). Off by
+    default (the chart keeps it off): only for tests on one machine."""
+    federation_loopback: bool = False
+    """Test mode for fake kubelets that share one network namespace and have no DNS: in-cluster sites dial the
+    SuperLink at 127.0.0.1:<port> and each SuperNode's local Runtime API binds its pod IP instead of 127.0.0.1."""
+    federation_join_timeout_seconds: float = 300.0
+    """How long a federation's round 1 waits for every expected site to connect before starting with those there."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -666,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     epsilon.add_argument("--accountant", default="pld", choices=["pld", "prv", "rdp"])
     epsilon.add_argument("--json", action="store_true", help="machine-readable output")
     epsilon.set_defaults(func=_cmd_epsilon)
+
+    from dptrain.federated.cli import add_commands  # federate / federation (Flower: the `federated` extra)
+
+    add_commands(commands)
     return parser
 
 

@@ -25,7 +25,16 @@ from torch.utils.data import TensorDataset
 
 from dptrain.checkpoint import unwrap_model
 
-__all__ = ["AUC_BINS", "dp_release", "holdout_sums", "loss_clip", "release_schedule", "sensitivity"]
+__all__ = [
+    "AUC_BINS",
+    "dp_release",
+    "dp_release_sums",
+    "holdout_sums",
+    "loss_clip",
+    "metrics_from_sums",
+    "release_schedule",
+    "sensitivity",
+]
 AUC_BINS: Final = 10
 """Score bins of the binary-task histograms the AUC is computed from."""
 _BATCH: Final = 4096
@@ -80,6 +89,36 @@ def _gaussian(size: int, *, std: float, generator: torch.Generator) -> torch.Ten
     return draws.sum(dim=0) / 2.0
 
 
+def dp_release_sums(
+    model: nn.Module,
+    holdout: TensorDataset,
+    *,
+    num_classes: int,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """The held-out sums with Gaussian noise (one Gaussian mechanism, σ = ``noise_multiplier`` × the sensitivity):
+    what a release publishes. Sums released by several sites about the same model may be added up (post-processing):
+    the result is a DP release over the union of their holdouts. Charge it BEFORE calling this."""
+    sums = holdout_sums(model, holdout, num_classes=num_classes, device=device)
+    return sums + _gaussian(len(sums), std=noise_multiplier * sensitivity(num_classes), generator=generator)
+
+
+def metrics_from_sums(noisy: torch.Tensor, *, num_classes: int) -> dict[str, float]:
+    """Accuracy, clipped loss and (binary) AUC computed from released noisy sums (post-processing, free)."""
+    count = max(float(noisy[0]), 1.0)
+    metrics = {
+        "accuracy": min(max(float(noisy[1]) / count, 0.0), 1.0),
+        "loss": loss_clip(num_classes) * min(max(float(noisy[2]) / count, 0.0), 1.0),
+    }
+    if num_classes == 2:
+        auc = _auc(noisy[3:].clamp(min=0.0))
+        if auc is not None:
+            metrics["auc"] = auc
+    return metrics
+
+
 def dp_release(
     model: nn.Module,
     holdout: TensorDataset,
@@ -93,18 +132,10 @@ def dp_release(
 
     Charge it (one step of the holdout partition's mechanism) BEFORE calling this.
     """
-    sums = holdout_sums(model, holdout, num_classes=num_classes, device=device)
-    noisy = sums + _gaussian(len(sums), std=noise_multiplier * sensitivity(num_classes), generator=generator)
-    count = max(float(noisy[0]), 1.0)
-    metrics = {
-        "accuracy": min(max(float(noisy[1]) / count, 0.0), 1.0),
-        "loss": loss_clip(num_classes) * min(max(float(noisy[2]) / count, 0.0), 1.0),
-    }
-    if num_classes == 2:
-        auc = _auc(noisy[3:].clamp(min=0.0))
-        if auc is not None:
-            metrics["auc"] = auc
-    return metrics
+    noisy = dp_release_sums(
+        model, holdout, num_classes=num_classes, noise_multiplier=noise_multiplier, generator=generator, device=device
+    )
+    return metrics_from_sums(noisy, num_classes=num_classes)
 
 
 def _auc(histograms: torch.Tensor) -> float | None:

@@ -12,6 +12,7 @@ import kopf
 from dptrain_api import API_GROUP, API_VERSION
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import reconcile_dataset, release_dataset
+from dptrain_operator.handlers.federations import register_federations
 from dptrain_operator.handlers.jobs import delete_children, reconcile_and_write
 from dptrain_operator.jobstate import Event
 
@@ -108,3 +109,5 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     )(on_dataset)
     # Not optional: kopf keeps a finalizer on every PrivateDataset, so its deletion always unbinds the ledger.
     kopf.on.delete(API_GROUP, API_VERSION, DATASETS, registry=registry, errors=errors, backoff=5)(on_dataset_delete)
+    # Federations: the coordinator's DPFederatedJob and a site's DPFederatedSite (handlers/federations.py).
+    register_federations(registry, ctx, lock=_lock, forget=_forget_lock, post=_post, counted=_counted)

@@ -1,0 +1,1132 @@
+"""Reconciliation of federations: the coordinator's DPFederatedJob and a site's DPFederatedSite. Level-triggered and
+idempotent like the jobs' (create/update events and a timer call the same functions).
+
+**A site** (DPFederatedSite, reconciled by the operator watching the site's namespace — in this cluster or in the
+hospital's own): its PrivateDataset must name the federation in ``spec.allowFederations`` (else FederationNotAllowed,
+nothing reserved); its whole plan (σ, q = batchSize / its declared training size, rounds × localSteps steps, and the
+held-out releases) is reserved in the dataset's PrivacyLedger before round 1, like a DPTrainingJob's (Refused:
+BudgetExceeded); then one SuperNode pod at a time runs next to the data, each attempt continuing the site's journal on
+its claim, with the record-outcome finalizer; when the site ends, the entry is committed at what its journal proves
+ran (the SuperNode's termination message), or kept in full when that is unknown.
+
+**The coordinator** (DPFederatedJob): for each in-cluster site it creates the site's DPFederatedSite in that namespace
+and waits until every one is admitted or refused; with at least minSites able to take part (external sites count),
+it runs the coordinator pod (Flower's SuperLink and the run) behind a Service, restarts it (resuming from the last
+round's global checkpoint) up to backoffLimit, mirrors rounds, per-site ε and the global DP metric into its status,
+and tells the in-cluster sites to stop when it ends. It never reads a site's data, ledger or Secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from dptrain_accounting import AccountingError, MechanismPlan, plan_fixed_steps
+from dptrain_api import (
+    PERMANENT_FAILURES,
+    Condition,
+    ConditionType,
+    CoordinatorReport,
+    DPFederatedJob,
+    DPFederatedJobStatus,
+    DPFederatedSite,
+    DPFederatedSiteStatus,
+    ExitCode,
+    FederationMetric,
+    FederationPhase,
+    GlobalMetricStatus,
+    LedgerEntry,
+    PrivacyStatus,
+    PrivateDataset,
+    Reason,
+    ReservedMechanisms,
+    RoundsStatus,
+    SiteStatus,
+    TerminationMessage,
+    dataset_allows,
+    dataset_shape,
+    describe_validation_error,
+    ledger_name,
+    site_plan_inputs,
+    source_identity,
+)
+from dptrain_operator import admission, ledger, pods
+from dptrain_operator.conditions import now, set_condition
+from dptrain_operator.context import OperatorContext
+from dptrain_operator.jobstate import Event
+from dptrain_operator.render import TRAINER_FINALIZER, owned_by
+from dptrain_operator.render.federation import (
+    coordinator_claim,
+    coordinator_claim_name,
+    coordinator_pod,
+    site_claim,
+    site_claim_name,
+    site_manifest,
+    site_name,
+    superlink_address,
+    superlink_service,
+    superlink_service_name,
+    supernode_pod,
+    supernode_pod_name,
+)
+from dptrain_operator.workers import AccountingTimeout
+
+__all__ = ["delete_federation", "delete_site", "reconcile_federation", "reconcile_site"]
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+Pod = dict[str, Any]
+FINISHED = (FederationPhase.SUCCEEDED, FederationPhase.FAILED)
+_STOPPED_BY_US = (ExitCode.TERMINATED, ExitCode.INTERRUPTED)
+
+
+@dataclass
+class _State:
+    """The object as read, its status as it will be written back, and the events to post."""
+
+    body: dict[str, Any]
+    status: Any
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def uid(self) -> str:
+        return str(self.body["metadata"]["uid"])
+
+    @property
+    def phase(self) -> FederationPhase | None:
+        phase: FederationPhase | None = self.status.phase
+        return phase
+
+    def wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = self.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return wire
+
+    def changed(self) -> bool:
+        return self.wire() != (self.body.get("status") or {})
+
+    def event(self, reason: Reason, message: str, *, warning: bool = False) -> None:
+        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def condition(self, type: ConditionType, status: bool, reason: Reason, message: str) -> None:
+        conditions: list[Condition] = self.status.conditions
+        self.status.conditions = set_condition(
+            conditions,
+            type=type,
+            status=status,
+            reason=reason,
+            message=message,
+            generation=self.body["metadata"].get("generation"),
+        )
+
+    def transition(self, phase: FederationPhase, reason: Reason, message: str) -> None:
+        if self.status.phase != phase:
+            self.event(reason, message, warning=phase == FederationPhase.FAILED)
+        self.status.phase = phase
+
+    def fail(self, reason: Reason, message: str) -> None:
+        self.transition(FederationPhase.FAILED, reason, message)
+        self.condition(ConditionType.FAILED, True, reason, message)
+        self.condition(ConditionType.RUNNING, False, reason, message)
+        if self.status.completion_time is None:
+            self.status.completion_time = now()
+
+    def succeed(self, message: str) -> None:
+        self.transition(FederationPhase.SUCCEEDED, Reason.SUCCEEDED, message)
+        self.condition(ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, message)
+        self.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
+        if self.status.completion_time is None:
+            self.status.completion_time = now()
+
+
+def _read_status(body: dict[str, Any], model: type[Any]) -> Any:
+    try:
+        return model.model_validate(body.get("status") or {})
+    except ValidationError:
+        return model()
+
+
+def _scrape(pod: Pod, port: int) -> dict[str, dict[str, float]]:
+    """The pod's federation series: metric name → {site label (or ""): value}. Empty when it does not answer."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return {}
+    try:
+        response = httpx.get(f"http://{ip}:{port}/metrics", timeout=2.0)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    values: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name.startswith("dptrain_federation_"):
+                values.setdefault(sample.name, {})[sample.labels.get("site", "")] = float(sample.value)
+    return values
+
+
+def _permanent(code: int | None) -> Reason | None:
+    try:
+        exit_code = ExitCode(code) if code is not None else None
+    except ValueError:
+        return None
+    if exit_code == ExitCode.FEDERATION_ABORTED:
+        return Reason.FEDERATION_ABORTED
+    return PERMANENT_FAILURES.get(exit_code) if exit_code is not None else None
+
+
+def _remove_finalizer(ctx: OperatorContext, pod: Pod) -> None:
+    if TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
+        admission.retry_on_conflict(
+            lambda: ctx.kube.remove_pod_finalizer(
+                ctx.kube.get_pod(pod["metadata"]["namespace"], pod["metadata"]["name"]) or pod, TRAINER_FINALIZER
+            ),
+            what=f"releasing pod {pod['metadata']['name']}",
+            retries=5,
+        )
+
+
+def _nothing_ran() -> TerminationMessage:
+    from dptrain_api import RunOutcome
+
+    return TerminationMessage(status=RunOutcome.FAILED, exit_code=0, charged_steps=0, charged_releases=0)
+
+
+def _insecure_refusal(ctx: OperatorContext) -> str:
+    return (
+        "superlink.insecure (plain HTTP, no TLS, no SuperNode authentication) is not allowed by this operator; use "
+        "TLS (tlsSecretName / caSecretName) — insecure federations are for tests on one machine "
+        "(DPTRAIN_FEDERATION_ALLOW_INSECURE)"
+    )
+
+
+# ======================================================================================================================
+# A site
+# ======================================================================================================================
+
+
+class SiteReconciliation:
+    """One reconciliation of one DPFederatedSite (by the operator watching its namespace)."""
+
+    def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+        self.state = _State(body, _read_status(body, DPFederatedSiteStatus))
+        self.ctx, self.logger = ctx, logger
+        self.site: DPFederatedSite
+        self.dataset: PrivateDataset | None = None
+        self.ledger = ""
+        self.identity = ""
+
+    @property
+    def namespace(self) -> str:
+        return self.state.namespace
+
+    @property
+    def uid(self) -> str:
+        return self.state.uid
+
+    def run(self) -> _State:
+        try:
+            self.site = DPFederatedSite.model_validate(self.state.body)
+        except ValidationError as error:
+            self.state.fail(Reason.INVALID_SPEC, "; ".join(describe_validation_error(error)))
+            return self.state
+        if not self._load_dataset():
+            return self.state
+        entry = self._entry(admit=self.state.phase not in FINISHED)
+        if entry is None:
+            return self.state
+        self._show_plan(entry)
+        if entry.state == "Refused":
+            self.state.fail(Reason(entry.outcome or Reason.BUDGET_EXCEEDED), entry.message or "refused")
+        elif entry.state == "Committed":
+            self._finished(entry)
+        else:
+            self._run(entry)
+        return self.state
+
+    # --- consent, plan, reservation ------------------------------------------------------------------------
+
+    def _load_dataset(self) -> bool:
+        spec = self.site.spec
+        if spec.superlink.insecure and not self.ctx.settings.federation_allow_insecure:
+            self.state.fail(Reason.INSECURE_NOT_ALLOWED, _insecure_refusal(self.ctx))
+            return False
+        raw = self.ctx.kube.get_dataset(self.namespace, spec.dataset_ref.name)
+        if raw is None:
+            message = f"PrivateDataset {spec.dataset_ref.name!r} not found in namespace {self.namespace}; create it"
+            self.state.transition(FederationPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
+            return False
+        try:
+            dataset = PrivateDataset.model_validate(raw)
+        except ValidationError as error:
+            problems = "; ".join(describe_validation_error(error))
+            self.state.fail(Reason.INVALID_DATASET, f"PrivateDataset {spec.dataset_ref.name!r} is invalid: {problems}")
+            return False
+        if dataset.metadata.namespace is None:
+            dataset.metadata.namespace = self.namespace
+        self.dataset = dataset
+        self.identity = source_identity(self.namespace, dataset.spec.source)
+        self.ledger = ledger_name(self.identity)
+        return True
+
+    def _consent_message(self) -> str | None:
+        """Why the dataset does not (or no longer) consent to this federation; None when it does."""
+        assert self.dataset is not None
+        federation = self.site.spec.federation
+        if dataset_allows(self.dataset, federation):
+            return None
+        return (
+            f"PrivateDataset {self.dataset.metadata.name!r} does not allow federation "
+            f"{federation.namespace}/{federation.name}: its data steward must add "
+            f"{{namespace: {federation.namespace}, name: {federation.name}}} to spec.allowFederations"
+        )
+
+    def _entry(self, *, admit: bool) -> LedgerEntry | None:
+        assert self.dataset is not None
+        _, status = admission.open_ledger(
+            self.ctx,
+            identity=self.identity,
+            namespace=self.namespace,
+            dataset=self.dataset,
+            holdout=self.dataset.spec.holdout_fraction,
+        )
+        bound = status.dataset
+        if bound is None or bound.uid != self.dataset.metadata.uid:
+            message = f"PrivateDataset {self.dataset.metadata.name!r} is not ready yet (its ledger is being opened)"
+            if bound is not None:
+                message = (
+                    f"PrivateDataset {self.dataset.metadata.name!r} describes the same records as PrivateDataset "
+                    f"{bound.name!r}, which keeps their budget; use that one"
+                )
+                self.state.fail(Reason.INVALID_DATASET, message)
+                return None
+            self.state.transition(FederationPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+            return None
+        self.state.status.ledger_name = self.ledger
+        entry = ledger.find_entry(status, self.uid)
+        if entry is not None or not admit:
+            return entry
+        refusal = self._consent_message()
+        if refusal is not None:
+            self.state.fail(Reason.FEDERATION_NOT_ALLOWED, refusal)
+            self.state.condition(ConditionType.ADMITTED, False, Reason.FEDERATION_NOT_ALLOWED, refusal)
+            return None
+        shape, classes = dataset_shape(self.dataset)
+        data = self.site.spec.data
+        if (tuple(shape), classes) != (tuple(data.input_shape), data.num_classes):
+            self.state.fail(
+                Reason.INVALID_DATASET,
+                f"PrivateDataset {self.dataset.metadata.name!r} has shape {list(shape)} and {classes} classes; the "
+                f"federation's data is {data.input_shape} with {data.num_classes} classes",
+            )
+            return None
+        if not self._image_allowed():
+            return None
+        plan = self._plan(status.holdout_fraction)
+        if plan is None:
+            return None
+        entry = self._admit(plan)
+        if entry.state == "Reserved":
+            message = (
+                f"reserved in PrivateDataset {self.dataset.metadata.name} (ledger {self.ledger}): σ="
+                f"{plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {plan.steps} steps "
+                f"({self.site.spec.training.rounds} rounds × {self.site.spec.training.local_steps})"
+            )
+            if plan.releases:
+                message += f", {plan.releases} held-out releases (σ={plan.holdout_noise_multiplier:.4g})"
+            self.state.condition(ConditionType.ADMITTED, True, Reason.ADMITTED, message)
+            self.state.event(Reason.ADMITTED, message)
+        return entry
+
+    def _image_allowed(self) -> bool:
+        image = self.site.spec.image
+        settings = self.ctx.settings
+        if image is None or image == settings.trainer_image or image in settings.allowed_images:
+            return True
+        self.state.fail(
+            Reason.IMAGE_NOT_ALLOWED,
+            f"spec.image {image!r} is not an allowed trainer image: only the operator's images may run next to a "
+            "PrivateDataset's records (trainer.allowedImages)",
+        )
+        return False
+
+    def _plan(self, holdout: float | None) -> MechanismPlan | None:
+        assert self.dataset is not None
+        inputs = site_plan_inputs(self.site.spec, self.dataset, holdout=holdout)
+        try:
+            return self.ctx.workers.call(plan_fixed_steps, **inputs.as_kwargs())
+        except (AccountingError, ValueError) as error:
+            self.state.fail(Reason.INVALID_PLAN, str(error))
+        except AccountingTimeout:
+            self.state.fail(Reason.PLAN_TIMEOUT, "planning the site did not finish in time; lower rounds or localSteps")
+        return None
+
+    def _admit(self, plan: MechanismPlan) -> LedgerEntry:
+        holdout = plan.holdout_segment
+        federation = self.site.spec.federation
+
+        def decide(status: Any) -> Any:
+            if ledger.find_entry(status, self.uid) is not None:
+                return status
+            decision = ledger.admit(
+                status.entries, status.budget, plan.segment, holdout, epsilon_of=admission.epsilon_of(self.ctx)
+            )
+            entry = LedgerEntry(
+                job_name=self.state.name,
+                job_namespace=self.namespace,
+                job_uid=self.uid,
+                kind="DPFederatedSite",
+                federation=f"{federation.namespace}/{federation.name}",
+                state="Reserved" if decision.admitted else "Refused",
+                train=ledger.mechanism(plan.segment),
+                holdout=ledger.mechanism(holdout) if holdout is not None else None,
+            )
+            if not decision.admitted:
+                assert status.budget is not None
+                entry = entry.model_copy(
+                    update={
+                        "outcome": Reason.BUDGET_EXCEEDED.value,
+                        "message": f"the site's plan needs ε={plan.epsilon:.4g} of the dataset (composed total would "
+                        f"be {decision.epsilon_after:.4g} > budget {status.budget.epsilon:g}); remaining "
+                        f"ε={max(decision.remaining_before, 0.0):.4g}. The site cannot take part; the other sites "
+                        "go on if enough remain",
+                    }
+                )
+            return ledger.add_entry(status, entry)
+
+        status = admission.write_ledger(self.ctx, self.ledger, decide)
+        entry = ledger.find_entry(status, self.uid)
+        assert entry is not None
+        return entry
+
+    def _show_plan(self, entry: LedgerEntry) -> None:
+        privacy = self.state.status.privacy or PrivacyStatus(epsilon_spent=0.0, steps=0)
+        spec = self.site.spec.privacy
+        train = entry.train
+        assert train is not None
+        self.state.status.privacy = privacy.model_copy(
+            update={
+                "target_epsilon": spec.target_epsilon,
+                "delta": spec.delta,
+                "noise_multiplier": train.noise_multiplier,
+                "sample_rate": train.sample_rate,
+                "planned_steps": train.steps if entry.state == "Reserved" else privacy.planned_steps or train.steps,
+                "accountant": spec.accountant,
+            }
+        )
+        if entry.state == "Committed":
+            self.state.status.privacy.steps = train.steps
+        self.state.status.attempts = entry.pods
+
+    # --- running -----------------------------------------------------------------------------------------------
+
+    def _pods(self) -> list[Pod]:
+        return pods.job_pods(self.ctx.kube, self.namespace, self.uid)
+
+    def _run(self, entry: LedgerEntry) -> None:
+        refusal = self._consent_message()
+        if self.site.spec.stop and refusal is None:
+            # The coordinator's operator sets spec.stop when the federation ends: a SuperNode that already finished
+            # (exit 0, its report written) before this reconciliation saw it ended is a success, not a stop.
+            current = next((pod for pod in self._pods() if pods.number(pod) == entry.pods), None)
+            if (
+                current is not None
+                and pods.phase(current) == "Succeeded"
+                and current["metadata"]["name"] not in entry.settled_pods
+            ):
+                self._pod_ended(entry, current)
+                return
+        if self.site.spec.stop or refusal is not None:
+            reason = Reason.SITE_STOPPED if refusal is None else Reason.FEDERATION_NOT_ALLOWED
+            message = refusal or "spec.stop: the site left the federation (what its journal charged stays charged)"
+            self._stop_and_commit(entry, reason, message)
+            return
+        deadline = self.site.spec.active_deadline_seconds
+        started = self.state.status.start_time
+        if deadline is not None and started is not None and (datetime.now(UTC) - started).total_seconds() > deadline:
+            self._stop_and_commit(entry, Reason.DEADLINE_EXCEEDED, f"the site ran longer than {deadline}s")
+            return
+        if not self._claim_intact(entry):
+            return
+        live = self._pods()
+        if any(pods.terminating(pod) for pod in live):
+            return
+        current = next((pod for pod in live if pods.number(pod) == entry.pods), None)
+        latest_settled = supernode_pod_name(self.state.name, entry.pods) in entry.settled_pods
+        if entry.pods == 0 or latest_settled:
+            self._start_pod(entry, number=entry.pods + 1)
+        elif current is None:
+            self._start_pod(entry, number=entry.pods)
+        elif not pods.ended(current):
+            self._observe(current)
+        else:
+            self._pod_ended(entry, current)
+        for pod in live:
+            if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
+                _remove_finalizer(self.ctx, pod)
+
+    def _update(self, change: Any) -> LedgerEntry:
+        status = admission.write_ledger(self.ctx, self.ledger, lambda s: ledger.update_entry(s, self.uid, change))
+        entry = ledger.find_entry(status, self.uid)
+        assert entry is not None
+        return entry
+
+    def _claim_intact(self, entry: LedgerEntry) -> bool:
+        name = site_claim_name(self.state.name)
+        self.ctx.kube.create_if_absent(site_claim(self.site))
+        claim = self.ctx.kube.get_claim(self.namespace, name)
+        if claim is None:
+            return False
+        uid = str(claim["metadata"]["uid"])
+        if not owned_by(claim, self.uid):
+            reason, message = (
+                Reason.CHILD_NAME_TAKEN,
+                f"a PersistentVolumeClaim named {name} exists and was not created for this site; delete it",
+            )
+        elif entry.checkpoint_claim_uid is None:
+            self._update(lambda e: e.model_copy(update={"checkpoint_claim_uid": uid}))
+            return True
+        elif entry.checkpoint_claim_uid == uid:
+            return True
+        else:
+            reason, message = (
+                Reason.CHECKPOINT_LOST,
+                f"the site's journal claim {name} was replaced: the journal of earlier attempts is gone, so their "
+                "spend stays charged in full",
+            )
+        stopped = self._stop_and_settle(entry)
+        if stopped is not None:
+            self._commit(report=None if stopped[0].started_pods else _nothing_ran(), outcome=reason, message=message)
+            self.state.fail(reason, message)
+        return False
+
+    def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
+        assert self.dataset is not None
+        assert entry.train is not None
+        if number > entry.pods:
+            entry = self._update(lambda e: e.model_copy(update={"pods": number}))
+        dataset = self.dataset
+        fixed = ((self.ctx.kube.get_ledger(self.ledger) or {}).get("status") or {}).get("holdoutFraction")
+        if fixed is not None and fixed != dataset.spec.holdout_fraction:
+            dataset = dataset.model_copy(update={"spec": dataset.spec.model_copy(update={"holdout_fraction": fixed})})
+        manifest = supernode_pod(
+            self.site,
+            dataset=dataset,
+            number=number,
+            attempt=entry.started_pods + 1,
+            reserved=ReservedMechanisms(train=entry.train, holdout=entry.holdout),
+            identity=self.identity,
+            settings=self.ctx.settings,
+        )
+        name = manifest["metadata"]["name"]
+        if self.ctx.kube.create_if_absent(manifest):
+            self.state.event(Reason.POD_CREATED, f"created SuperNode pod {name}")
+        elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
+            message = f"a pod named {name} exists and was not created for this site; delete it"
+            self._commit(
+                report=None if entry.started_pods else _nothing_ran(), outcome=Reason.CHILD_NAME_TAKEN, message=message
+            )
+            self.state.fail(Reason.CHILD_NAME_TAKEN, message)
+            return
+        self.state.status.attempts = number
+        if self.state.status.start_time is None:
+            self.state.status.start_time = now()
+        self.state.transition(FederationPhase.PENDING, Reason.STARTED, f"SuperNode attempt {number} started")
+        self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"SuperNode pod {name}")
+
+    def _observe(self, pod: Pod) -> None:
+        if pods.phase(pod) != "Running":
+            return
+        self.state.transition(FederationPhase.RUNNING, Reason.RUNNING, f"SuperNode {pod['metadata']['name']} runs")
+        values = _scrape(pod, self.ctx.settings.trainer_metrics_port)
+        if not values:
+            return
+        site = self.site.spec.site_name
+        privacy = self.state.status.privacy or PrivacyStatus()
+        epsilon = values.get(FederationMetric.SITE_EPSILON_SPENT, {}).get(site)
+        steps = values.get(FederationMetric.SITE_STEPS, {}).get(site)
+        rounds = values.get(FederationMetric.SITE_ROUNDS, {}).get(site)
+        if epsilon is not None:
+            privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(epsilon))
+        if steps is not None:
+            privacy.steps = max(privacy.steps or 0, int(steps))
+        if rounds is not None:
+            self.state.status.rounds = int(rounds)
+        self.state.status.privacy = privacy
+
+    def _settle(self, pod: Pod, *, report: TerminationMessage | None, failed: bool) -> LedgerEntry:
+        name = pod["metadata"]["name"]
+
+        def record(entry: LedgerEntry) -> LedgerEntry:
+            if name in entry.settled_pods:
+                return entry
+            return entry.model_copy(
+                update={
+                    "settled_pods": [*entry.settled_pods, name],
+                    "started_pods": entry.started_pods + (1 if pods.trainer_ran(pod) else 0),
+                    "failed_pods": entry.failed_pods + (1 if failed else 0),
+                    "observed_steps": max(entry.observed_steps, (report.charged_steps or 0) if report else 0),
+                    "observed_releases": max(entry.observed_releases, (report.charged_releases or 0) if report else 0),
+                }
+            )
+
+        return self._update(record)
+
+    def _commit(self, *, report: TerminationMessage | None, outcome: str, message: str) -> None:
+        steps = report.charged_steps if report is not None else None
+        releases = report.charged_releases if report is not None else None
+        status = admission.write_ledger(
+            self.ctx,
+            self.ledger,
+            lambda s: ledger.commit(s, self.uid, steps=steps, releases=releases, outcome=outcome, message=message),
+        )
+        entry = ledger.find_entry(status, self.uid)
+        if entry is not None:
+            for pod in self._pods():
+                if pods.ended(pod):
+                    _remove_finalizer(self.ctx, pod)
+
+    def _show_report(self, report: TerminationMessage) -> None:
+        privacy = self.state.status.privacy or PrivacyStatus()
+        if report.epsilon is not None:
+            privacy.epsilon_spent = max(privacy.epsilon_spent or 0.0, ledger.round_up(report.epsilon))
+        if report.charged_steps is not None:
+            privacy.steps = report.charged_steps
+        if report.steps_run is not None:
+            self.state.status.rounds = report.steps_run
+        self.state.status.privacy = privacy
+
+    def _pod_ended(self, entry: LedgerEntry, pod: Pod) -> None:
+        report = pods.report(pod)
+        if report is not None:
+            self._show_report(report)
+        code = pods.code(pod)
+        if pods.phase(pod) == "Succeeded":
+            self._settle(pod, report=report, failed=False)
+            message = self._summary("the federation finished")
+            self._commit(report=report, outcome=Reason.SUCCEEDED, message=message)
+            self.state.status.global_model = f"{site_claim_name(self.state.name)}:global-model.pt"
+            self.state.succeed(message)
+            return
+        error = (report.error if report else None) or f"the SuperNode exited with code {code}"
+        permanent = _permanent(code)
+        failures, limit = entry.failed_pods + 1, self.site.spec.backoff_limit
+        if permanent is None and failures <= limit:
+            self.logger.warning(f"SuperNode attempt {entry.pods} failed ({error}); restarting (journal continues)")
+            self.state.event(Reason.ATTEMPT_FAILED, f"SuperNode attempt {entry.pods} failed: {error}", warning=True)
+            entry = self._settle(pod, report=report, failed=True)
+            self._start_pod(entry, number=entry.pods + 1)
+            return
+        reason = permanent or Reason.BACKOFF_LIMIT_EXCEEDED
+        self._settle(pod, report=report, failed=True)
+        message = self._summary(error if permanent else f"{failures} SuperNode pods failed; last: {error}")
+        self._commit(report=report, outcome=reason, message=message)
+        self.state.fail(reason, message)
+
+    def _summary(self, text: str) -> str:
+        privacy = self.state.status.privacy or PrivacyStatus()
+        if privacy.epsilon_spent is None:
+            return text
+        return (
+            f"{text}; ε={privacy.epsilon_spent:.4g} ≤ {self.site.spec.privacy.target_epsilon:g} ({privacy.steps} steps)"
+        )
+
+    def _stop_and_settle(self, entry: LedgerEntry) -> tuple[LedgerEntry, TerminationMessage | None] | None:
+        live = self._pods()
+        for pod in live:
+            if not pods.ended(pod) and not pod["metadata"].get("deletionTimestamp"):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+        if any(not pods.ended(pod) for pod in live):
+            return None
+        report = None
+        for pod in live:
+            if pod["metadata"]["name"] not in entry.settled_pods:
+                code = pods.code(pod)
+                entry = self._settle(pod, report=pods.report(pod), failed=code not in (*_STOPPED_BY_US, 0, None))
+            report = pods.report(pod) or report
+            _remove_finalizer(self.ctx, pod)
+        if report is None and not entry.started_pods:
+            report = _nothing_ran()
+        return entry, report
+
+    def _stop_and_commit(self, entry: LedgerEntry, reason: Reason, message: str) -> None:
+        stopped = self._stop_and_settle(entry)
+        if stopped is None:
+            return
+        report = stopped[1]
+        if report is not None:
+            self._show_report(report)
+        self._commit(report=report, outcome=reason, message=message)
+        self.state.fail(reason, message)
+
+    def _finished(self, entry: LedgerEntry) -> None:
+        for pod in self._pods():
+            if not pods.ended(pod):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+            elif TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
+                _remove_finalizer(self.ctx, pod)
+        if entry.outcome == Reason.SUCCEEDED:
+            if self.state.phase != FederationPhase.SUCCEEDED:
+                self.state.succeed(entry.message or "the federation finished")
+        elif self.state.phase != FederationPhase.FAILED:
+            try:
+                reason = Reason(entry.outcome or Reason.POD_FAILED)
+            except ValueError:
+                reason = Reason.POD_FAILED
+            self.state.fail(reason, entry.message or "failed")
+
+
+def reconcile_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> _State:
+    return SiteReconciliation(body, ctx, logger).run()
+
+
+def reconcile_site_and_write(
+    ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger
+) -> _State | None:
+    fresh = ctx.kube.get_site(namespace, name)
+    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
+        return None
+    state = reconcile_site(fresh, ctx, logger)
+    if state.changed():
+        ctx.kube.patch_site_status(namespace, name, state.wire())
+    return state
+
+
+def delete_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+    """On deletion: stop the SuperNode, wait until it ended, commit what its journal reported (in full when unknown),
+    then remove the pods and the journal claim."""
+    import kopf
+
+    work = SiteReconciliation(body, ctx, logger)
+    try:
+        work.site = DPFederatedSite.model_validate(body)
+    except ValidationError:
+        return
+    raw = ctx.kube.get_dataset(work.namespace, work.site.spec.dataset_ref.name)
+    if raw is not None:
+        dataset = PrivateDataset.model_validate(raw)
+        work.identity = source_identity(work.namespace, dataset.spec.source)
+        work.ledger = ledger_name(work.identity)
+    entry = None
+    candidates = [work.ledger] if work.ledger else []
+    candidates += [
+        item["metadata"]["name"] for item in ctx.kube.list_ledgers() if item["metadata"]["name"] not in candidates
+    ]
+    for name in candidates:
+        found = ctx.kube.get_ledger(name)
+        if found is None:
+            continue
+        entry = ledger.find_entry(admission.parse_status(found), work.uid)
+        if entry is not None:
+            work.ledger = name
+            break
+    if entry is not None and entry.state == "Reserved":
+        stopped = work._stop_and_settle(entry)
+        if stopped is None:
+            raise kopf.TemporaryError("waiting for the SuperNode to stop", delay=2)
+        work._commit(report=stopped[1], outcome=Reason.DELETED, message="the site was deleted")
+    for pod in pods.job_pods(ctx.kube, work.namespace, work.uid):
+        if not pods.ended(pod):
+            ctx.kube.delete_pod(work.namespace, pod["metadata"]["name"])
+        _remove_finalizer(ctx, pod)
+    claim = ctx.kube.get_claim(work.namespace, site_claim_name(work.state.name))
+    if claim is not None and owned_by(claim, work.uid):
+        ctx.kube.delete_claim(work.namespace, site_claim_name(work.state.name))
+
+
+# ======================================================================================================================
+# The coordinator
+# ======================================================================================================================
+
+
+class FederationReconciliation:
+    """One reconciliation of one DPFederatedJob (by the operator watching the coordinator's namespace)."""
+
+    def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+        self.state = _State(body, _read_status(body, DPFederatedJobStatus))
+        self.ctx, self.logger = ctx, logger
+        self.job: DPFederatedJob
+
+    @property
+    def namespace(self) -> str:
+        return self.state.namespace
+
+    @property
+    def uid(self) -> str:
+        return self.state.uid
+
+    def run(self) -> _State:
+        try:
+            self.job = DPFederatedJob.model_validate(self.state.body)
+        except ValidationError as error:
+            self.state.fail(Reason.INVALID_SPEC, "; ".join(describe_validation_error(error)))
+            return self.state
+        spec = self.job.spec
+        status = self.state.status
+        status.rounds = status.rounds or RoundsStatus(completed=0, total=spec.training.rounds)
+        status.superlink_address = spec.superlink.external_address or superlink_address(self.job, self.ctx.settings)
+        if self.state.phase in FINISHED:
+            self._stop_sites()
+            self._ttl()
+            return self.state
+        if spec.superlink.insecure and not self.ctx.settings.federation_allow_insecure:
+            self.state.fail(Reason.INSECURE_NOT_ALLOWED, _insecure_refusal(self.ctx))
+            return self.state
+        image = spec.image
+        settings = self.ctx.settings
+        if image is not None and image != settings.trainer_image and image not in settings.allowed_images:
+            self.state.fail(Reason.IMAGE_NOT_ALLOWED, f"spec.image {image!r} is not an allowed trainer image")
+            return self.state
+        able, pending = self._sites()
+        if pending:
+            message = f"waiting for the sites' operators to admit {', '.join(pending)}"
+            self.state.transition(FederationPhase.PENDING, Reason.STARTED, message)
+            self.state.condition(ConditionType.ADMITTED, False, Reason.STARTED, message)
+            return self.state
+        if len(able) < spec.min_sites:
+            self._fail(
+                Reason.NOT_ENOUGH_SITES,
+                f"only {len(able)} site(s) can take part ({', '.join(able) or 'none'}), fewer than "
+                f"minSites={spec.min_sites}; see status.sites for why the others cannot",
+            )
+            return self.state
+        self.state.condition(
+            ConditionType.ADMITTED, True, Reason.ADMITTED, f"{len(able)} site(s) can take part: {', '.join(able)}"
+        )
+        if not self._deadline():
+            self._coordinate(able)
+        return self.state
+
+    # --- sites ----------------------------------------------------------------------------------------------
+
+    def _site_status(self, name: str) -> SiteStatus:
+        for site in self.state.status.sites:
+            if site.name == name:
+                return site  # type: ignore[no-any-return]
+        site = SiteStatus(name=name)
+        self.state.status.sites.append(site)
+        return site
+
+    def _sites(self) -> tuple[list[str], list[str]]:
+        """Create each in-cluster site's DPFederatedSite; (sites able to take part, sites not decided yet)."""
+        able: list[str] = []
+        pending: list[str] = []
+        for site in self.job.spec.sites:
+            shown = self._site_status(site.name)
+            shown.external = site.external
+            if site.external:
+                shown.phase = shown.phase or "Unknown"
+                able.append(site.name)
+                continue
+            assert site.namespace is not None
+            name = site_name(self.state.name, site.name)
+            if self.ctx.kube.create_if_absent(site_manifest(self.job, site, settings=self.ctx.settings)):
+                self.state.event(Reason.SITE_CREATED, f"created DPFederatedSite {site.namespace}/{name}")
+            raw = self.ctx.kube.get_site(site.namespace, name)
+            labels = ((raw or {}).get("metadata") or {}).get("labels") or {}
+            if raw is None:
+                pending.append(site.name)
+                continue
+            if labels.get("dptrain.io/federation-uid") != self.uid:
+                shown.phase, shown.reason = "Failed", Reason.CHILD_NAME_TAKEN.value
+                shown.message = f"DPFederatedSite {site.namespace}/{name} exists and belongs to another federation"
+                continue
+            decision = self._mirror_site(shown, raw)
+            if decision == "able":
+                able.append(site.name)
+            elif decision == "pending":
+                pending.append(site.name)
+        return able, pending
+
+    def _mirror_site(self, shown: SiteStatus, raw: dict[str, Any]) -> str:
+        """Copy a site's public status; "able" once its operator admitted it (reserved its plan), "refused" when it
+        was refused before that, "pending" while undecided."""
+        status = _read_status(raw, DPFederatedSiteStatus)
+        failed = next((c for c in status.conditions if c.type == ConditionType.FAILED and c.status == "True"), None)
+        admitted = next((c for c in status.conditions if c.type == ConditionType.ADMITTED), None)
+        was_admitted = admitted is not None and admitted.status == "True"
+        shown.phase = status.phase.value if status.phase else "Pending"
+        if failed is not None:
+            shown.reason, shown.message = failed.reason, failed.message[:500]
+        elif admitted is not None:
+            shown.reason, shown.message = admitted.reason, admitted.message[:500]
+        if failed is not None and not was_admitted:
+            shown.phase = "Refused"
+        elif was_admitted and shown.phase == "Pending":
+            shown.phase = "Admitted"
+        privacy = status.privacy
+        if privacy is not None:
+            shown.target_epsilon = privacy.target_epsilon
+            shown.planned_steps = privacy.planned_steps
+            if privacy.epsilon_spent is not None:
+                shown.epsilon_spent = max(shown.epsilon_spent or 0.0, privacy.epsilon_spent)
+            if privacy.steps is not None:
+                shown.steps = max(shown.steps or 0, privacy.steps)
+        if status.rounds is not None:
+            shown.rounds = max(shown.rounds or 0, status.rounds)
+        if was_admitted:
+            return "able"
+        return "refused" if failed is not None else "pending"
+
+    def _stop_sites(self) -> None:
+        """The federation ended: every in-cluster site still running leaves (its charge is then committed)."""
+        for site in self.job.spec.sites:
+            if site.external or site.namespace is None:
+                continue
+            name = site_name(self.state.name, site.name)
+            raw = self.ctx.kube.get_site(site.namespace, name)
+            if raw is None or (raw["metadata"].get("labels") or {}).get("dptrain.io/federation-uid") != self.uid:
+                continue
+            status = _read_status(raw, DPFederatedSiteStatus)
+            if status.phase not in FINISHED and not raw.get("spec", {}).get("stop"):
+                self.ctx.kube.patch_site_spec(site.namespace, name, {"stop": True})
+            if status.phase is not None:
+                self._mirror_site(self._site_status(site.name), raw)
+
+    # --- the coordinator pod --------------------------------------------------------------------------------
+
+    def _coordinator_pods(self) -> list[Pod]:
+        return pods.job_pods(self.ctx.kube, self.namespace, self.uid)
+
+    def _coordinate(self, able: list[str]) -> None:
+        self.ctx.kube.create_if_absent(coordinator_claim(self.job))
+        self.ctx.kube.create_if_absent(superlink_service(self.job))
+        live = self._coordinator_pods()
+        if any(pods.terminating(pod) for pod in live):
+            return
+        current = live[-1] if live else None
+        if current is None:
+            self._start(1, able)
+        elif not pods.ended(current):
+            self._observe(current)
+        else:
+            self._ended(current, able, failures=sum(1 for pod in live if pods.phase(pod) == "Failed"))
+
+    def _start(self, number: int, able: list[str]) -> None:
+        manifest = coordinator_pod(self.job, number=number, expected_sites=able, settings=self.ctx.settings)
+        name = manifest["metadata"]["name"]
+        if self.ctx.kube.create_if_absent(manifest):
+            self.state.event(Reason.POD_CREATED, f"created coordinator pod {name} (attempt {number})")
+        elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
+            self._fail(Reason.CHILD_NAME_TAKEN, f"a pod named {name} exists and was not created for this federation")
+            return
+        self.state.status.attempts = number
+        if self.state.status.start_time is None:
+            self.state.status.start_time = now()
+        self.state.transition(FederationPhase.PENDING, Reason.STARTED, f"coordinator attempt {number} started")
+        self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"coordinator pod {name}")
+
+    def _observe(self, pod: Pod) -> None:
+        if pods.phase(pod) != "Running":
+            return
+        self.state.transition(FederationPhase.RUNNING, Reason.RUNNING, f"coordinator {pod['metadata']['name']} runs")
+        values = _scrape(pod, self.ctx.settings.trainer_metrics_port)
+        if not values:
+            return
+        status = self.state.status
+        completed = values.get(FederationMetric.ROUNDS_COMPLETED, {}).get("")
+        if completed is not None and int(completed) > (status.rounds.completed or 0):
+            status.rounds.completed = int(completed)
+            self.state.event(Reason.ROUND_COMPLETED, f"round {int(completed)} of {status.rounds.total} aggregated")
+        for metric, attribute in (
+            (FederationMetric.SITE_EPSILON_SPENT, "epsilon_spent"),
+            (FederationMetric.SITE_STEPS, "steps"),
+            (FederationMetric.SITE_ROUNDS, "rounds"),
+            (FederationMetric.SITE_EPSILON_TARGET, "target_epsilon"),
+            (FederationMetric.SITE_PLANNED_STEPS, "planned_steps"),
+        ):
+            for site, value in values.get(metric, {}).items():
+                if site and site in {s.name for s in self.job.spec.sites}:
+                    shown = self._site_status(site)
+                    cast = float(value) if attribute in ("epsilon_spent", "target_epsilon") else int(value)
+                    current = getattr(shown, attribute)
+                    setattr(shown, attribute, cast if current is None else max(current, cast))
+        name = self.job.spec.data.metric
+        source = FederationMetric.GLOBAL_AUC if name == "auc" else FederationMetric.GLOBAL_ACCURACY
+        metric_value = values.get(source, {}).get("")
+        if metric_value is not None:
+            loss = values.get(FederationMetric.GLOBAL_LOSS, {}).get("")
+            status.global_metric = GlobalMetricStatus(metric=name, value=metric_value, loss=loss)
+
+    def _ended(self, pod: Pod, able: list[str], *, failures: int) -> None:
+        text = ((pod.get("status") or {}).get("containerStatuses") or [{}])[0].get("state", {}).get("terminated", {})
+        report = CoordinatorReport.parse(text.get("message")) if text else None
+        if report is not None:
+            self._show_report(report)
+        if pods.phase(pod) == "Succeeded":
+            metric = self.state.status.global_metric
+            summary = f"{self.state.status.rounds.completed} rounds aggregated"
+            if metric is not None and metric.value is not None:
+                summary += f"; global model {metric.metric}={metric.value:.4g} (DP, summed over the sites' releases)"
+            self.state.succeed(summary)
+            self._stop_sites()
+            return
+        error = (report.error if report else None) or f"the coordinator exited with code {pods.code(pod)}"
+        limit = self.job.spec.run_policy.backoff_limit
+        if report is not None and report.reason == "RoundFailedError":
+            self._fail(Reason.FEDERATION_FAILED, error)
+            return
+        if failures > limit:
+            self._fail(
+                Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"{failures} coordinator pods failed (backoffLimit {limit}); last: {error}",
+            )
+            return
+        self.state.event(
+            Reason.ATTEMPT_FAILED,
+            f"coordinator attempt {pods.number(pod)} failed ({error}); resuming from the last round's checkpoint",
+            warning=True,
+        )
+        self._start(pods.number(pod) + 1, able)
+
+    def _show_report(self, report: CoordinatorReport) -> None:
+        status = self.state.status
+        status.rounds.completed = max(status.rounds.completed or 0, report.completed_rounds)
+        for site in report.sites:
+            shown = self._site_status(site.name)
+            if site.epsilon is not None:
+                shown.epsilon_spent = max(shown.epsilon_spent or 0.0, ledger.round_up(site.epsilon))
+            if site.steps is not None:
+                shown.steps = max(shown.steps or 0, site.steps)
+            shown.rounds = max(shown.rounds or 0, site.rounds)
+            shown.target_epsilon = site.target_epsilon or shown.target_epsilon
+            shown.planned_steps = site.planned_steps or shown.planned_steps
+        if report.global_metric is not None:
+            status.global_metric = report.global_metric
+
+    def _fail(self, reason: Reason, message: str) -> None:
+        for pod in self._coordinator_pods():
+            if not pods.ended(pod):
+                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
+        self.state.fail(reason, message)
+        self._stop_sites()
+
+    def _deadline(self) -> bool:
+        deadline = self.job.spec.run_policy.active_deadline_seconds
+        started = self.state.status.start_time
+        if deadline is None or started is None:
+            return False
+        elapsed = (datetime.now(UTC) - started).total_seconds()
+        if elapsed <= deadline:
+            return False
+        self._fail(Reason.DEADLINE_EXCEEDED, f"the federation ran {elapsed:.0f}s, longer than activeDeadlineSeconds")
+        return True
+
+    def _ttl(self) -> None:
+        ttl = self.job.spec.run_policy.ttl_seconds_after_finished
+        finished = self.state.status.completion_time
+        if ttl is not None and finished is not None and (datetime.now(UTC) - finished).total_seconds() >= ttl:
+            self.ctx.kube.delete_federation(self.namespace, self.state.name)
+
+
+def reconcile_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> _State:
+    return FederationReconciliation(body, ctx, logger).run()
+
+
+def reconcile_federation_and_write(
+    ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger
+) -> _State | None:
+    fresh = ctx.kube.get_federation(namespace, name)
+    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
+        return None
+    state = reconcile_federation(fresh, ctx, logger)
+    if state.changed():
+        ctx.kube.patch_federation_status(namespace, name, state.wire())
+    return state
+
+
+def delete_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
+    """On deletion: delete the in-cluster sites (each commits its charge on its own), the coordinator pods, the
+    Service and the claim."""
+    metadata = body["metadata"]
+    namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
+    try:
+        job = DPFederatedJob.model_validate(body)
+    except ValidationError:
+        job = None
+    if job is not None:
+        for site in job.spec.sites:
+            if site.namespace is None:
+                continue
+            found = ctx.kube.get_site(site.namespace, site_name(name, site.name))
+            if found is not None and (found["metadata"].get("labels") or {}).get("dptrain.io/federation-uid") == uid:
+                ctx.kube.delete_site(site.namespace, site_name(name, site.name))
+    for pod in pods.job_pods(ctx.kube, namespace, uid):
+        if not pods.ended(pod):
+            ctx.kube.delete_pod(namespace, pod["metadata"]["name"])
+    ctx.kube.delete_service(namespace, superlink_service_name(name))
+    claim = ctx.kube.get_claim(namespace, coordinator_claim_name(name))
+    if claim is not None and owned_by(claim, uid):
+        ctx.kube.delete_claim(namespace, coordinator_claim_name(name))
+
+
+# ======================================================================================================================
+# kopf registration (called by handlers.register)
+# ======================================================================================================================
+
+FEDERATIONS = "dpfederatedjobs"
+SITES = "dpfederatedsites"
+
+
+def register_federations(
+    registry: Any, ctx: OperatorContext, *, lock: Any, forget: Any, post: Any, counted: Any
+) -> None:
+    """The federation handlers: create/resume/update events and a timer reconcile; deletion settles first."""
+    import kopf
+
+    from dptrain_api import API_GROUP, API_VERSION
+
+    interval = ctx.settings.scrape_interval
+
+    def reconciler(kind: str, write: Any) -> Any:
+        def handler(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+            metadata = body["metadata"]
+            with lock(metadata["uid"]):
+                state = counted(
+                    ctx,
+                    kind,
+                    lambda: write(ctx, metadata["namespace"], metadata["name"], metadata["uid"], logger),
+                )
+            if state is not None:
+                post(body, state.events)
+
+        return handler
+
+    def deleter(kind: str, delete: Any) -> Any:
+        def handler(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+            uid = body["metadata"]["uid"]
+            with lock(uid):
+                counted(ctx, kind, lambda: delete(dict(body), ctx, logger))
+            forget(uid)
+
+        return handler
+
+    errors = kopf.ErrorsMode.TEMPORARY
+    for plural, kind, write, delete in (
+        (FEDERATIONS, "DPFederatedJob", reconcile_federation_and_write, delete_federation),
+        (SITES, "DPFederatedSite", reconcile_site_and_write, delete_site),
+    ):
+        on_change = reconciler(kind, write)
+        for decorate in (kopf.on.create, kopf.on.resume):
+            decorate(API_GROUP, API_VERSION, plural, registry=registry, errors=errors, backoff=2)(on_change)
+        kopf.on.update(API_GROUP, API_VERSION, plural, field="spec", registry=registry, errors=errors, backoff=2)(
+            on_change
+        )
+        kopf.timer(
+            API_GROUP, API_VERSION, plural, interval=interval, initial_delay=interval, registry=registry, errors=errors
+        )(on_change)
+        kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, errors=errors, backoff=2)(
+            deleter(kind, delete)
+        )
