@@ -47,7 +47,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "dptrain"
-DPTRAIN_CRDS = ("dptrainingjobs.dptrain.io", "privatedatasets.dptrain.io", "privacyledgers.dptrain.io")
+DPTRAIN_CRDS = (
+    "dptrainingjobs.dptrain.io",
+    "privatedatasets.dptrain.io",
+    "privacyledgers.dptrain.io",
+    "dpfederatedjobs.dptrain.io",
+    "dpfederatedsites.dptrain.io",
+)
 MONITORING_KINDS = {
     "ServiceMonitor": "servicemonitors",
     "PodMonitor": "podmonitors",
@@ -211,7 +217,7 @@ def test_install_upgrade_uninstall_with_defaults(cluster: Cluster, namespace: st
                 "ClusterRoleBinding",
                 "ConfigMap",
                 "Deployment",
-                "NetworkPolicy",
+                *["NetworkPolicy"] * 3,  # trainer pods, a federation's coordinator, SuperNodes
                 "Service",
                 "ServiceAccount",
                 "ServiceAccount",
@@ -295,11 +301,13 @@ def test_install_with_namespaced_rbac(cluster: Cluster, namespace: str, helm: He
             deployment = read(cluster, object_path(next(obj for obj in objects if obj["kind"] == "Deployment")))
             assert deployment is not None
             assert Settings.from_env(deployment_env(deployment)).namespaces == tuple(watched)
-            for kind in ("ServiceAccount", "NetworkPolicy"):
+            # per watched namespace: the trainers' ServiceAccount, and the NetworkPolicies of trainer pods, a
+            # federation's coordinator and SuperNodes
+            for kind, each in (("ServiceAccount", 1), ("NetworkPolicy", 3)):
                 trainer_objects = [
                     obj for obj in objects if obj["kind"] == kind and obj["metadata"]["namespace"] != namespace
                 ]
-                assert sorted(obj["metadata"]["namespace"] for obj in trainer_objects) == sorted(watched)
+                assert sorted(obj["metadata"]["namespace"] for obj in trainer_objects) == sorted(watched * each)
         for obj in roles:
             assert read(cluster, object_path(obj)) is None
 
@@ -629,13 +637,18 @@ def test_chart_settings_run_a_job_that_feeds_the_dashboard_and_alerts(
         )
         end = time.time()
 
-        # every dashboard query returns data (as Grafana runs them: range queries)
+        # every dashboard query of the jobs' panels returns data (as Grafana runs them: range queries); the
+        # Federations row's queries (fed by a federation, not by this job) must at least run
         empty = []
+        federations = False
         for panel in board["panels"]:
-            for target in panel["targets"]:
+            federations = federations or (panel.get("type") == "row" and panel.get("title") == "Federations")
+            for target in panel.get("targets", []):
                 expr = grafana_substitute(target["expr"], namespace, job)
-                if not has_values(prometheus.query_range(expr, started - 5, end)):
+                result = prometheus.query_range(expr, started - 5, end)
+                if not federations and not has_values(result):
                     empty.append(f"{panel['title']!r} [{target['refId']}]: {expr}")
+        assert federations, "the dashboard has no Federations row"
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty) + f"\n{diagnose()}"
         # and its variables list this namespace and job
         assert namespace in prometheus.label_values(
