@@ -203,6 +203,12 @@ def _nothing_ran() -> TerminationMessage:
     return TerminationMessage(status=RunOutcome.FAILED, exit_code=0, charged_steps=0, charged_releases=0)
 
 
+def _finished_cleanly(report: TerminationMessage | None) -> bool:
+    from dptrain_api import RunOutcome
+
+    return report is not None and report.exit_code == 0 and report.status == RunOutcome.SUCCEEDED
+
+
 def _insecure_refusal(ctx: OperatorContext) -> str:
     return (
         "superlink.insecure (plain HTTP, no TLS, no SuperNode authentication) is not allowed by this operator; use "
@@ -615,10 +621,7 @@ class SiteReconciliation:
         code = pods.code(pod)
         if pods.phase(pod) == "Succeeded":
             self._settle(pod, report=report, failed=False)
-            message = self._summary("the federation finished")
-            self._commit(report=report, outcome=Reason.SUCCEEDED, message=message)
-            self.state.status.global_model = f"{site_claim_name(self.state.name)}:global-model.pt"
-            self.state.succeed(message)
+            self._succeed(report)
             return
         error = (report.error if report else None) or f"the SuperNode exited with code {code}"
         permanent = _permanent(code)
@@ -634,6 +637,12 @@ class SiteReconciliation:
         message = self._summary(error if permanent else f"{failures} SuperNode pods failed; last: {error}")
         self._commit(report=report, outcome=reason, message=message)
         self.state.fail(reason, message)
+
+    def _succeed(self, report: TerminationMessage | None) -> None:
+        message = self._summary("the federation finished")
+        self._commit(report=report, outcome=Reason.SUCCEEDED, message=message)
+        self.state.status.global_model = f"{site_claim_name(self.state.name)}:global-model.pt"
+        self.state.succeed(message)
 
     def _summary(self, text: str) -> str:
         privacy = self.state.status.privacy or PrivacyStatus()
@@ -668,6 +677,11 @@ class SiteReconciliation:
         report = stopped[1]
         if report is not None:
             self._show_report(report)
+        if reason == Reason.SITE_STOPPED and _finished_cleanly(report):
+            # The federation ended and the SuperNode finished it (exit 0, a Succeeded report) while the
+            # coordinator's stop was on its way (its SIGTERM cut the reply grace short): a success, charged the same.
+            self._succeed(report)
+            return
         self._commit(report=report, outcome=reason, message=message)
         self.state.fail(reason, message)
 
