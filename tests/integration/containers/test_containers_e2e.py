@@ -5,24 +5,22 @@ volumes, its memory and CPU limits."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import yaml
 
 from dptrain_api import DPTrainingJob, parse_resource
 from dptrain_operator.settings import Settings
-from tests.support import podman
+from tests.support import e2e, podman
 from tests.support.cluster import Cluster, raw_request
 from tests.support.container_node import ContainerNode
+from tests.support.e2e import apply, condition, diagnose, get, phase_is, pods, wait_for
 from tests.support.manifests import base_manifest, sample_trainer_pod
 from tests.support.operator import OperatorContainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.containers]
-T = TypeVar("T")
 UID = 65532
 
 
@@ -42,65 +40,10 @@ def operator(
     process.stop()
 
 
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, diagnose: Callable[[], str] = str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnose()}")
-
-
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "dataset": {"builtin": "breast-cancer"},
-        "model": {"architecture": "logistic"},
-        "privacy": {"targetEpsilon": 2.0, "delta": 1e-5},
-        "training": {"epochs": 2, "batchSize": 64, "learningRate": 0.5, "seed": 1},
-        "checkpoint": {"everySteps": 5},
-        "resources": {"cpu": "1", "memory": "1Gi"},
-    }
-    for key, value in spec.items():
-        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob", "metadata": {"name": name}, "spec": body}
-
-
-def apply(cluster: Cluster, namespace: str, *documents: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
-
-
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
-
-
-def phase_is(cluster: Cluster, namespace: str, name: str, *phases: str) -> Callable[[], dict[str, Any] | None]:
-    def check() -> dict[str, Any] | None:
-        job = get(cluster, namespace, "dptj", name)
-        return job if job.get("status", {}).get("phase") in phases else None
-
-    return check
-
-
-def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    return list(json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"])
-
-
-def condition(job: dict[str, Any], type: str) -> dict[str, Any]:
-    return next(c for c in job["status"]["conditions"] if c["type"] == type)
-
-
-def diagnose(cluster: Cluster, namespace: str, node: ContainerNode, operator: OperatorContainer) -> Callable[[], str]:
-    def text() -> str:
-        listing = cluster.kubectl("get", "dptj,pds,pods", "-n", namespace, "-o", "yaml", check=False).stdout
-        logs = "\n".join(
-            f"--- {pod['metadata']['name']}\n{node.logs(namespace, pod['metadata']['name'])[-3000:]}"
-            for pod in pods(cluster, namespace)
-        )
-        return f"{listing[-6000:]}\n{logs}\n--- operator\n{operator.logs()[-4000:]}"
-
-    return text
+    """The e2e helpers' job, with a memory limit: in a container it is a real cgroup limit."""
+    resources = {"memory": "1Gi", **spec.pop("resources", {})}
+    return e2e.job_manifest(name, resources=resources, **spec)
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
