@@ -102,7 +102,7 @@ def test_killed_follower_restarts_the_gang_and_every_step_is_charged(
     cluster: Cluster, namespace: str, node: FakeNode, operator: OperatorProcess
 ) -> None:
     apply(cluster, namespace, dataset_manifest("wards", epsilon=8.0))
-    apply(cluster, namespace, gang_job("relay", epochs=8))
+    apply(cluster, namespace, gang_job("relay", epochs=25))  # long enough that the kill lands mid-training
     checkpoint = node.pvc_dir(namespace, "relay-checkpoint") / "checkpoint.pt"
     wait_for(
         checkpoint.exists, timeout=180, what="a first checkpoint", diagnose=diagnose(cluster, namespace, node, operator)

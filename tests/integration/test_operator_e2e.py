@@ -121,7 +121,7 @@ def test_trainer_crash_retries_and_resumes(
     apply(
         cluster,
         namespace,
-        job_manifest("crashy", dataset={"datasetRef": {"name": "cohort"}}, training={"epochs": 6}),
+        job_manifest("crashy", dataset={"datasetRef": {"name": "cohort"}}, training={"epochs": 30}),
     )
     journal = node.pvc_dir(namespace, "crashy-checkpoint") / "privacy-journal.jsonl"
     checkpoint = node.pvc_dir(namespace, "crashy-checkpoint") / "checkpoint.pt"

@@ -87,7 +87,9 @@ def test_a_job_runs_to_success_in_containers_with_epsilon_on_status(
 def test_a_killed_trainer_is_retried_and_the_retry_resumes(
     cluster: Cluster, namespace: str, container_node: ContainerNode, operator: OperatorContainer
 ) -> None:
-    apply(cluster, namespace, job_manifest("crashy", training={"epochs": 6}))
+    # ~2000 steps (~15 s of training): the kill must land mid-training, after the operator's first scrape, on a
+    # busy 2-core CI machine too (with 6 epochs the whole run once finished before the scrape).
+    apply(cluster, namespace, job_manifest("crashy", training={"epochs": 200}))
     claim = container_node.pvc_dir(namespace, "crashy-checkpoint")
     wait_for(
         (claim / "checkpoint.pt").exists,
@@ -104,7 +106,7 @@ def test_a_killed_trainer_is_retried_and_the_retry_resumes(
         entries = [e for e in ledger.get("status", {}).get("entries", []) if e["jobName"] == "crashy"]
         return entries[0].get("observedSteps") if entries else None
 
-    wait_for(scraped, timeout=60, what="the operator to scrape the trainer container")
+    observed = wait_for(scraped, timeout=60, what="the operator to scrape the trainer container")
     container_node.kill(namespace, "crashy-attempt-1")  # SIGKILL to the container
     job = wait_for(
         phase_is(cluster, namespace, "crashy", "Succeeded", "Failed"),
@@ -119,8 +121,9 @@ def test_a_killed_trainer_is_retried_and_the_retry_resumes(
     assert "resum" in container_node.logs(namespace, "crashy-attempt-2").lower()
     entries = [json.loads(line) for line in (claim / "privacy-journal.jsonl").read_text().splitlines() if line.strip()]
     intents = [entry for entry in entries if entry.get("type") == "intent" and entry["partition"] == "train"]
-    assert {entry["attempt"] for entry in intents} == {1, 2}
-    assert sum(entry["steps"] for entry in intents) <= job["status"]["privacy"]["plannedSteps"]
+    planned = job["status"]["privacy"]["plannedSteps"]
+    assert {entry["attempt"] for entry in intents} == {1, 2}, f"killed after {observed} of {planned} steps"
+    assert sum(entry["steps"] for entry in intents) <= planned
 
 
 def test_a_too_small_memory_limit_fails_the_job_as_oom_killed(
