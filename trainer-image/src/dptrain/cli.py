@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from dptrain.console import ConsoleProgress, print_summary
 from dptrain.errors import ConfigurationError, DptrainError, TrainingInterrupted
@@ -333,13 +333,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         group = init_worker()
         _quiet_followers(group)
         try:
-            return _run_command(args, group)
+            code = _run_command(args, group)
         finally:
             group.close()
+        _leave_without_teardown(code)
     topology = Topology.from_env(nproc=args.nproc)
     if topology.world_size > 1:
         return _launch(args, topology)
     return _run_command(args, SINGLE_PROCESS)
+
+
+def _leave_without_teardown(code: int) -> NoReturn:
+    """Exit a distributed worker once its work is done, its files closed and its process group destroyed, without
+    the interpreter's teardown: torch.distributed's C++ destructors there abort about one run in ten here
+    ("terminate called without an active exception", SIGABRT), which would turn a finished rank into a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_command(args: argparse.Namespace, group: Group) -> int:
