@@ -391,3 +391,20 @@ def test_a_sigterm_while_the_federation_command_imports_is_kept_for_a_clean_stop
     with _signals(stop) as received:
         assert stop.is_set()
         assert received == [int(signal.SIGTERM)]
+
+
+def test_a_restarted_flower_process_sees_only_its_own_log(tmp_path: Path) -> None:
+    """The site supervisor restarts a SuperNode that could not join yet by reading what *this* start logged: the
+    log file is shared across restarts, and a SuperNode's SuperExec child goes on logging after the join failure."""
+    from dptrain.federated.flower import FlowerProcess
+
+    log = tmp_path / "supernode.log"
+    first = FlowerProcess("first", ["sh", "-c", "echo 'Failed to activate SuperNode'"], env={}, log_path=log)
+    first.process.wait(timeout=30)
+    first.stop()
+    second = FlowerProcess("second", ["sh", "-c", "echo joined; echo still running"], env={}, log_path=log)
+    second.process.wait(timeout=30)
+    second.stop()
+    assert "Failed to activate SuperNode" in first.log_of_this_start()
+    assert second.log_of_this_start() == "joined\nstill running\n"
+    assert "Failed to activate SuperNode" in second.log_tail()  # the file holds both

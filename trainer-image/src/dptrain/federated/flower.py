@@ -111,6 +111,7 @@ class FlowerProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = log_path.open("ab")
+        self._log_start = self._log.tell()  # the log is appended to across restarts: where this process's begins
         logger.info("starting %s: %s", name, " ".join(self.command))
         self.process = subprocess.Popen(  # a fixed Flower executable and our own arguments
             self.command,
@@ -141,6 +142,15 @@ class FlowerProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         self._log.close()
+
+    def log_of_this_start(self) -> str:
+        """Everything this process (and its children) logged, not what earlier starts did."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, limit: int = 3000) -> str:
         try:

@@ -520,8 +520,9 @@ def run_site(options: SiteOptions, stop: threading.Event) -> int:
                     exit_code = 0
                     break
             if not supernode.running and time.monotonic() - started < JOIN_RETRY_SECONDS:
-                tail = supernode.log_tail(600)
-                if any(failure in tail for failure in _JOIN_FAILURES):
+                # The whole log of this start: its SuperExec child goes on logging after the join failure.
+                log = supernode.log_of_this_start()
+                if any(failure in log for failure in _JOIN_FAILURES):
                     logger.warning("the SuperNode could not join the SuperLink yet; starting it again")
                     supernode.stop()
                     if stop.wait(2.0):
