@@ -126,11 +126,17 @@ def _ledger_of(cluster: Cluster, namespace: str) -> dict[str, Any]:
 def _check_site_ledger(cluster: Cluster, node: FakeNode, namespace: str, site_object: str) -> dict[str, Any]:
     """The site's ledger entry is Committed at exactly what its journal charged, and the dataset's ε equals an
     independent dp_accounting composition of the journal (never below it)."""
+
+    def committed() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(the ledger, the site's entry) once the entry is Committed: the site's operator commits it when its
+        SuperNode has ended, which may be a moment after the coordinator's verdict."""
+        ledger = _ledger_of(cluster, namespace)
+        (entry,) = [e for e in ledger["status"]["entries"] if e.get("kind") == "DPFederatedSite"]
+        return (ledger, entry) if entry["state"] == "Committed" else None
+
+    ledger, entry = wait_for(committed, timeout=120, what=f"the ledger entry of {namespace}/{site_object} committed")
     journal = node.pvc_dir(namespace, f"{site_object}-journal") / "privacy-journal.jsonl"
     entries = journal_entries(journal)
-    ledger = _ledger_of(cluster, namespace)
-    (entry,) = [e for e in ledger["status"]["entries"] if e.get("kind") == "DPFederatedSite"]
-    assert entry["state"] == "Committed", entry
     assert entry["train"]["steps"] == charged(entries, "train"), (entry, entries)
     assert (entry.get("holdout") or {}).get("steps", 0) == charged(entries, "holdout"), (entry, entries)
     reference = independent_epsilon(entries, 1e-5)
