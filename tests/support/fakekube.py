@@ -10,7 +10,11 @@ import itertools
 import uuid
 from typing import Any
 
+from dptrain_operator.context import OperatorContext
 from dptrain_operator.kube import ConflictError
+from dptrain_operator.metrics import OperatorMetrics
+from dptrain_operator.settings import Settings
+from dptrain_operator.workers import AccountingWorkers
 
 Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-scoped kinds
 
@@ -76,10 +80,7 @@ class FakeKube:
         return self._replace_status(_key({**body, "kind": "PrivateDataset"}), body)
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        job = self.objects.get(("DPTrainingJob", namespace, name))
-        if job is not None:
-            job["status"] = {**(job.get("status") or {}), **copy.deepcopy(status)}
-            self._bump(("DPTrainingJob", namespace, name))
+        self._patch_status(("DPTrainingJob", namespace, name), status)
 
     def delete_job(self, namespace: str, name: str) -> None:
         self.objects.pop(("DPTrainingJob", namespace, name), None)
@@ -146,7 +147,53 @@ class FakeKube:
     def delete_child(self, kind: str, namespace: str, name: str) -> None:
         self.objects.pop((kind, namespace, name), None)
 
+    def get_federation(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("DPFederatedJob", namespace, name)
+
+    def patch_federation_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._patch_status(("DPFederatedJob", namespace, name), status)
+
+    def delete_federation(self, namespace: str, name: str) -> None:
+        self.objects.pop(("DPFederatedJob", namespace, name), None)
+
+    def get_site(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("DPFederatedSite", namespace, name)
+
+    def patch_site_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._patch_status(("DPFederatedSite", namespace, name), status)
+
+    def patch_site_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        site = self.objects.get(("DPFederatedSite", namespace, name))
+        if site is not None:
+            site["spec"] = {**site["spec"], **copy.deepcopy(spec)}
+            site["metadata"]["generation"] = site["metadata"].get("generation", 1) + 1
+            self._bump(("DPFederatedSite", namespace, name))
+
+    def delete_site(self, namespace: str, name: str) -> None:
+        self.objects.pop(("DPFederatedSite", namespace, name), None)
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        self.objects.pop(("Service", namespace, name), None)
+
+    def _patch_status(self, key: Key, status: dict[str, Any]) -> None:
+        """A merge patch of the status subresource, as kopf's handlers send it."""
+        found = self.objects.get(key)
+        if found is not None:
+            found["status"] = {**(found.get("status") or {}), **copy.deepcopy(status)}
+            self._bump(key)
+
 
 def _key(body: dict[str, Any]) -> Key:
     metadata = body["metadata"]
     return (body["kind"], metadata.get("namespace", "") if body["kind"] != "PrivacyLedger" else "", metadata["name"])
+
+
+def fake_context(kube: FakeKube, **settings: Any) -> OperatorContext:
+    """An operator context on ``kube``: no servers (ports 0), accounting in this process."""
+    workers = AccountingWorkers(timeout=60, in_process=True)
+    return OperatorContext(
+        settings=Settings(metrics_port=0, liveness_port=0, **settings),
+        kube=kube,
+        metrics=OperatorMetrics(),
+        workers=workers,
+    )

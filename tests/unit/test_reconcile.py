@@ -24,12 +24,9 @@ from dptrain_api.dataset import DatasetSource
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import reconcile_dataset, release_dataset
 from dptrain_operator.handlers.jobs import delete_children, reconcile_and_write
-from dptrain_operator.jobstate import JobState
-from dptrain_operator.metrics import OperatorMetrics
 from dptrain_operator.render import TRAINER_FINALIZER
-from dptrain_operator.settings import Settings
-from dptrain_operator.workers import AccountingWorkers
-from tests.support.fakekube import FakeKube
+from dptrain_operator.state import JobState
+from tests.support.fakekube import FakeKube, fake_context
 
 NS = "ward"
 LOG = logging.getLogger("test-reconcile")
@@ -43,9 +40,7 @@ def kube() -> FakeKube:
 
 @pytest.fixture
 def ctx(kube: FakeKube) -> OperatorContext:
-    settings = Settings(metrics_port=0, liveness_port=0, allowed_images=("registry.example/dptrain@sha256:abc",))
-    workers = AccountingWorkers(timeout=60, in_process=True)
-    return OperatorContext(settings=settings, kube=kube, metrics=OperatorMetrics(), workers=workers)
+    return fake_context(kube, allowed_images=("registry.example/dptrain@sha256:abc",))
 
 
 def _job(name: str = "study", **spec: Any) -> dict[str, Any]:

@@ -190,6 +190,7 @@ PERMANENT_FAILURES: Final[dict[ExitCode, Reason]] = {
     ExitCode.CHECKPOINT_UNUSABLE: Reason.CHECKPOINT_UNUSABLE,
     ExitCode.PRIVACY_BUDGET: Reason.PRIVACY_BUDGET_EXHAUSTED,
     ExitCode.JOURNAL_LOST: Reason.JOURNAL_LOST,
+    ExitCode.FEDERATION_ABORTED: Reason.FEDERATION_ABORTED,
 }
 """Trainer exits that retrying cannot fix: the job fails at once with this reason."""
 

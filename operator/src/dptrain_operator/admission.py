@@ -43,6 +43,7 @@ from dptrain_operator.kube import ConflictError
 
 __all__ = [
     "Ledger",
+    "admit",
     "admit_job",
     "holdout_of",
     "job_identity",
@@ -246,40 +247,58 @@ def plan_job(ctx: OperatorContext, job: DPTrainingJob, dataset: PrivateDataset |
     return _single_flight(("plan", key), lambda: _cached_plan(ctx, key))
 
 
-def admit_job(ctx: OperatorContext, name: str, *, job: DPTrainingJob, plan: MechanismPlan) -> LedgerEntry:
-    """Reserve the job's plan in ledger ``name``, or record it Refused when the budget cannot take it; the entry."""
-    uid = job.metadata.uid or ""
+def admit(
+    ctx: OperatorContext, name: str, *, entry: LedgerEntry, plan: MechanismPlan, needs: str, advice: str
+) -> LedgerEntry:
+    """Reserve ``entry`` (a job's or a site's, with ``plan``'s mechanisms) in ledger ``name``, or record it Refused
+    when the budget cannot take it; the entry as recorded. A refusal says "``needs`` ε=…" and then ``advice``."""
     holdout = plan.holdout_segment
 
     def decide(status: PrivacyLedgerStatus) -> PrivacyLedgerStatus:
-        if ledger.find_entry(status, uid) is not None:
+        if ledger.find_entry(status, entry.job_uid) is not None:
             return status  # decided before (an earlier reconciliation)
         admission = ledger.admit(status.entries, status.budget, plan.segment, holdout, epsilon_of=epsilon_of(ctx))
-        entry = LedgerEntry(
-            job_name=job.metadata.name or "",
-            job_namespace=job.metadata.namespace,
-            job_uid=uid,
-            state="Reserved" if admission.admitted else "Refused",
-            train=ledger.mechanism(plan.segment),
-            holdout=ledger.mechanism(holdout) if holdout is not None else None,
+        decided = entry.model_copy(
+            update={
+                "state": "Reserved" if admission.admitted else "Refused",
+                "train": ledger.mechanism(plan.segment),
+                "holdout": ledger.mechanism(holdout) if holdout is not None else None,
+            }
         )
         if not admission.admitted:
             assert status.budget is not None
-            entry = entry.model_copy(
+            decided = decided.model_copy(
                 update={
                     "outcome": "BudgetExceeded",
-                    "message": f"the job needs ε={plan.epsilon:.4g} of the dataset (composed total would be "
+                    "message": f"{needs} ε={plan.epsilon:.4g} of the dataset (composed total would be "
                     f"{admission.epsilon_after:.4g} > budget {status.budget.epsilon:g}); remaining "
-                    f"ε={max(admission.remaining_before, 0.0):.4g}. Lower epochs or raise the noise, or ask the "
-                    "data's steward for more budget",
+                    f"ε={max(admission.remaining_before, 0.0):.4g}. {advice}",
                 }
             )
-        return ledger.add_entry(status, entry)
+        return ledger.add_entry(status, decided)
 
     status = write_ledger(ctx, name, decide)
-    entry = ledger.find_entry(status, uid)
-    assert entry is not None
-    return entry
+    recorded = ledger.find_entry(status, entry.job_uid)
+    assert recorded is not None
+    return recorded
+
+
+def admit_job(ctx: OperatorContext, name: str, *, job: DPTrainingJob, plan: MechanismPlan) -> LedgerEntry:
+    """Reserve the job's plan in ledger ``name``, or record it Refused when the budget cannot take it; the entry."""
+    entry = LedgerEntry(
+        job_name=job.metadata.name or "",
+        job_namespace=job.metadata.namespace,
+        job_uid=job.metadata.uid or "",
+        state="Refused",
+    )
+    return admit(
+        ctx,
+        name,
+        entry=entry,
+        plan=plan,
+        needs="the job needs",
+        advice="Lower epochs or raise the noise, or ask the data's steward for more budget",
+    )
 
 
 def holdout_of(job: DPTrainingJob, dataset: PrivateDataset | None, status: PrivacyLedgerStatus) -> float:

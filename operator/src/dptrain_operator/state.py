@@ -1,16 +1,21 @@
-"""The status of a DPTrainingJob being reconciled: a typed model, changed in memory, written once."""
+"""The status of an object being reconciled (a DPTrainingJob, a DPFederatedJob, a DPFederatedSite): a typed model,
+changed in memory, written once, with the events to post."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from dptrain_api import ConditionType, DPTrainingJobStatus, JobPhase, Reason
+from dptrain_api import Condition, ConditionType, DPTrainingJobStatus, JobPhase, Reason
 from dptrain_operator.conditions import now, set_condition
 
-FINISHED = (JobPhase.SUCCEEDED, JobPhase.FAILED)
+# Phases every kind shares (JobPhase and FederationPhase are StrEnums with these values).
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+FINISHED = (SUCCEEDED, FAILED)
 
 
 @dataclass(frozen=True)
@@ -21,22 +26,28 @@ class Event:
     message: str
 
 
+class _Status(Protocol):
+    phase: Any
+    conditions: list[Condition]
+    completion_time: datetime | None
+
+    def model_dump(self, *, mode: str, by_alias: bool, exclude_none: bool) -> dict[str, Any]: ...
+
+
+S = TypeVar("S", bound=_Status)
+P = TypeVar("P", bound=StrEnum)
+M = TypeVar("M", bound=BaseModel)
+
+
 @dataclass
-class JobState:
-    """The job as read, and its status as it will be written back (one merge patch per reconciliation)."""
+class ObjectState(Generic[S, P]):
+    """The object as read, and its status as it will be written back (one merge patch per reconciliation)."""
 
     body: dict[str, Any]
-    status: DPTrainingJobStatus
+    status: S
+    phases: type[P]
+    """The kind's phase enum (JobPhase, FederationPhase)."""
     events: list[Event] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, body: dict[str, Any]) -> JobState:
-        """The state of ``body``; a status that no longer parses (pruned by hand, say) starts afresh."""
-        try:
-            status = DPTrainingJobStatus.model_validate(body.get("status") or {})
-        except ValidationError:
-            status = DPTrainingJobStatus()
-        return cls(body=body, status=status)
 
     @property
     def namespace(self) -> str:
@@ -56,8 +67,13 @@ class JobState:
         return int(generation) if generation is not None else None
 
     @property
-    def phase(self) -> JobPhase | None:
-        return self.status.phase
+    def phase(self) -> P | None:
+        phase: P | None = self.status.phase
+        return phase
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
 
     def wire(self) -> dict[str, Any]:
         """The status as the API server stores it (camelCase, unset fields left out)."""
@@ -79,20 +95,39 @@ class JobState:
     def event(self, reason: Reason, message: str, *, warning: bool = False) -> None:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
-    def transition(self, phase: JobPhase, reason: Reason, message: str) -> None:
+    def transition(self, phase: str, reason: Reason, message: str) -> None:
+        """Move to ``phase`` (one of the kind's), with an event when it is a change."""
         if self.phase != phase:
-            self.event(reason, message, warning=phase == JobPhase.FAILED)
-        self.status.phase = phase
+            self.event(reason, message, warning=phase == FAILED)
+        self.status.phase = self.phases(phase)
 
     def fail(self, reason: Reason, message: str) -> None:
-        self.transition(JobPhase.FAILED, reason, message)
+        self.transition(FAILED, reason, message)
         self.condition(ConditionType.FAILED, True, reason, message)
         self.condition(ConditionType.RUNNING, False, reason, message)
+        self._completed()
+
+    def succeed(self, message: str) -> None:
+        self.transition(SUCCEEDED, Reason.SUCCEEDED, message)
+        self.condition(ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, message)
+        self.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
+        self._completed()
+
+    def _completed(self) -> None:
         if self.status.completion_time is None:
             self.status.completion_time = now()
 
-    def succeed(self, message: str) -> None:
-        self.transition(JobPhase.SUCCEEDED, Reason.SUCCEEDED, message)
-        self.condition(ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, message)
-        self.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
-        self.status.completion_time = now()
+
+def parse_status(body: dict[str, Any], model: type[M]) -> M:
+    """``body``'s status as ``model``; a status that no longer parses (pruned by hand, say) starts afresh."""
+    try:
+        return model.model_validate(body.get("status") or {})
+    except ValidationError:
+        return model()
+
+
+JobState = ObjectState[DPTrainingJobStatus, JobPhase]
+
+
+def read_job_state(body: dict[str, Any]) -> JobState:
+    return ObjectState(body, parse_status(body, DPTrainingJobStatus), JobPhase)

@@ -14,7 +14,7 @@ from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import reconcile_dataset, release_dataset
 from dptrain_operator.handlers.federations import register_federations
 from dptrain_operator.handlers.jobs import delete_children, reconcile_and_write
-from dptrain_operator.jobstate import Event
+from dptrain_operator.state import Event
 
 JOBS = "dptrainingjobs"
 DATASETS = "privatedatasets"

@@ -28,8 +28,8 @@ from dptrain_api import (
 from dptrain_operator import admission, ledger
 from dptrain_operator.conditions import now, set_condition
 from dptrain_operator.context import OperatorContext
-from dptrain_operator.jobstate import Event
 from dptrain_operator.kube import ConflictError
+from dptrain_operator.state import Event
 
 
 def reconcile_dataset(body: dict[str, Any], ctx: OperatorContext) -> list[Event]:

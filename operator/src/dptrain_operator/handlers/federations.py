@@ -19,7 +19,6 @@ and tells the in-cluster sites to stop when it ends. It never reads a site's dat
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,15 +28,12 @@ from pydantic import ValidationError
 
 from dptrain_accounting import AccountingError, MechanismPlan, plan_fixed_steps
 from dptrain_api import (
-    PERMANENT_FAILURES,
-    Condition,
     ConditionType,
     CoordinatorReport,
     DPFederatedJob,
     DPFederatedJobStatus,
     DPFederatedSite,
     DPFederatedSiteStatus,
-    ExitCode,
     FederationMetric,
     FederationPhase,
     GlobalMetricStatus,
@@ -57,10 +53,17 @@ from dptrain_api import (
     source_identity,
 )
 from dptrain_operator import admission, ledger, pods
-from dptrain_operator.conditions import now, set_condition
+from dptrain_operator.conditions import now
 from dptrain_operator.context import OperatorContext
-from dptrain_operator.jobstate import Event
-from dptrain_operator.render import TRAINER_FINALIZER, owned_by
+from dptrain_operator.handlers.charged import (
+    ChargedReconciliation,
+    Reconciliation,
+    finished_cleanly,
+    permanent_failure,
+    remove_finalizer,
+    write_reconciled,
+)
+from dptrain_operator.render import owned_by
 from dptrain_operator.render.federation import (
     coordinator_claim,
     coordinator_claim_name,
@@ -75,87 +78,15 @@ from dptrain_operator.render.federation import (
     supernode_pod,
     supernode_pod_name,
 )
+from dptrain_operator.state import FINISHED, PENDING, RUNNING, ObjectState, parse_status
 from dptrain_operator.workers import AccountingTimeout
 
 __all__ = ["delete_federation", "delete_site", "reconcile_federation", "reconcile_site"]
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Pod = dict[str, Any]
-FINISHED = (FederationPhase.SUCCEEDED, FederationPhase.FAILED)
-_STOPPED_BY_US = (ExitCode.TERMINATED, ExitCode.INTERRUPTED)
-
-
-@dataclass
-class _State:
-    """The object as read, its status as it will be written back, and the events to post."""
-
-    body: dict[str, Any]
-    status: Any
-    events: list[Event] = field(default_factory=list)
-
-    @property
-    def namespace(self) -> str:
-        return str(self.body["metadata"]["namespace"])
-
-    @property
-    def name(self) -> str:
-        return str(self.body["metadata"]["name"])
-
-    @property
-    def uid(self) -> str:
-        return str(self.body["metadata"]["uid"])
-
-    @property
-    def phase(self) -> FederationPhase | None:
-        phase: FederationPhase | None = self.status.phase
-        return phase
-
-    def wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = self.status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return wire
-
-    def changed(self) -> bool:
-        return self.wire() != (self.body.get("status") or {})
-
-    def event(self, reason: Reason, message: str, *, warning: bool = False) -> None:
-        self.events.append(Event("Warning" if warning else "Normal", reason, message))
-
-    def condition(self, type: ConditionType, status: bool, reason: Reason, message: str) -> None:
-        conditions: list[Condition] = self.status.conditions
-        self.status.conditions = set_condition(
-            conditions,
-            type=type,
-            status=status,
-            reason=reason,
-            message=message,
-            generation=self.body["metadata"].get("generation"),
-        )
-
-    def transition(self, phase: FederationPhase, reason: Reason, message: str) -> None:
-        if self.status.phase != phase:
-            self.event(reason, message, warning=phase == FederationPhase.FAILED)
-        self.status.phase = phase
-
-    def fail(self, reason: Reason, message: str) -> None:
-        self.transition(FederationPhase.FAILED, reason, message)
-        self.condition(ConditionType.FAILED, True, reason, message)
-        self.condition(ConditionType.RUNNING, False, reason, message)
-        if self.status.completion_time is None:
-            self.status.completion_time = now()
-
-    def succeed(self, message: str) -> None:
-        self.transition(FederationPhase.SUCCEEDED, Reason.SUCCEEDED, message)
-        self.condition(ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, message)
-        self.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
-        if self.status.completion_time is None:
-            self.status.completion_time = now()
-
-
-def _read_status(body: dict[str, Any], model: type[Any]) -> Any:
-    try:
-        return model.model_validate(body.get("status") or {})
-    except ValidationError:
-        return model()
+SiteState = ObjectState[DPFederatedSiteStatus, FederationPhase]
+FederationState = ObjectState[DPFederatedJobStatus, FederationPhase]
 
 
 def _scrape(pod: Pod, port: int) -> dict[str, dict[str, float]]:
@@ -176,39 +107,6 @@ def _scrape(pod: Pod, port: int) -> dict[str, dict[str, float]]:
     return values
 
 
-def _permanent(code: int | None) -> Reason | None:
-    try:
-        exit_code = ExitCode(code) if code is not None else None
-    except ValueError:
-        return None
-    if exit_code == ExitCode.FEDERATION_ABORTED:
-        return Reason.FEDERATION_ABORTED
-    return PERMANENT_FAILURES.get(exit_code) if exit_code is not None else None
-
-
-def _remove_finalizer(ctx: OperatorContext, pod: Pod) -> None:
-    if TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
-        admission.retry_on_conflict(
-            lambda: ctx.kube.remove_pod_finalizer(
-                ctx.kube.get_pod(pod["metadata"]["namespace"], pod["metadata"]["name"]) or pod, TRAINER_FINALIZER
-            ),
-            what=f"releasing pod {pod['metadata']['name']}",
-            retries=5,
-        )
-
-
-def _nothing_ran() -> TerminationMessage:
-    from dptrain_api import RunOutcome
-
-    return TerminationMessage(status=RunOutcome.FAILED, exit_code=0, charged_steps=0, charged_releases=0)
-
-
-def _finished_cleanly(report: TerminationMessage | None) -> bool:
-    from dptrain_api import RunOutcome
-
-    return report is not None and report.exit_code == 0 and report.status == RunOutcome.SUCCEEDED
-
-
 def _insecure_refusal(ctx: OperatorContext) -> str:
     return (
         "superlink.insecure (plain HTTP, no TLS, no SuperNode authentication) is not allowed by this operator; use "
@@ -222,26 +120,17 @@ def _insecure_refusal(ctx: OperatorContext) -> str:
 # ======================================================================================================================
 
 
-class SiteReconciliation:
+class SiteReconciliation(ChargedReconciliation[SiteState]):
     """One reconciliation of one DPFederatedSite (by the operator watching its namespace)."""
 
+    noun = "site"
+
     def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
-        self.state = _State(body, _read_status(body, DPFederatedSiteStatus))
-        self.ctx, self.logger = ctx, logger
+        super().__init__(ObjectState(body, parse_status(body, DPFederatedSiteStatus), FederationPhase), ctx, logger)
         self.site: DPFederatedSite
-        self.dataset: PrivateDataset | None = None
-        self.ledger = ""
         self.identity = ""
 
-    @property
-    def namespace(self) -> str:
-        return self.state.namespace
-
-    @property
-    def uid(self) -> str:
-        return self.state.uid
-
-    def run(self) -> _State:
+    def run(self) -> SiteState:
         try:
             self.site = DPFederatedSite.model_validate(self.state.body)
         except ValidationError as error:
@@ -249,7 +138,7 @@ class SiteReconciliation:
             return self.state
         if not self._load_dataset():
             return self.state
-        entry = self._entry(admit=self.state.phase not in FINISHED)
+        entry = self._entry(admit=not self.state.finished)
         if entry is None:
             return self.state
         self._show_plan(entry)
@@ -268,22 +157,10 @@ class SiteReconciliation:
         if spec.superlink.insecure and not self.ctx.settings.federation_allow_insecure:
             self.state.fail(Reason.INSECURE_NOT_ALLOWED, _insecure_refusal(self.ctx))
             return False
-        raw = self.ctx.kube.get_dataset(self.namespace, spec.dataset_ref.name)
-        if raw is None:
-            message = f"PrivateDataset {spec.dataset_ref.name!r} not found in namespace {self.namespace}; create it"
-            self.state.transition(FederationPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
-            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
+        self.dataset = self._read_dataset(spec.dataset_ref.name)
+        if self.dataset is None:
             return False
-        try:
-            dataset = PrivateDataset.model_validate(raw)
-        except ValidationError as error:
-            problems = "; ".join(describe_validation_error(error))
-            self.state.fail(Reason.INVALID_DATASET, f"PrivateDataset {spec.dataset_ref.name!r} is invalid: {problems}")
-            return False
-        if dataset.metadata.namespace is None:
-            dataset.metadata.namespace = self.namespace
-        self.dataset = dataset
-        self.identity = source_identity(self.namespace, dataset.spec.source)
+        self.identity = source_identity(self.namespace, self.dataset.spec.source)
         self.ledger = ledger_name(self.identity)
         return True
 
@@ -308,17 +185,7 @@ class SiteReconciliation:
             dataset=self.dataset,
             holdout=self.dataset.spec.holdout_fraction,
         )
-        bound = status.dataset
-        if bound is None or bound.uid != self.dataset.metadata.uid:
-            message = f"PrivateDataset {self.dataset.metadata.name!r} is not ready yet (its ledger is being opened)"
-            if bound is not None:
-                message = (
-                    f"PrivateDataset {self.dataset.metadata.name!r} describes the same records as PrivateDataset "
-                    f"{bound.name!r}, which keeps their budget; use that one"
-                )
-                self.state.fail(Reason.INVALID_DATASET, message)
-                return None
-            self.state.transition(FederationPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
+        if not self._bound(status):
             return None
         self.state.status.ledger_name = self.ledger
         entry = ledger.find_entry(status, self.uid)
@@ -338,7 +205,7 @@ class SiteReconciliation:
                 f"federation's data is {data.input_shape} with {data.num_classes} classes",
             )
             return None
-        if not self._image_allowed():
+        if not self._image_allowed(self.site.spec.image):
             return None
         plan = self._plan(status.holdout_fraction)
         if plan is None:
@@ -356,18 +223,6 @@ class SiteReconciliation:
             self.state.event(Reason.ADMITTED, message)
         return entry
 
-    def _image_allowed(self) -> bool:
-        image = self.site.spec.image
-        settings = self.ctx.settings
-        if image is None or image == settings.trainer_image or image in settings.allowed_images:
-            return True
-        self.state.fail(
-            Reason.IMAGE_NOT_ALLOWED,
-            f"spec.image {image!r} is not an allowed trainer image: only the operator's images may run next to a "
-            "PrivateDataset's records (trainer.allowedImages)",
-        )
-        return False
-
     def _plan(self, holdout: float | None) -> MechanismPlan | None:
         assert self.dataset is not None
         inputs = site_plan_inputs(self.site.spec, self.dataset, holdout=holdout)
@@ -380,66 +235,31 @@ class SiteReconciliation:
         return None
 
     def _admit(self, plan: MechanismPlan) -> LedgerEntry:
-        holdout = plan.holdout_segment
         federation = self.site.spec.federation
-
-        def decide(status: Any) -> Any:
-            if ledger.find_entry(status, self.uid) is not None:
-                return status
-            decision = ledger.admit(
-                status.entries, status.budget, plan.segment, holdout, epsilon_of=admission.epsilon_of(self.ctx)
-            )
-            entry = LedgerEntry(
-                job_name=self.state.name,
-                job_namespace=self.namespace,
-                job_uid=self.uid,
-                kind="DPFederatedSite",
-                federation=f"{federation.namespace}/{federation.name}",
-                state="Reserved" if decision.admitted else "Refused",
-                train=ledger.mechanism(plan.segment),
-                holdout=ledger.mechanism(holdout) if holdout is not None else None,
-            )
-            if not decision.admitted:
-                assert status.budget is not None
-                entry = entry.model_copy(
-                    update={
-                        "outcome": Reason.BUDGET_EXCEEDED.value,
-                        "message": f"the site's plan needs ε={plan.epsilon:.4g} of the dataset (composed total would "
-                        f"be {decision.epsilon_after:.4g} > budget {status.budget.epsilon:g}); remaining "
-                        f"ε={max(decision.remaining_before, 0.0):.4g}. The site cannot take part; the other sites "
-                        "go on if enough remain",
-                    }
-                )
-            return ledger.add_entry(status, entry)
-
-        status = admission.write_ledger(self.ctx, self.ledger, decide)
-        entry = ledger.find_entry(status, self.uid)
-        assert entry is not None
-        return entry
+        entry = LedgerEntry(
+            job_name=self.state.name,
+            job_namespace=self.namespace,
+            job_uid=self.uid,
+            kind="DPFederatedSite",
+            federation=f"{federation.namespace}/{federation.name}",
+            state="Refused",
+        )
+        return admission.admit(
+            self.ctx,
+            self.ledger,
+            entry=entry,
+            plan=plan,
+            needs="the site's plan needs",
+            advice="The site cannot take part; the other sites go on if enough remain",
+        )
 
     def _show_plan(self, entry: LedgerEntry) -> None:
-        privacy = self.state.status.privacy or PrivacyStatus(epsilon_spent=0.0, steps=0)
-        spec = self.site.spec.privacy
-        train = entry.train
-        assert train is not None
-        self.state.status.privacy = privacy.model_copy(
-            update={
-                "target_epsilon": spec.target_epsilon,
-                "delta": spec.delta,
-                "noise_multiplier": train.noise_multiplier,
-                "sample_rate": train.sample_rate,
-                "planned_steps": train.steps if entry.state == "Reserved" else privacy.planned_steps or train.steps,
-                "accountant": spec.accountant,
-            }
-        )
-        if entry.state == "Committed":
-            self.state.status.privacy.steps = train.steps
-        self.state.status.attempts = entry.pods
+        self._show_planned_privacy(entry, self.site.spec.privacy)
+        privacy = self.state.status.privacy
+        if entry.state == "Committed" and privacy is not None and entry.train is not None:
+            privacy.steps = entry.train.steps
 
     # --- running -----------------------------------------------------------------------------------------------
-
-    def _pods(self) -> list[Pod]:
-        return pods.job_pods(self.ctx.kube, self.namespace, self.uid)
 
     def _run(self, entry: LedgerEntry) -> None:
         refusal = self._consent_message()
@@ -464,7 +284,7 @@ class SiteReconciliation:
         if deadline is not None and started is not None and (datetime.now(UTC) - started).total_seconds() > deadline:
             self._stop_and_commit(entry, Reason.DEADLINE_EXCEEDED, f"the site ran longer than {deadline}s")
             return
-        if not self._claim_intact(entry):
+        if not self._claim_intact(entry, site_claim(self.site)):
             return
         live = self._pods()
         if any(pods.terminating(pod) for pod in live):
@@ -481,42 +301,7 @@ class SiteReconciliation:
             self._pod_ended(entry, current)
         for pod in live:
             if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
-                _remove_finalizer(self.ctx, pod)
-
-    def _update(self, change: Any) -> LedgerEntry:
-        status = admission.write_ledger(self.ctx, self.ledger, lambda s: ledger.update_entry(s, self.uid, change))
-        entry = ledger.find_entry(status, self.uid)
-        assert entry is not None
-        return entry
-
-    def _claim_intact(self, entry: LedgerEntry) -> bool:
-        name = site_claim_name(self.state.name)
-        self.ctx.kube.create_if_absent(site_claim(self.site))
-        claim = self.ctx.kube.get_claim(self.namespace, name)
-        if claim is None:
-            return False
-        uid = str(claim["metadata"]["uid"])
-        if not owned_by(claim, self.uid):
-            reason, message = (
-                Reason.CHILD_NAME_TAKEN,
-                f"a PersistentVolumeClaim named {name} exists and was not created for this site; delete it",
-            )
-        elif entry.checkpoint_claim_uid is None:
-            self._update(lambda e: e.model_copy(update={"checkpoint_claim_uid": uid}))
-            return True
-        elif entry.checkpoint_claim_uid == uid:
-            return True
-        else:
-            reason, message = (
-                Reason.CHECKPOINT_LOST,
-                f"the site's journal claim {name} was replaced: the journal of earlier attempts is gone, so their "
-                "spend stays charged in full",
-            )
-        stopped = self._stop_and_settle(entry)
-        if stopped is not None:
-            self._commit(report=None if stopped[0].started_pods else _nothing_ran(), outcome=reason, message=message)
-            self.state.fail(reason, message)
-        return False
+                remove_finalizer(self.ctx, pod)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
         assert self.dataset is not None
@@ -540,22 +325,18 @@ class SiteReconciliation:
         if self.ctx.kube.create_if_absent(manifest):
             self.state.event(Reason.POD_CREATED, f"created SuperNode pod {name}")
         elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
-            message = f"a pod named {name} exists and was not created for this site; delete it"
-            self._commit(
-                report=None if entry.started_pods else _nothing_ran(), outcome=Reason.CHILD_NAME_TAKEN, message=message
-            )
-            self.state.fail(Reason.CHILD_NAME_TAKEN, message)
+            self._child_name_taken("pod", name, entry)
             return
         self.state.status.attempts = number
         if self.state.status.start_time is None:
             self.state.status.start_time = now()
-        self.state.transition(FederationPhase.PENDING, Reason.STARTED, f"SuperNode attempt {number} started")
+        self.state.transition(PENDING, Reason.STARTED, f"SuperNode attempt {number} started")
         self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"SuperNode pod {name}")
 
     def _observe(self, pod: Pod) -> None:
         if pods.phase(pod) != "Running":
             return
-        self.state.transition(FederationPhase.RUNNING, Reason.RUNNING, f"SuperNode {pod['metadata']['name']} runs")
+        self.state.transition(RUNNING, Reason.RUNNING, f"SuperNode {pod['metadata']['name']} runs")
         values = _scrape(pod, self.ctx.settings.trainer_metrics_port)
         if not values:
             return
@@ -571,38 +352,6 @@ class SiteReconciliation:
         if rounds is not None:
             self.state.status.rounds = int(rounds)
         self.state.status.privacy = privacy
-
-    def _settle(self, pod: Pod, *, report: TerminationMessage | None, failed: bool) -> LedgerEntry:
-        name = pod["metadata"]["name"]
-
-        def record(entry: LedgerEntry) -> LedgerEntry:
-            if name in entry.settled_pods:
-                return entry
-            return entry.model_copy(
-                update={
-                    "settled_pods": [*entry.settled_pods, name],
-                    "started_pods": entry.started_pods + (1 if pods.trainer_ran(pod) else 0),
-                    "failed_pods": entry.failed_pods + (1 if failed else 0),
-                    "observed_steps": max(entry.observed_steps, (report.charged_steps or 0) if report else 0),
-                    "observed_releases": max(entry.observed_releases, (report.charged_releases or 0) if report else 0),
-                }
-            )
-
-        return self._update(record)
-
-    def _commit(self, *, report: TerminationMessage | None, outcome: str, message: str) -> None:
-        steps = report.charged_steps if report is not None else None
-        releases = report.charged_releases if report is not None else None
-        status = admission.write_ledger(
-            self.ctx,
-            self.ledger,
-            lambda s: ledger.commit(s, self.uid, steps=steps, releases=releases, outcome=outcome, message=message),
-        )
-        entry = ledger.find_entry(status, self.uid)
-        if entry is not None:
-            for pod in self._pods():
-                if pods.ended(pod):
-                    _remove_finalizer(self.ctx, pod)
 
     def _show_report(self, report: TerminationMessage) -> None:
         privacy = self.state.status.privacy or PrivacyStatus()
@@ -624,7 +373,7 @@ class SiteReconciliation:
             self._succeed(report)
             return
         error = (report.error if report else None) or f"the SuperNode exited with code {code}"
-        permanent = _permanent(code)
+        permanent = permanent_failure(code)
         failures, limit = entry.failed_pods + 1, self.site.spec.backoff_limit
         if permanent is None and failures <= limit:
             self.logger.warning(f"SuperNode attempt {entry.pods} failed ({error}); restarting (journal continues)")
@@ -635,8 +384,7 @@ class SiteReconciliation:
         reason = permanent or Reason.BACKOFF_LIMIT_EXCEEDED
         self._settle(pod, report=report, failed=True)
         message = self._summary(error if permanent else f"{failures} SuperNode pods failed; last: {error}")
-        self._commit(report=report, outcome=reason, message=message)
-        self.state.fail(reason, message)
+        self._fail_and_commit(reason, message, report=report)
 
     def _succeed(self, report: TerminationMessage | None) -> None:
         message = self._summary("the federation finished")
@@ -652,24 +400,6 @@ class SiteReconciliation:
             f"{text}; ε={privacy.epsilon_spent:.4g} ≤ {self.site.spec.privacy.target_epsilon:g} ({privacy.steps} steps)"
         )
 
-    def _stop_and_settle(self, entry: LedgerEntry) -> tuple[LedgerEntry, TerminationMessage | None] | None:
-        live = self._pods()
-        for pod in live:
-            if not pods.ended(pod) and not pod["metadata"].get("deletionTimestamp"):
-                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
-        if any(not pods.ended(pod) for pod in live):
-            return None
-        report = None
-        for pod in live:
-            if pod["metadata"]["name"] not in entry.settled_pods:
-                code = pods.code(pod)
-                entry = self._settle(pod, report=pods.report(pod), failed=code not in (*_STOPPED_BY_US, 0, None))
-            report = pods.report(pod) or report
-            _remove_finalizer(self.ctx, pod)
-        if report is None and not entry.started_pods:
-            report = _nothing_ran()
-        return entry, report
-
     def _stop_and_commit(self, entry: LedgerEntry, reason: Reason, message: str) -> None:
         stopped = self._stop_and_settle(entry)
         if stopped is None:
@@ -677,52 +407,36 @@ class SiteReconciliation:
         report = stopped[1]
         if report is not None:
             self._show_report(report)
-        if reason == Reason.SITE_STOPPED and _finished_cleanly(report):
+        if reason == Reason.SITE_STOPPED and finished_cleanly(report):
             # The federation ended and the SuperNode finished it (exit 0, a Succeeded report) while the
             # coordinator's stop was on its way (its SIGTERM cut the reply grace short): a success, charged the same.
             self._succeed(report)
             return
-        self._commit(report=report, outcome=reason, message=message)
-        self.state.fail(reason, message)
+        self._fail_and_commit(reason, message, report=report)
 
     def _finished(self, entry: LedgerEntry) -> None:
-        for pod in self._pods():
-            if not pods.ended(pod):
-                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
-            elif TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
-                _remove_finalizer(self.ctx, pod)
-        if entry.outcome == Reason.SUCCEEDED:
-            if self.state.phase != FederationPhase.SUCCEEDED:
-                self.state.succeed(entry.message or "the federation finished")
-        elif self.state.phase != FederationPhase.FAILED:
-            try:
-                reason = Reason(entry.outcome or Reason.POD_FAILED)
-            except ValueError:
-                reason = Reason.POD_FAILED
-            self.state.fail(reason, entry.message or "failed")
+        self._show_committed(entry, default_message="the federation finished")
 
 
-def reconcile_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> _State:
+def reconcile_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> SiteState:
     return SiteReconciliation(body, ctx, logger).run()
 
 
 def reconcile_site_and_write(
     ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger
-) -> _State | None:
-    fresh = ctx.kube.get_site(namespace, name)
-    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
-        return None
-    state = reconcile_site(fresh, ctx, logger)
-    if state.changed():
-        ctx.kube.patch_site_status(namespace, name, state.wire())
-    return state
+) -> SiteState | None:
+    written = write_reconciled(
+        lambda: ctx.kube.get_site(namespace, name),
+        lambda fresh: reconcile_site(fresh, ctx, logger),
+        lambda status: ctx.kube.patch_site_status(namespace, name, status),
+        uid=uid,
+    )
+    return written[1] if written is not None else None
 
 
 def delete_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
     """On deletion: stop the SuperNode, wait until it ended, commit what its journal reported (in full when unknown),
     then remove the pods and the journal claim."""
-    import kopf
-
     work = SiteReconciliation(body, ctx, logger)
     try:
         work.site = DPFederatedSite.model_validate(body)
@@ -733,31 +447,7 @@ def delete_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> N
         dataset = PrivateDataset.model_validate(raw)
         work.identity = source_identity(work.namespace, dataset.spec.source)
         work.ledger = ledger_name(work.identity)
-    entry = None
-    candidates = [work.ledger] if work.ledger else []
-    candidates += [
-        item["metadata"]["name"] for item in ctx.kube.list_ledgers() if item["metadata"]["name"] not in candidates
-    ]
-    for name in candidates:
-        found = ctx.kube.get_ledger(name)
-        if found is None:
-            continue
-        entry = ledger.find_entry(admission.parse_status(found), work.uid)
-        if entry is not None:
-            work.ledger = name
-            break
-    if entry is not None and entry.state == "Reserved":
-        stopped = work._stop_and_settle(entry)
-        if stopped is None:
-            raise kopf.TemporaryError("waiting for the SuperNode to stop", delay=2)
-        work._commit(report=stopped[1], outcome=Reason.DELETED, message="the site was deleted")
-    for pod in pods.job_pods(ctx.kube, work.namespace, work.uid):
-        if not pods.ended(pod):
-            ctx.kube.delete_pod(work.namespace, pod["metadata"]["name"])
-        _remove_finalizer(ctx, pod)
-    claim = ctx.kube.get_claim(work.namespace, site_claim_name(work.state.name))
-    if claim is not None and owned_by(claim, work.uid):
-        ctx.kube.delete_claim(work.namespace, site_claim_name(work.state.name))
+    work._delete(claim_name=site_claim_name(work.state.name))
 
 
 # ======================================================================================================================
@@ -765,23 +455,14 @@ def delete_site(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> N
 # ======================================================================================================================
 
 
-class FederationReconciliation:
+class FederationReconciliation(Reconciliation[FederationState]):
     """One reconciliation of one DPFederatedJob (by the operator watching the coordinator's namespace)."""
 
     def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
-        self.state = _State(body, _read_status(body, DPFederatedJobStatus))
-        self.ctx, self.logger = ctx, logger
+        super().__init__(ObjectState(body, parse_status(body, DPFederatedJobStatus), FederationPhase), ctx, logger)
         self.job: DPFederatedJob
 
-    @property
-    def namespace(self) -> str:
-        return self.state.namespace
-
-    @property
-    def uid(self) -> str:
-        return self.state.uid
-
-    def run(self) -> _State:
+    def run(self) -> FederationState:
         try:
             self.job = DPFederatedJob.model_validate(self.state.body)
         except ValidationError as error:
@@ -806,7 +487,7 @@ class FederationReconciliation:
         able, pending = self._sites()
         if pending:
             message = f"waiting for the sites' operators to admit {', '.join(pending)}"
-            self.state.transition(FederationPhase.PENDING, Reason.STARTED, message)
+            self.state.transition(PENDING, Reason.STARTED, message)
             self.state.condition(ConditionType.ADMITTED, False, Reason.STARTED, message)
             return self.state
         if len(able) < spec.min_sites:
@@ -825,10 +506,17 @@ class FederationReconciliation:
 
     # --- sites ----------------------------------------------------------------------------------------------
 
+    @property
+    def _rounds(self) -> RoundsStatus:
+        """status.rounds (run() sets it before anything reads it)."""
+        status = self.state.status
+        status.rounds = status.rounds or RoundsStatus(completed=0, total=self.job.spec.training.rounds)
+        return status.rounds
+
     def _site_status(self, name: str) -> SiteStatus:
         for site in self.state.status.sites:
             if site.name == name:
-                return site  # type: ignore[no-any-return]
+                return site
         site = SiteStatus(name=name)
         self.state.status.sites.append(site)
         return site
@@ -867,7 +555,7 @@ class FederationReconciliation:
     def _mirror_site(self, shown: SiteStatus, raw: dict[str, Any]) -> str:
         """Copy a site's public status; "able" once its operator admitted it (reserved its plan), "refused" when it
         was refused before that, "pending" while undecided."""
-        status = _read_status(raw, DPFederatedSiteStatus)
+        status = parse_status(raw, DPFederatedSiteStatus)
         failed = next((c for c in status.conditions if c.type == ConditionType.FAILED and c.status == "True"), None)
         admitted = next((c for c in status.conditions if c.type == ConditionType.ADMITTED), None)
         was_admitted = admitted is not None and admitted.status == "True"
@@ -903,7 +591,7 @@ class FederationReconciliation:
             raw = self.ctx.kube.get_site(site.namespace, name)
             if raw is None or (raw["metadata"].get("labels") or {}).get("dptrain.io/federation-uid") != self.uid:
                 continue
-            status = _read_status(raw, DPFederatedSiteStatus)
+            status = parse_status(raw, DPFederatedSiteStatus)
             if status.phase not in FINISHED and not raw.get("spec", {}).get("stop"):
                 self.ctx.kube.patch_site_spec(site.namespace, name, {"stop": True})
             if status.phase is not None:
@@ -939,21 +627,21 @@ class FederationReconciliation:
         self.state.status.attempts = number
         if self.state.status.start_time is None:
             self.state.status.start_time = now()
-        self.state.transition(FederationPhase.PENDING, Reason.STARTED, f"coordinator attempt {number} started")
+        self.state.transition(PENDING, Reason.STARTED, f"coordinator attempt {number} started")
         self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"coordinator pod {name}")
 
     def _observe(self, pod: Pod) -> None:
         if pods.phase(pod) != "Running":
             return
-        self.state.transition(FederationPhase.RUNNING, Reason.RUNNING, f"coordinator {pod['metadata']['name']} runs")
+        self.state.transition(RUNNING, Reason.RUNNING, f"coordinator {pod['metadata']['name']} runs")
         values = _scrape(pod, self.ctx.settings.trainer_metrics_port)
         if not values:
             return
         status = self.state.status
         completed = values.get(FederationMetric.ROUNDS_COMPLETED, {}).get("")
-        if completed is not None and int(completed) > (status.rounds.completed or 0):
-            status.rounds.completed = int(completed)
-            self.state.event(Reason.ROUND_COMPLETED, f"round {int(completed)} of {status.rounds.total} aggregated")
+        if completed is not None and int(completed) > (self._rounds.completed or 0):
+            self._rounds.completed = int(completed)
+            self.state.event(Reason.ROUND_COMPLETED, f"round {int(completed)} of {self._rounds.total} aggregated")
         for metric, attribute in (
             (FederationMetric.SITE_EPSILON_SPENT, "epsilon_spent"),
             (FederationMetric.SITE_STEPS, "steps"),
@@ -981,7 +669,7 @@ class FederationReconciliation:
             self._show_report(report)
         if pods.phase(pod) == "Succeeded":
             metric = self.state.status.global_metric
-            summary = f"{self.state.status.rounds.completed} rounds aggregated"
+            summary = f"{self._rounds.completed} rounds aggregated"
             if metric is not None and metric.value is not None:
                 summary += f"; global model {metric.metric}={metric.value:.4g} (DP, summed over the sites' releases)"
             self.state.succeed(summary)
@@ -1007,7 +695,7 @@ class FederationReconciliation:
 
     def _show_report(self, report: CoordinatorReport) -> None:
         status = self.state.status
-        status.rounds.completed = max(status.rounds.completed or 0, report.completed_rounds)
+        self._rounds.completed = max(self._rounds.completed or 0, report.completed_rounds)
         for site in report.sites:
             shown = self._site_status(site.name)
             if site.epsilon is not None:
@@ -1045,20 +733,20 @@ class FederationReconciliation:
             self.ctx.kube.delete_federation(self.namespace, self.state.name)
 
 
-def reconcile_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> _State:
+def reconcile_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> FederationState:
     return FederationReconciliation(body, ctx, logger).run()
 
 
 def reconcile_federation_and_write(
     ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger
-) -> _State | None:
-    fresh = ctx.kube.get_federation(namespace, name)
-    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
-        return None
-    state = reconcile_federation(fresh, ctx, logger)
-    if state.changed():
-        ctx.kube.patch_federation_status(namespace, name, state.wire())
-    return state
+) -> FederationState | None:
+    written = write_reconciled(
+        lambda: ctx.kube.get_federation(namespace, name),
+        lambda fresh: reconcile_federation(fresh, ctx, logger),
+        lambda status: ctx.kube.patch_federation_status(namespace, name, status),
+        uid=uid,
+    )
+    return written[1] if written is not None else None
 
 
 def delete_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:

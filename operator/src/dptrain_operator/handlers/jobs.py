@@ -12,17 +12,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
 from pydantic import ValidationError
 
 from dptrain_accounting import AccountingError, MechanismPlan
 from dptrain_api import (
-    PERMANENT_FAILURES,
     AuditStatus,
     ConditionType,
     DistributedStatus,
     DPTrainingJob,
-    ExitCode,
     JobPhase,
     LedgerEntry,
     PrivacyStatus,
@@ -40,9 +37,13 @@ from dptrain_api import (
 from dptrain_operator import admission, ledger, pods
 from dptrain_operator.conditions import get_condition, now
 from dptrain_operator.context import OperatorContext
-from dptrain_operator.jobstate import FINISHED, JobState
+from dptrain_operator.handlers.charged import (
+    ChargedReconciliation,
+    permanent_failure,
+    remove_finalizer,
+    write_reconciled,
+)
 from dptrain_operator.render import (
-    TRAINER_FINALIZER,
     PodContract,
     checkpoint_claim,
     checkpoint_claim_name,
@@ -55,11 +56,11 @@ from dptrain_operator.render import (
     trainer_pod,
 )
 from dptrain_operator.scrape import scrape
+from dptrain_operator.state import FINISHED, JobState, read_job_state
 from dptrain_operator.workers import AccountingTimeout
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Pod = dict[str, Any]
-_STOPPED_BY_US = (ExitCode.TERMINATED, ExitCode.INTERRUPTED)
 
 
 def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: str, logger: Logger) -> JobState | None:
@@ -67,35 +68,29 @@ def reconcile_and_write(ctx: OperatorContext, namespace: str, name: str, uid: st
 
     Returns the state (its events still to be posted), or None when the job is gone or was re-created.
     """
-    fresh = ctx.kube.get_job(namespace, name)
-    if fresh is None or fresh["metadata"]["uid"] != uid or fresh["metadata"].get("deletionTimestamp"):
+    written = write_reconciled(
+        lambda: ctx.kube.get_job(namespace, name),
+        lambda fresh: reconcile_job(fresh, ctx, logger),
+        lambda status: ctx.kube.patch_job_status(namespace, name, status),
+        uid=uid,
+    )
+    if written is None:
         return None
-    state = reconcile_job(fresh, ctx, logger)
-    if state.changed():
-        ctx.kube.patch_job_status(namespace, name, state.wire())
+    fresh, state = written
     if state.phase == JobPhase.FAILED and (fresh.get("status") or {}).get("phase") != JobPhase.FAILED:
         failed = get_condition(state.status.conditions, ConditionType.FAILED)
         ctx.metrics.job_failures.labels(reason=failed.reason if failed else "Unknown").inc()
     return state
 
 
-class Reconciliation:
+class JobReconciliation(ChargedReconciliation[JobState]):
     """One reconciliation of one job: the job as read, its dataset, its ledger, and the status being written."""
 
+    noun = "job"
+
     def __init__(self, body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
-        self.state = JobState.read(body)
-        self.ctx, self.logger = ctx, logger
+        super().__init__(read_job_state(body), ctx, logger)
         self.job: DPTrainingJob
-        self.dataset: PrivateDataset | None = None
-        self.ledger = ""
-
-    @property
-    def namespace(self) -> str:
-        return self.state.namespace
-
-    @property
-    def uid(self) -> str:
-        return self.state.uid
 
     # --- entry point ---------------------------------------------------------------------------------------
 
@@ -115,7 +110,7 @@ class Reconciliation:
             return self.state
         self._show_plan(entry)
         if entry.state == "Refused":
-            self._settle_all(entry)
+            self._release_ended()
             self.state.fail(Reason(entry.outcome or Reason.BUDGET_EXCEEDED), entry.message or "refused")
         elif entry.state == "Committed":
             self._finished(entry)
@@ -129,19 +124,8 @@ class Reconciliation:
         reference = self.job.spec.dataset.dataset_ref
         if reference is None:
             return True
-        raw = self.ctx.kube.get_dataset(self.namespace, reference.name)
-        if raw is None:
-            message = f"PrivateDataset {reference.name!r} not found in namespace {self.namespace}; create it"
-            self.state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
-            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
-            return False
-        try:
-            self.dataset = PrivateDataset.model_validate(raw)
-        except ValidationError as error:
-            problems = "; ".join(describe_validation_error(error))
-            self.state.fail(Reason.INVALID_DATASET, f"PrivateDataset {reference.name!r} is invalid: {problems}")
-            return False
-        return True
+        self.dataset = self._read_dataset(reference.name)
+        return self.dataset is not None
 
     def _entry(self, *, admit: bool) -> LedgerEntry | None:
         """The job's ledger entry, admitting the job first when it has none and ``admit`` (None: the job failed,
@@ -164,7 +148,7 @@ class Reconciliation:
             self.state.fail(Reason.INVALID_SPEC, str(error))
             return None
         plan = self._plan(holdout)
-        if plan is None or not self._image_allowed():
+        if plan is None or not self._image_allowed(self.job.spec.image):
             return None
         entry = admission.admit_job(self.ctx, self.ledger, job=self.job, plan=plan)
         if entry.state == "Reserved":
@@ -177,25 +161,6 @@ class Reconciliation:
             self.state.event(Reason.ADMITTED, message)
             self.logger.info(message)
         return entry
-
-    def _bound(self, status: Any) -> bool:
-        """The ledger describes this job's PrivateDataset (not another one over the same source)."""
-        if self.dataset is None:
-            return True
-        bound = status.dataset
-        if bound is not None and bound.uid == self.dataset.metadata.uid:
-            return True
-        if bound is None:
-            message = f"PrivateDataset {self.dataset.metadata.name!r} is not ready yet (its ledger is being opened)"
-            self.state.transition(JobPhase.PENDING, Reason.DATASET_NOT_FOUND, message)
-            self.state.condition(ConditionType.ADMITTED, False, Reason.DATASET_NOT_FOUND, message)
-            return False
-        self.state.fail(
-            Reason.INVALID_DATASET,
-            f"PrivateDataset {self.dataset.metadata.name!r} describes the same records as PrivateDataset "
-            f"{bound.name!r}, which keeps their budget; use that one",
-        )
-        return False
 
     def _plan(self, holdout: float) -> MechanismPlan | None:
         try:
@@ -210,51 +175,17 @@ class Reconciliation:
             )
         return None
 
-    def _image_allowed(self) -> bool:
-        image = self.job.spec.image
-        settings = self.ctx.settings
-        if self.dataset is None or image is None or image == settings.trainer_image or image in settings.allowed_images:
-            return True
-        self.state.fail(
-            Reason.IMAGE_NOT_ALLOWED,
-            f"spec.image {image!r} is not an allowed trainer image: only the operator's images may run next to a "
-            "PrivateDataset's records (ask the operator's administrator to add it to trainer.allowedImages, or "
-            "leave spec.image unset)",
-        )
-        return False
-
     def _show_plan(self, entry: LedgerEntry) -> None:
-        privacy = self.state.status.privacy or PrivacyStatus(epsilon_spent=0.0, steps=0)
-        spec = self.job.spec.privacy
-        train = entry.train
-        assert train is not None
-        self.state.status.privacy = privacy.model_copy(
-            update={
-                "target_epsilon": spec.target_epsilon,
-                "delta": spec.delta,
-                "noise_multiplier": train.noise_multiplier,
-                "sample_rate": train.sample_rate,
-                "planned_steps": train.steps if entry.state == "Reserved" else privacy.planned_steps or train.steps,
-                "accountant": spec.accountant,
-            }
-        )
+        self._show_planned_privacy(entry, self.job.spec.privacy)
         if self.state.status.progress is None:
-            self.state.status.progress = ProgressStatus(step=0, total_steps=train.steps, percent="0%")
-        self.state.status.attempts = entry.pods
+            assert entry.train is not None
+            self.state.status.progress = ProgressStatus(step=0, total_steps=entry.train.steps, percent="0%")
 
     # --- finished jobs ---------------------------------------------------------------------------------------
 
     def _finished(self, entry: LedgerEntry) -> None:
         """A committed entry is final whatever the job's status says: stop what runs, show the outcome, TTL."""
-        for pod in pods.job_pods(self.ctx.kube, self.namespace, self.uid):
-            if not pods.ended(pod):
-                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
-        self._settle_all(entry)
-        if entry.outcome == Reason.SUCCEEDED:
-            if self.state.phase != JobPhase.SUCCEEDED:
-                self.state.succeed(entry.message or "succeeded")
-        elif self.state.phase != JobPhase.FAILED:
-            self.state.fail(_reason(entry.outcome), entry.message or "failed")
+        self._show_committed(entry, default_message="succeeded")
         self._ttl()
 
     def _ttl(self) -> None:
@@ -266,26 +197,6 @@ class Reconciliation:
         if (datetime.now(UTC) - finished).total_seconds() >= ttl:
             self.ctx.kube.delete_job(self.namespace, self.state.name)
 
-    def _settle_all(self, entry: LedgerEntry) -> None:
-        """Release every ended pod the ledger no longer needs to hear from (the entry is final)."""
-        for pod in pods.job_pods(self.ctx.kube, self.namespace, self.uid):
-            if pods.ended(pod) and TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
-                _remove_finalizer(self.ctx, pod)
-
-    def _commit(self, *, report: TerminationMessage | None, outcome: str, message: str) -> None:
-        steps = report.charged_steps if report is not None else None
-        releases = report.charged_releases if report is not None else None
-        status = admission.write_ledger(
-            self.ctx,
-            self.ledger,
-            lambda status: ledger.commit(
-                status, self.uid, steps=steps, releases=releases, outcome=outcome, message=message
-            ),
-        )
-        entry = ledger.find_entry(status, self.uid)
-        if entry is not None:  # the entry is final: no ended pod has anything more to tell
-            self._settle_all(entry)
-
     # --- running ----------------------------------------------------------------------------------------------
 
     def _run(self, entry: LedgerEntry) -> None:
@@ -294,7 +205,8 @@ class Reconciliation:
             return
         if self._deadline_exceeded(entry):
             return
-        if self.job.spec.checkpoint.volume == "persistentVolumeClaim" and not self._claim_intact(entry):
+        claim = checkpoint_claim(self.job)
+        if self.job.spec.checkpoint.volume == "persistentVolumeClaim" and not self._claim_intact(entry, claim):
             return
         if self.state.phase == JobPhase.SUSPENDED:
             self.state.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
@@ -324,7 +236,7 @@ class Reconciliation:
         self._show_gang(entry)
         for pod in live:  # pods whose end the ledger has recorded no longer need their finalizer
             if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
-                _remove_finalizer(self.ctx, pod)
+                remove_finalizer(self.ctx, pod)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
         """Start attempt ``number``: its leader pod (the other workers follow once it has an address)."""
@@ -356,11 +268,7 @@ class Reconciliation:
         if self.ctx.kube.create_if_absent(manifest):
             self.state.event(Reason.POD_CREATED, f"created trainer pod {name}")
         elif not owned_by(self.ctx.kube.get_pod(self.namespace, name) or {}, self.uid):
-            self._fail_and_commit(
-                Reason.CHILD_NAME_TAKEN,
-                f"a pod named {name} exists and was not created for this job; delete it or rename the job",
-                report=None if entry.started_pods else _nothing_ran(),
-            )
+            self._child_name_taken("pod", name, entry)
             return None
         return name
 
@@ -377,11 +285,7 @@ class Reconciliation:
                 continue
             existing = self.ctx.kube.get_child(kind, self.namespace, name)
             if existing is not None and not owned_by(existing, self.uid):
-                self._fail_and_commit(
-                    Reason.CHILD_NAME_TAKEN,
-                    f"a {kind} named {name} exists and was not created for this job; delete it or rename the job",
-                    report=None if entry.started_pods else _nothing_ran(),
-                )
+                self._child_name_taken(kind, name, entry)
                 return False
         return True
 
@@ -489,7 +393,7 @@ class Reconciliation:
                 f"the trainer was killed for exceeding its memory limit (OOMKilled at spec.resources.memory={memory}); "
                 "raise spec.resources.memory (or lower training.maxPhysicalBatchSize) and submit the job again",
             )
-        permanent = _permanent(code)
+        permanent = permanent_failure(code)
         if permanent is not None:
             return permanent, error
         if self.job.spec.checkpoint.volume == "emptyDir":  # no persistent journal: a retry could not know the spend
@@ -502,58 +406,7 @@ class Reconciliation:
             )
         return None
 
-    def _settle(self, pod: Pod, *, report: TerminationMessage | None, failed: bool) -> LedgerEntry:
-        """Record in the ledger that ``pod`` ended: whether its trainer ran, what it reported charged."""
-        name = pod["metadata"]["name"]
-
-        def record(entry: LedgerEntry) -> LedgerEntry:
-            if name in entry.settled_pods:
-                return entry
-            return entry.model_copy(
-                update={
-                    "settled_pods": [*entry.settled_pods, name],
-                    "started_pods": entry.started_pods + (1 if pods.trainer_ran(pod) else 0),
-                    "failed_pods": entry.failed_pods + (1 if failed else 0),
-                    "observed_steps": max(entry.observed_steps, (report.charged_steps or 0) if report else 0),
-                    "observed_releases": max(entry.observed_releases, (report.charged_releases or 0) if report else 0),
-                }
-            )
-
-        return self._update(record)
-
-    def _update(self, change: Any) -> LedgerEntry:
-        status = admission.write_ledger(self.ctx, self.ledger, lambda s: ledger.update_entry(s, self.uid, change))
-        entry = ledger.find_entry(status, self.uid)
-        assert entry is not None
-        return entry
-
-    def _fail_and_commit(self, reason: Reason, message: str, *, report: TerminationMessage | None) -> None:
-        self._commit(report=report, outcome=reason, message=message)
-        self.state.fail(reason, message)
-
     # --- stopping: suspend, deadline, lost checkpoint ---------------------------------------------------
-
-    def _stop_and_settle(self, entry: LedgerEntry) -> tuple[LedgerEntry, TerminationMessage | None] | None:
-        """Delete the job's live pods; once all have ended, record them: (the entry, the last report), or None while
-        a pod still runs. What to commit: the last report, or, when no trainer ever ran, nothing at all."""
-        live = pods.job_pods(self.ctx.kube, self.namespace, self.uid)
-        for pod in live:
-            if not pods.ended(pod) and not pod["metadata"].get("deletionTimestamp"):
-                self.ctx.kube.delete_pod(self.namespace, pod["metadata"]["name"])
-        if any(not pods.ended(pod) for pod in live):
-            return None
-        report = None
-        for pod in live:
-            if pods.worker(pod) != 0:
-                continue  # only a leader's end is recorded: it alone ran the journal
-            if pod["metadata"]["name"] not in entry.settled_pods:
-                code = pods.code(pod)
-                entry = self._settle(pod, report=pods.report(pod), failed=code not in (*_STOPPED_BY_US, 0, None))
-            report = pods.report(pod) or report
-            _remove_finalizer(self.ctx, pod)
-        if report is None and not entry.started_pods:
-            report = _nothing_ran()
-        return entry, report
 
     def _suspend(self, entry: LedgerEntry) -> None:
         stopped = self._stop_and_settle(entry)
@@ -577,76 +430,28 @@ class Reconciliation:
             self._fail_and_commit(Reason.DEADLINE_EXCEEDED, message, report=stopped[1])
         return True
 
-    def _claim_intact(self, entry: LedgerEntry) -> bool:
-        """Create the claim on first use and record its UID in the ledger. A claim this job did not create, or one
-        replaced since (deleted and re-created empty), means the journal of earlier attempts is unknown or gone:
-        the job fails instead of retrying, charged in full unless nothing ever ran."""
-        name = checkpoint_claim_name(self.state.name)
-        self.ctx.kube.create_if_absent(checkpoint_claim(self.job))
-        claim = self.ctx.kube.get_claim(self.namespace, name)
-        if claim is None:
-            return False  # created a moment ago and not readable yet: next time
-        uid = str(claim["metadata"]["uid"])
-        if not owned_by(claim, self.uid):
-            reason = Reason.CHILD_NAME_TAKEN
-            message = (
-                f"a PersistentVolumeClaim named {name} exists and was not created for this job; delete it or "
-                "rename the job (its contents cannot be trusted as this job's privacy journal)"
-            )
-        elif entry.checkpoint_claim_uid is None:
-            self._update(lambda e: e.model_copy(update={"checkpoint_claim_uid": uid}))
-            return True
-        elif entry.checkpoint_claim_uid == uid:
-            return True
-        else:
-            reason = Reason.CHECKPOINT_LOST
-            message = (
-                f"checkpoint claim {name} was replaced while the job ran: the privacy journal of earlier attempts "
-                "is gone, so their spend stays charged in full; create a new job to train again"
-            )
-        stopped = self._stop_and_settle(entry)
-        if stopped is not None:  # what the journal said is no longer to be trusted: in full, unless nothing ran
-            self._fail_and_commit(reason, message, report=None if stopped[0].started_pods else _nothing_ran())
-        return False
-
 
 def reconcile_job(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> JobState:
     """One reconciliation step; returns the state whose status the caller writes and whose events it posts."""
-    return Reconciliation(body, ctx, logger).run()
+    return JobReconciliation(body, ctx, logger).run()
 
 
 def delete_children(body: dict[str, Any], ctx: OperatorContext, logger: Logger) -> None:
     """On deletion: stop the trainer pods, wait until they have ended (their finalizers keep them), commit the
-    ledger entry at what the last pod's journal reported (in full when unknown), then remove pods and claim."""
-    work = Reconciliation(body, ctx, logger)
+    ledger entry at what the last pod's journal reported (in full when unknown), then remove pods, claim, and the
+    gang's Service and NetworkPolicy."""
+    work = JobReconciliation(body, ctx, logger)
     try:
         work.job = DPTrainingJob.model_validate(body)
     except ValidationError:
         return
-    identity_dataset = None
     reference = work.job.spec.dataset.dataset_ref
     if reference is not None:
         raw = ctx.kube.get_dataset(work.namespace, reference.name)
-        identity_dataset = PrivateDataset.model_validate(raw) if raw is not None else None
-    work.dataset = identity_dataset
-    work.ledger = (
-        ledger_name(admission.job_identity(work.job, identity_dataset))
-        if (reference is None or identity_dataset is not None)
-        else ""
-    )
-    entry = _find_entry(ctx, work)
-    if entry is not None and entry.state == "Reserved":
-        stopped = work._stop_and_settle(entry)
-        if stopped is None:
-            raise kopf.TemporaryError("waiting for the trainer pods to stop", delay=2)
-        work._commit(report=stopped[1], outcome=Reason.DELETED, message="the job was deleted")
-    for pod in pods.job_pods(ctx.kube, work.namespace, work.uid):
-        if not pods.ended(pod):
-            ctx.kube.delete_pod(work.namespace, pod["metadata"]["name"])
-        _remove_finalizer(ctx, pod)
-    claim = ctx.kube.get_claim(work.namespace, checkpoint_claim_name(work.state.name))
-    if claim is not None and owned_by(claim, work.uid):
-        ctx.kube.delete_claim(work.namespace, checkpoint_claim_name(work.state.name))
+        work.dataset = PrivateDataset.model_validate(raw) if raw is not None else None
+    if reference is None or work.dataset is not None:
+        work.ledger = ledger_name(admission.job_identity(work.job, work.dataset))
+    work._delete(claim_name=checkpoint_claim_name(work.state.name))
     for kind, name in (
         ("Service", gang_service_name(work.state.name)),
         ("NetworkPolicy", gang_policy_name(work.state.name)),
@@ -657,57 +462,7 @@ def delete_children(body: dict[str, Any], ctx: OperatorContext, logger: Logger) 
     ctx.metrics.observe_job(work.uid, None)
 
 
-def _find_entry(ctx: OperatorContext, work: Reconciliation) -> LedgerEntry | None:
-    """The job's entry: in the ledger its dataset names, else (its dataset is gone) in whichever ledger has it."""
-    candidates = [work.ledger] if work.ledger else []
-    candidates += [
-        raw["metadata"]["name"] for raw in ctx.kube.list_ledgers() if raw["metadata"]["name"] not in candidates
-    ]
-    for name in candidates:
-        raw = ctx.kube.get_ledger(name)
-        if raw is None:
-            continue
-        entry = ledger.find_entry(admission.parse_status(raw), work.uid)
-        if entry is not None:
-            work.ledger = name
-            return entry
-    return None
-
-
 # --- small helpers ------------------------------------------------------------------------------------------
-
-
-def _nothing_ran() -> TerminationMessage:
-    """What to commit when no trainer of the job ever started: nothing was charged."""
-    from dptrain_api import RunOutcome
-
-    return TerminationMessage(status=RunOutcome.FAILED, exit_code=0, charged_steps=0, charged_releases=0)
-
-
-def _remove_finalizer(ctx: OperatorContext, pod: Pod) -> None:
-    if TRAINER_FINALIZER in (pod["metadata"].get("finalizers") or []):
-        admission.retry_on_conflict(
-            lambda: ctx.kube.remove_pod_finalizer(
-                ctx.kube.get_pod(pod["metadata"]["namespace"], pod["metadata"]["name"]) or pod, TRAINER_FINALIZER
-            ),
-            what=f"releasing pod {pod['metadata']['name']}",
-            retries=5,
-        )
-
-
-def _permanent(code: int | None) -> Reason | None:
-    """The failure reason of a trainer exit that retrying cannot fix (None: retry)."""
-    try:
-        return PERMANENT_FAILURES.get(ExitCode(code)) if code is not None else None
-    except ValueError:
-        return None
-
-
-def _reason(outcome: str | None) -> Reason:
-    try:
-        return Reason(outcome or Reason.POD_FAILED)
-    except ValueError:
-        return Reason.POD_FAILED
 
 
 def _success_message(state: JobState, job: DPTrainingJob) -> str:
