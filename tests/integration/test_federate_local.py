@@ -46,14 +46,24 @@ def test_dptrain_federate_with_tls_node_authentication_and_secure_aggregation(tm
     manifest = tmp_path / "federation.yaml"  # file paths resolve against its folder
     manifest.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     output = tmp_path / "out"
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "dptrain"), "federate", str(manifest), "--output", str(output), "--secure"],
-        capture_output=True,
-        text=True,
-        timeout=500,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    try:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "dptrain"),
+                "federate",
+                str(manifest),
+                "--output",
+                str(output),
+                "--secure",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=500,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"dptrain federate did not finish in 500 s\n{_flower_logs(output)}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:] + _flower_logs(output)
     assert "FederationNotAllowed" in result.stderr  # hospital-c gave no consent: reported, left out
     report = json.loads((output / "federation-report.json").read_text())
     assert report["state"] == "succeeded"
@@ -75,3 +85,14 @@ def test_dptrain_federate_with_tls_node_authentication_and_secure_aggregation(tm
         assert privacy["federation"]["roundsTrained"] == [1]
         assert (site / "global-model.pt").exists()
     assert not (output / "sites" / "hospital-c").exists()
+
+
+def _flower_logs(output: Path) -> str:
+    """The tail of every Flower process's log (SuperLink, SuperNodes) and the coordinator's status, to see why."""
+    parts = [
+        f"--- {path.relative_to(output)}\n{path.read_text(errors='replace')[-2000:]}" for path in output.rglob("*.log")
+    ]
+    status = output / "coordinator" / "status.json"
+    if status.exists():
+        parts.append(f"--- coordinator/status.json\n{status.read_text()[-2000:]}")
+    return "\n".join(parts)

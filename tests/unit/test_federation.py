@@ -408,3 +408,31 @@ def test_a_restarted_flower_process_sees_only_its_own_log(tmp_path: Path) -> Non
     assert "Failed to activate SuperNode" in first.log_of_this_start()
     assert second.log_of_this_start() == "joined\nstill running\n"
     assert "Failed to activate SuperNode" in second.log_tail()  # the file holds both
+
+
+class _Grid:
+    """The one Grid call wait_for_min_sites makes: the connected nodes, one more every ``grow`` calls."""
+
+    def __init__(self, connected: int, *, grow: int = 0) -> None:
+        self.connected, self.grow, self.calls = connected, grow, 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        if self.grow and self.calls % self.grow == 0:
+            self.connected += 1
+        return list(range(self.connected))
+
+
+def test_a_federation_that_cannot_gather_min_sites_fails_instead_of_waiting_forever() -> None:
+    """Flower's sampling waits for minSites without a bound; a site that crashed for good must end the federation
+    with a reason (RoundFailedError: the operator's FederationFailed), not hang it."""
+    from dptrain.federated.server_app import RoundFailedError, wait_for_min_sites
+
+    wait_for_min_sites(_Grid(2), 2, timeout=0.0, what="round 1")  # enough: returns at once
+    growing = _Grid(1, grow=3)
+    wait_for_min_sites(growing, 2, timeout=5.0, what="round 1", poll=0.01)  # a restarted site rejoins in time
+    assert growing.connected == 2
+    with pytest.raises(
+        RoundFailedError, match=r"round 3: 1 site\(s\) connected after waiting 0s, fewer than minSites=2"
+    ):
+        wait_for_min_sites(_Grid(1), 2, timeout=0.05, what="round 3", poll=0.01)

@@ -38,6 +38,7 @@ from dptrain.federated.server_app import (
     RoundFailedError,
     SiteProgress,
     save_state,
+    wait_for_min_sites,
 )
 from dptrain.federated.site import SiteRuntime
 
@@ -172,8 +173,10 @@ def run_secure(
     max_weight = float(max([*weights.values(), *(site.declared_size or 0 for site in spec.sites), 1]))
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
-        public.refresh_names(grid)
         number = public.global_round(server_round)
+        timeout = spec.training.round_timeout_seconds
+        wait_for_min_sites(grid, spec.min_sites, timeout=timeout, what=f"round {number}")  # before Flower's sampling
+        public.refresh_names(grid)
         _check_aggregated(status, number - 1)
         return {
             ROUND: number,

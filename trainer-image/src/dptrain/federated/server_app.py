@@ -175,9 +175,11 @@ class PublicWeightFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        number = self.global_round(server_round)
+        spec = self.config.federation.spec
+        wait_for_min_sites(grid, spec.min_sites, timeout=spec.training.round_timeout_seconds, what=f"round {number}")
         self.refresh_names(grid)
         self.round_started = time.monotonic()
-        number = self.global_round(server_round)
         config[ROUND] = number
         config[RELEASE] = (number - 1) in self.releases
         config[FINGERPRINT] = self.config.fingerprint
@@ -277,9 +279,10 @@ app = ServerApp()
 
 
 def _wait_for_sites(grid: Grid, config: ServerConfig) -> None:
-    """Round 1 waits (up to the join timeout) until every expected site is connected, then starts with those there
-    (at least minSites: Flower's sampling waits for them)."""
-    expected = len(config.expected_sites) or len(config.federation.spec.sites)
+    """Round 1 waits (up to the join timeout) until every expected site is connected, then starts with those there:
+    at least minSites, for which it waits up to the round timeout more."""
+    spec = config.federation.spec
+    expected = len(config.expected_sites) or len(spec.sites)
     deadline = time.monotonic() + config.join_timeout_seconds
     while time.monotonic() < deadline:
         connected = len(list(grid.get_node_ids()))
@@ -289,6 +292,20 @@ def _wait_for_sites(grid: Grid, config: ServerConfig) -> None:
     logger.warning(
         "not every expected site joined within %.0fs; starting with those connected", config.join_timeout_seconds
     )
+    wait_for_min_sites(grid, spec.min_sites, timeout=spec.training.round_timeout_seconds, what="round 1")
+
+
+def wait_for_min_sites(grid: Grid, minimum: int, *, timeout: float, what: str, poll: float = 1.0) -> None:
+    """Wait until ``minimum`` sites are connected, for ``timeout`` seconds at most. Flower's own sampling waits for
+    them without a bound: a federation that can no longer gather minSites (a site that crashed for good) would hang
+    instead of failing with a reason."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() >= deadline:
+            raise RoundFailedError(
+                f"{what}: {connected} site(s) connected after waiting {timeout:.0f}s, fewer than minSites={minimum}"
+            )
+        time.sleep(poll)
 
 
 def _broadcast(grid: Grid, message_type: str, content: RecordDict, *, timeout: float) -> list[Message]:
