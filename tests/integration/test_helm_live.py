@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from dptrain_api import DPTrainingJob, parse_resource
 from dptrain_operator.settings import Settings
 from tests.support import cluster as cluster_support
-from tests.support.cluster import Cluster, purge_namespace, raw_request
+from tests.support.cluster import DPTRAIN_CRDS, Cluster, purge_namespace, raw_request
 from tests.support.manifests import base_manifest, sample_trainer_pod
 from tests.support.node import FakeNode
 from tests.support.operator import OperatorProcess
@@ -47,13 +47,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "dptrain"
-DPTRAIN_CRDS = (
-    "dptrainingjobs.dptrain.io",
-    "privatedatasets.dptrain.io",
-    "privacyledgers.dptrain.io",
-    "dpfederatedjobs.dptrain.io",
-    "dpfederatedsites.dptrain.io",
-)
 MONITORING_KINDS = {
     "ServiceMonitor": "servicemonitors",
     "PodMonitor": "podmonitors",

@@ -57,6 +57,10 @@ class Settings:
     federation_join_timeout_seconds: float = 300.0
     """How long a federation's round 1 waits for every expected site to connect before starting with those there."""
 
+    def allows_image(self, image: str | None) -> bool:
+        """May ``image`` run as a trainer (unset: the operator's own trainer image)?"""
+        return image is None or image == self.trainer_image or image in self.allowed_images
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

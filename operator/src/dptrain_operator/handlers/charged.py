@@ -110,8 +110,7 @@ class ChargedReconciliation(Reconciliation[State]):
 
     def _image_allowed(self, image: str | None) -> bool:
         """Only the operator's images run next to a PrivateDataset's records (spec.image unset: the default)."""
-        settings = self.ctx.settings
-        if self.dataset is None or image is None or image == settings.trainer_image or image in settings.allowed_images:
+        if self.dataset is None or self.ctx.settings.allows_image(image):
             return True
         self.state.fail(
             Reason.IMAGE_NOT_ALLOWED,
@@ -190,6 +189,12 @@ class ChargedReconciliation(Reconciliation[State]):
             f"{self.noun}",
             report=None if entry.started_pods else nothing_ran(),
         )
+
+    def _release_settled(self, entry: LedgerEntry, live: list[Pod]) -> None:
+        """Remove the finalizer of every ended pod whose end ``entry`` has recorded."""
+        for pod in live:
+            if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
+                remove_finalizer(self.ctx, pod)
 
     def _release_ended(self) -> None:
         """Remove the finalizer of every ended pod: the ledger no longer needs to hear from them."""

@@ -60,7 +60,6 @@ from dptrain_operator.handlers.charged import (
     Reconciliation,
     finished_cleanly,
     permanent_failure,
-    remove_finalizer,
     write_reconciled,
 )
 from dptrain_operator.render import owned_by
@@ -299,9 +298,7 @@ class SiteReconciliation(ChargedReconciliation[SiteState]):
             self._observe(current)
         else:
             self._pod_ended(entry, current)
-        for pod in live:
-            if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
-                remove_finalizer(self.ctx, pod)
+        self._release_settled(entry, live)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
         assert self.dataset is not None
@@ -479,10 +476,8 @@ class FederationReconciliation(Reconciliation[FederationState]):
         if spec.superlink.insecure and not self.ctx.settings.federation_allow_insecure:
             self.state.fail(Reason.INSECURE_NOT_ALLOWED, _insecure_refusal(self.ctx))
             return self.state
-        image = spec.image
-        settings = self.ctx.settings
-        if image is not None and image != settings.trainer_image and image not in settings.allowed_images:
-            self.state.fail(Reason.IMAGE_NOT_ALLOWED, f"spec.image {image!r} is not an allowed trainer image")
+        if not self.ctx.settings.allows_image(spec.image):
+            self.state.fail(Reason.IMAGE_NOT_ALLOWED, f"spec.image {spec.image!r} is not an allowed trainer image")
             return self.state
         able, pending = self._sites()
         if pending:
@@ -509,9 +504,9 @@ class FederationReconciliation(Reconciliation[FederationState]):
     @property
     def _rounds(self) -> RoundsStatus:
         """status.rounds (run() sets it before anything reads it)."""
-        status = self.state.status
-        status.rounds = status.rounds or RoundsStatus(completed=0, total=self.job.spec.training.rounds)
-        return status.rounds
+        rounds = self.state.status.rounds
+        assert rounds is not None
+        return rounds
 
     def _site_status(self, name: str) -> SiteStatus:
         for site in self.state.status.sites:

@@ -40,7 +40,6 @@ from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.charged import (
     ChargedReconciliation,
     permanent_failure,
-    remove_finalizer,
     write_reconciled,
 )
 from dptrain_operator.render import (
@@ -205,8 +204,8 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             return
         if self._deadline_exceeded(entry):
             return
-        claim = checkpoint_claim(self.job)
-        if self.job.spec.checkpoint.volume == "persistentVolumeClaim" and not self._claim_intact(entry, claim):
+        persistent = self.job.spec.checkpoint.volume == "persistentVolumeClaim"
+        if persistent and not self._claim_intact(entry, checkpoint_claim(self.job)):
             return
         if self.state.phase == JobPhase.SUSPENDED:
             self.state.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
@@ -234,9 +233,7 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             self._stop_gang(gang)  # the leader ended: the others have nothing left to do
             self._pod_ended(entry, leader)
         self._show_gang(entry)
-        for pod in live:  # pods whose end the ledger has recorded no longer need their finalizer
-            if pod["metadata"]["name"] in entry.settled_pods and pods.ended(pod):
-                remove_finalizer(self.ctx, pod)
+        self._release_settled(entry, live)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
         """Start attempt ``number``: its leader pod (the other workers follow once it has an address)."""
