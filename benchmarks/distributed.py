@@ -43,6 +43,7 @@ from dptrain.data import shard
 from dptrain.distributed import Group, StopVote
 from dptrain.dpsgd import PoissonSampler, make_private_training
 from dptrain.models import build_model
+from dptrain.randomness import GeneratorBits
 from dptrain_api.job import ModelSpec
 
 MODELS: dict[str, tuple[ModelSpec, tuple[int, ...], int, int]] = {
@@ -115,10 +116,11 @@ def _private_step(task: Task, config: Config, rank: int, device: torch.device) -
             expected_batch_size=batch,
             physical_batch_size=batch,
             noise_generator=torch.Generator(device=device).manual_seed(rank),
+            secure_noise=False,
             clipping_mode="bookkeeping",
             distributed=config.processes > 1,
         )
-    sampler = PoissonSampler(len(labels), sample_rate=batch / RECORDS, generator=torch.Generator().manual_seed(7))
+    sampler = PoissonSampler(len(labels), sample_rate=batch / RECORDS, bits=GeneratorBits(torch.Generator().manual_seed(7)))
     group = Group(rank=rank, world_size=config.processes, local_rank=rank, local_world_size=config.processes)
     vote = StopVote(group if config.processes > 1 else Group())  # the engine's per-step stop vote
 

@@ -166,6 +166,7 @@ def test_the_probe_is_noised_by_the_optimizer_itself(mode: str) -> None:
         expected_batch_size=8,
         physical_batch_size=4,
         noise_generator=torch.Generator().manual_seed(0),
+        secure_noise=False,
         clipping_mode=mode,
     )
     probe = GradientProbe(private.optimizer, size=size, device=torch.device("cpu"))

@@ -14,6 +14,7 @@ from torch import nn
 
 from dptrain.clipping import PrivateOptimizer, make_private
 from dptrain.errors import ClippingError, ClippingProtocolError
+from dptrain.randomness import GeneratorBits, standard_normal
 from tests.support.clipping import max_relative_error, reference_update
 
 CE = nn.CrossEntropyLoss()
@@ -50,27 +51,39 @@ def test_noise_is_one_flat_draw_with_std_sigma_c_over_b(secure: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(200, 100), nn.Tanh(), nn.Linear(100, 50)).double()
     sigma, clip, expected = 1.3, 0.5, 16.0
-    generator = torch.Generator().manual_seed(7)
+    generator = None if secure else torch.Generator().manual_seed(7)
     _, optimizer, _ = _private(
         model, sigma=sigma, clip=clip, expected=expected, generator=generator, secure_noise=secure
     )
+    assert optimizer.noise_bits.cryptographic is secure
     optimizer.step()  # no micro-batch at all: a noise-only step
     noise = torch.cat([p.grad.flatten() for p in model.parameters()])  # type: ignore[union-attr]
     assert noise.numel() == 20_100 + 5_050
     want = sigma * clip / expected
     assert abs(float(noise.std()) / want - 1) < 0.03
     assert abs(float(noise.mean())) < 4 * want / noise.numel() ** 0.5
-    reference = torch.Generator().manual_seed(7)
-    draws = 1
-    if secure:  # Opacus' secure mode: one draw discarded, then (the sum of 4 draws) / 2, each over the flat buffer
-        torch.normal(0.0, sigma * clip, size=(1, 1), generator=reference)
-        draws = 4
-    flat = torch.zeros(noise.numel(), dtype=torch.float64)
-    for _ in range(draws):  # in parameter order
-        flat.add_(torch.empty(noise.numel(), dtype=torch.float64).normal_(0.0, sigma * clip, generator=reference))
     if secure:
-        flat.mul_(0.5)
-    torch.testing.assert_close(noise, flat / expected, rtol=1e-12, atol=0)
+        return  # a fresh ChaCha20 key: nothing to reproduce
+    reference = standard_normal(GeneratorBits(torch.Generator().manual_seed(7)), noise.numel())  # in parameter order
+    torch.testing.assert_close(noise, reference * (sigma * clip) / expected, rtol=1e-12, atol=0)
+
+
+def test_noise_is_drawn_in_float64_and_rounded_once_for_float32_parameters() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(300, 100)  # float32
+    generator = torch.Generator().manual_seed(3)
+    _, optimizer, _ = _private(model, sigma=2.0, clip=1.0, expected=1.0, generator=generator)
+    optimizer.step()
+    noise = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()])  # type: ignore[union-attr]
+    reference = standard_normal(GeneratorBits(torch.Generator().manual_seed(3)), noise.numel()) * 2.0
+    assert torch.equal(noise, reference.float())  # float64 draws, one rounding
+    float32_draws = torch.empty(noise.numel()).normal_(0.0, 2.0, generator=torch.Generator().manual_seed(3))
+    assert float(float32_draws.abs().max()) <= 2.0 * 5.78  # torch's float32 sampler: capped at ±5.77σ
+
+
+def test_a_seeded_generator_is_refused_for_secure_noise() -> None:
+    with pytest.raises(ValueError, match="CSPRNG"):
+        _private(_mlp(), sigma=1.0, generator=torch.Generator().manual_seed(1), secure_noise=True)
 
 
 def test_empty_batch_takes_a_noise_free_step_at_sigma_zero() -> None:
@@ -254,7 +267,7 @@ def test_distributed_sum_with_noise_added_once() -> None:
         assert max_relative_error(clipped, want) <= 1e-6  # Σ over both shards ÷ the GLOBAL expected batch
         assert all(torch.equal(a, b) for a, b in zip(params, results[0][2], strict=True))  # replicas in sync
         flat = torch.cat([n.flatten() for n in noise])
-        ref = torch.empty(flat.numel(), dtype=torch.float64).normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        ref = standard_normal(GeneratorBits(torch.Generator().manual_seed(0)), flat.numel())
         torch.testing.assert_close(flat, ref / 8.0, rtol=1e-12, atol=0)  # rank 0's draw only, on every rank
 
 

@@ -203,7 +203,8 @@ def test_noise_enters_once_per_global_step_not_once_per_rank() -> None:
             max_grad_norm=clip,
             expected_batch_size=expected,
             physical_batch_size=16,
-            noise_generator=fresh_generator(),  # as the engine: fresh OS seeds, different on every rank
+            noise_generator=fresh_generator(),  # fresh OS seeds, different on every rank
+            secure_noise=False,
             clipping_mode="bookkeeping",
             distributed=True,
         )

@@ -21,6 +21,7 @@ from dptrain.events import Progress, TrainingResult
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan, make_plan
+from dptrain.randomness import GeneratorBits
 from dptrain.runtime import cpu_thread_limit
 from dptrain_accounting import MechanismSegment, compact, compute_epsilon, partitioned_epsilon
 from dptrain_api import DPTrainingJob
@@ -309,7 +310,7 @@ def test_an_empty_poisson_batch_still_takes_a_noise_step(breast_cancer: Prepared
 
 def test_the_sampler_draws_poisson_batches_at_exactly_the_plan_rate() -> None:
     rate = 64 / 569
-    sampler = PoissonSampler(569, sample_rate=rate, generator=torch.Generator().manual_seed(1))
+    sampler = PoissonSampler(569, sample_rate=rate, bits=GeneratorBits(torch.Generator().manual_seed(1)))
     assert sampler.sample_rate == rate
     batches = [sampler.next_batch() for _ in range(400)]
     sizes = [len(batch) for batch in batches]
@@ -319,7 +320,7 @@ def test_the_sampler_draws_poisson_batches_at_exactly_the_plan_rate() -> None:
     assert all(len(set(batch.tolist())) == len(batch) for batch in batches)  # without replacement
     counts = torch.bincount(torch.cat(batches), minlength=569).float()
     assert abs(float(counts.mean()) / 400 - rate) < 0.01  # each record joins at rate q
-    tiny = PoissonSampler(3, sample_rate=1e-6, generator=torch.Generator().manual_seed(2))
+    tiny = PoissonSampler(3, sample_rate=1e-6, bits=GeneratorBits(torch.Generator().manual_seed(2)))
     assert len(tiny.next_batch()) == 0  # an empty batch is a valid draw
 
 
@@ -354,9 +355,9 @@ def test_a_dp_release_adds_gaussian_noise_of_the_planned_scale(breast_cancer: Pr
     exact = holdout_sums(model, holdout, num_classes=2, device=cpu)
     assert exact[0] == 100  # the count, one row per record
     assert model.training  # evaluation restores training mode
-    generator = torch.Generator().manual_seed(0)
+    bits = GeneratorBits(torch.Generator().manual_seed(0))
     accuracies = [
-        dp_release(model, holdout, num_classes=2, noise_multiplier=2.0, generator=generator, device=cpu)["accuracy"]
+        dp_release(model, holdout, num_classes=2, noise_multiplier=2.0, bits=bits, device=cpu)["accuracy"]
         for _ in range(300)
     ]
     exact_accuracy = float(exact[1] / exact[0])

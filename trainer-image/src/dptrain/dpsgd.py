@@ -1,8 +1,9 @@
 """One DP-SGD step, whatever clips it: Poisson batches, physical micro-batches, one noisy optimizer step.
 
 * :class:`PoissonSampler` draws each logical batch by including every local training record
-  independently with probability exactly q (what the accountants assume). An empty batch is a valid
-  outcome and still takes a (noise-only) step, so every step of the plan runs and is charged.
+  independently with probability ⌊q·2⁵³⌋/2⁵³ ≤ q (:func:`dptrain.randomness.bernoulli`: the accountants' q is a
+  valid bound). An empty batch is a valid outcome and still takes a (noise-only) step, so every step of the plan
+  runs and is charged.
 * :func:`make_private_training` wraps the model and optimizer for per-example clipping at C and
   Gaussian noise σC with :func:`dptrain.make_private`: dptrain's book-keeping kernels, or Opacus' ghost
   or hooks mode. The optimizer averages by the EXPECTED batch size q·n, which does not depend on the data.
@@ -21,6 +22,7 @@ from torch import nn
 
 from dptrain.errors import ModelError
 from dptrain.independence import reused_modules
+from dptrain.randomness import RandomBits, bernoulli
 
 __all__ = ["PoissonSampler", "PrivateTraining", "auto_clipping_mode", "make_optimizer", "make_private_training"]
 
@@ -28,19 +30,19 @@ CLIPPING_MODES = ("bookkeeping", "ghost", "hooks")
 
 
 class PoissonSampler:
-    """Poisson subsampling of ``num_records`` records at rate ``sample_rate`` from ``generator``."""
+    """Poisson subsampling of ``num_records`` records at rate ``sample_rate``, from ``bits``."""
 
-    def __init__(self, num_records: int, *, sample_rate: float, generator: torch.Generator) -> None:
+    def __init__(self, num_records: int, *, sample_rate: float, bits: RandomBits) -> None:
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_records = num_records
         self.sample_rate = sample_rate
-        self.generator = generator
+        self.bits = bits
 
     def next_batch(self) -> torch.Tensor:
-        """Indices of the records in the next logical batch (possibly none)."""
-        included = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
-        return included.nonzero().squeeze(1)
+        """Indices of the records in the next logical batch (possibly none), on the CPU."""
+        included = bernoulli(self.bits, self.num_records, self.sample_rate)
+        return included.nonzero().squeeze(1).cpu()
 
 
 def make_optimizer(parameters: Any, training: Any) -> torch.optim.Optimizer:
@@ -115,8 +117,8 @@ def make_private_training(
     once per step, mean over the expected batch.
 
     ``clipping_mode``: "bookkeeping" (dptrain's kernels), or Opacus' "ghost" / "hooks"; automatic by default (the
-    fastest that is exact for the model, given ``input_shape``). ``secure_noise`` draws each noise coordinate as
-    Opacus' secure_mode does (four draws), which defeats the floating-point attacks on a single Gaussian draw.
+    fastest that is exact for the model, given ``input_shape``). ``secure_noise`` draws the noise from ChaCha20 keyed
+    by the OS (a CSPRNG) instead of ``noise_generator``; both draw in float64 (:mod:`dptrain.randomness`).
     ``distributed`` (torch.distributed initialised): every mode's clipped sums are all-reduced over the world and
     rank 0 alone adds the noise; ``expected_batch_size`` is then the GLOBAL expected batch.
     """

@@ -16,9 +16,9 @@ finish; the local CLI drives it through :func:`train`. Privacy invariants (each 
   fresh one: what the earlier attempts spent would be lost.
 * The reported ε is the journal's composition (the plan's accountant, never Opacus' GDP), i.e.
   a valid upper bound for everything that ran, crashed attempts included.
-* Noise and sampling come from generators seeded freshly from the OS on every attempt (never from
-  the job's seed, never restored from a checkpoint). Opacus' secure_mode (torchcsprng) is not
-  available with torch 2.x, so this is torch's PRNG, not a CSPRNG (the privacy report says so).
+* Noise and sampling come from random sources seeded freshly from the OS on every attempt (never from
+  the job's seed, never restored from a checkpoint): ChaCha20 (a CSPRNG) with ``privacy.secureNoise``, else
+  torch's generators; inclusion at ⌊q·2⁵³⌋/2⁵³ ≤ q and float64 Gaussian noise (:mod:`dptrain.randomness`).
 
 Distributed (a :class:`~dptrain.distributed.Group` of several processes), the same invariants hold for the
 global run:
@@ -86,6 +86,7 @@ from dptrain.journal import (
 )
 from dptrain.models import build_model
 from dptrain.plan import TrainingPlan
+from dptrain.randomness import fresh_bits
 from dptrain.runtime import configure_threads, fresh_generator, select_device
 from dptrain_api import DPTrainingJob, ExitCode, PrivateDataset, dataset_identity, holdout_key
 
@@ -158,7 +159,7 @@ def make_job_private(
         max_grad_norm=plan.max_grad_norm if max_grad_norm is None else max_grad_norm,
         expected_batch_size=plan.batch_size,
         physical_batch_size=plan.physical_batch_size,
-        noise_generator=fresh_generator(device),
+        noise_generator=None if job.spec.privacy.secure_noise else fresh_generator(device),
         clipping_mode=clipping_mode,
         input_shape=input_shape,
         secure_noise=job.spec.privacy.secure_noise,
@@ -235,8 +236,9 @@ class TrainingRun:
         if device.type != "cpu":
             self.train_set = TensorDataset(*(t.to(device) for t in self.train_set.tensors))
         self.private, self.model_warnings = self._build(checkpoint, clipping_mode, base_dir)
-        self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, generator=fresh_generator())
-        self.release_noise = fresh_generator()
+        secure = job.spec.privacy.secure_noise
+        self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, bits=fresh_bits(secure=secure))
+        self.release_noise = fresh_bits(secure=secure)
         self.schedule = release_schedule(steps=plan.steps, releases=plan.releases)
         self._lock: contextlib.ExitStack | None = None
         self._stop_vote = StopVote(group)
@@ -462,7 +464,7 @@ class TrainingRun:
             self.holdout_set,
             num_classes=self.data.num_classes,
             noise_multiplier=self.plan.holdout_noise_multiplier,
-            generator=self.release_noise,
+            bits=self.release_noise,
             device=self.device,
         )
         self.history.append({"step": float(self.step), "epsilon": self.epsilon(), "released": 1.0, **self.eval_metrics})

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.checkpoint import unwrap_model
+from dptrain.randomness import RandomBits, standard_normal
 
 __all__ = [
     "AUC_BINS",
@@ -71,22 +72,26 @@ def holdout_sums(model: nn.Module, holdout: TensorDataset, *, num_classes: int, 
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor, *, num_classes: int) -> torch.Tensor:
+    """One bounded row per record. A record whose logits are not all finite (crafted or overflowing weights) gets a
+    fixed row, [1, wrong, maximal loss, lowest score bin], decided from that record alone: its sensitivity is the
+    same, and a NaN never reaches the sums (nor an index out of range the histogram)."""
     clip = loss_clip(num_classes)
-    losses = nn.functional.cross_entropy(logits, target, reduction="none").clamp(max=clip) / clip
-    correct = (logits.argmax(dim=1) == target).double()
+    finite = torch.isfinite(logits).all(dim=1)
+    safe = torch.where(finite[:, None], logits, logits.new_zeros(()))
+    losses = nn.functional.cross_entropy(safe, target, reduction="none").nan_to_num(nan=clip, posinf=clip)
+    losses = torch.where(finite, losses.clamp(max=clip) / clip, losses.new_ones(()))
+    correct = ((safe.argmax(dim=1) == target) & finite).double()
     rows = torch.stack([torch.ones_like(correct), correct, losses], dim=1)
     if num_classes != 2:
         return rows
-    score = torch.softmax(logits, dim=1)[:, 1]
-    cell = target * AUC_BINS + (score * AUC_BINS).long().clamp(max=AUC_BINS - 1)
+    score = torch.where(finite, torch.softmax(safe, dim=1)[:, 1].nan_to_num(nan=0.0), safe.new_zeros(()))
+    cell = target * AUC_BINS + (score * AUC_BINS).long().clamp(min=0, max=AUC_BINS - 1)
     return torch.cat([rows, nn.functional.one_hot(cell, 2 * AUC_BINS).double()], dim=1)
 
 
-def _gaussian(size: int, *, std: float, generator: torch.Generator) -> torch.Tensor:
-    """N(0, std²) per coordinate as the average of four draws scaled by 2 (Opacus' secure_mode construction):
-    the floating-point attack on a single draw's low-order bits (Mironov 2012; Jin et al. 2021) does not apply."""
-    draws = torch.normal(0.0, std, size=(4, size), generator=generator, dtype=torch.float64)
-    return draws.sum(dim=0) / 2.0
+def _gaussian(size: int, *, std: float, bits: RandomBits) -> torch.Tensor:
+    """N(0, std²) per coordinate, float64 (:func:`dptrain.randomness.standard_normal`)."""
+    return standard_normal(bits, size).mul_(std).cpu()
 
 
 def dp_release_sums(
@@ -95,14 +100,14 @@ def dp_release_sums(
     *,
     num_classes: int,
     noise_multiplier: float,
-    generator: torch.Generator,
+    bits: RandomBits,
     device: torch.device,
 ) -> torch.Tensor:
     """The held-out sums with Gaussian noise (one Gaussian mechanism, σ = ``noise_multiplier`` × the sensitivity):
     what a release publishes. Sums released by several sites about the same model may be added up (post-processing):
     the result is a DP release over the union of their holdouts. Charge it BEFORE calling this."""
     sums = holdout_sums(model, holdout, num_classes=num_classes, device=device)
-    return sums + _gaussian(len(sums), std=noise_multiplier * sensitivity(num_classes), generator=generator)
+    return sums + _gaussian(len(sums), std=noise_multiplier * sensitivity(num_classes), bits=bits)
 
 
 def metrics_from_sums(noisy: torch.Tensor, *, num_classes: int) -> dict[str, float]:
@@ -125,7 +130,7 @@ def dp_release(
     *,
     num_classes: int,
     noise_multiplier: float,
-    generator: torch.Generator,
+    bits: RandomBits,
     device: torch.device,
 ) -> dict[str, float]:
     """One DP release of held-out accuracy, loss (clipped at :func:`loss_clip`) and, for binary tasks, AUC.
@@ -133,7 +138,7 @@ def dp_release(
     Charge it (one step of the holdout partition's mechanism) BEFORE calling this.
     """
     noisy = dp_release_sums(
-        model, holdout, num_classes=num_classes, noise_multiplier=noise_multiplier, generator=generator, device=device
+        model, holdout, num_classes=num_classes, noise_multiplier=noise_multiplier, bits=bits, device=device
     )
     return metrics_from_sums(noisy, num_classes=num_classes)
 

@@ -2,7 +2,7 @@
 
 * **Gradient-space (Dirac) canaries** (white box). Canary j is a record whose clipped per-example gradient is
   C·e_j on its own coordinate of a *probe*: m extra coordinates that the model never reads. The job's own
-  DP optimizer noises the probe in the same noise draw, with the same generator, σ, C and noise
+  DP optimizer noises the probe in the same noise draw, with the same random source, σ, C and noise
   construction as the model's parameters, so each step releases Σ_{sampled canaries} C·e_j + N(0, σ²C²·I).
   Real records have a zero probe gradient and canaries a zero model gradient, so every record's gradient on
   (model, probe) still has norm ≤ C: this is exactly the subsampled Gaussian mechanism the accountant charges,
@@ -48,7 +48,7 @@ class GradientProbe:
 
     Install it before training. It wraps the :class:`dptrain.clipping.PrivateOptimizer`'s noise draw (one per
     logical step, over the flat clipped sum) so that the same call draws over the model's coordinates AND the
-    probe's, with the same generator, σ·C and secure construction; a step hook then scores the probe (its clipped
+    probe's, with the same random source, σ·C and construction; a step hook then scores the probe (its clipped
     canary sum plus its noise). With σ = 0 no noise is drawn and the probe scores its exact sum.
     """
 
@@ -61,7 +61,7 @@ class GradientProbe:
         self.noisy_steps = 0
         self._pending = torch.zeros(size, device=device)
         self._noise: torch.Tensor | None = None
-        self._draw: Callable[[torch.Tensor, float], None] = optimizer._draw_noise
+        self._draw: Callable[[int, float], torch.Tensor] = optimizer._draw_noise
         optimizer._draw_noise = self._draw_with_probe
         optimizer.attach_step_hook(self._after_step)
 
@@ -75,11 +75,10 @@ class GradientProbe:
         counts = torch.bincount(canaries.to(torch.int64).cpu(), minlength=self.size).to(torch.float32)
         self._pending = (counts * self.canary_norm).to(self.device)
 
-    def _draw_with_probe(self, out: torch.Tensor, std: float) -> None:
-        joint = torch.empty(out.numel() + self.size, dtype=out.dtype, device=out.device)
-        self._draw(joint, std)  # the optimizer's own construction, one draw over the model and the probe
-        out.copy_(joint[: out.numel()].view_as(out))
-        self._noise = joint[out.numel() :]
+    def _draw_with_probe(self, count: int, std: float) -> torch.Tensor:
+        joint = self._draw(count + self.size, std)  # the optimizer's own construction, one draw over model and probe
+        self._noise = joint[count:].to(self._pending.dtype)
+        return joint[:count]
 
     def _after_step(self, _optimizer: Any) -> None:
         released = self._pending if self._noise is None else self._pending + self._noise

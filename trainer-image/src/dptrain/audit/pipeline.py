@@ -30,7 +30,8 @@ from dptrain.dpsgd import PoissonSampler, PrivateTraining
 from dptrain.engine import build_job_model, make_job_private
 from dptrain.errors import AuditError
 from dptrain.plan import TrainingPlan, make_plan
-from dptrain.runtime import configure_threads, fresh_generator, select_device
+from dptrain.randomness import fresh_bits
+from dptrain.runtime import configure_threads, select_device
 from dptrain_accounting import compute_epsilon
 from dptrain_api import DPTrainingJob, PrivateDataset
 
@@ -151,9 +152,8 @@ def _train(
 ) -> None:
     """plan.steps DP-SGD steps, every record (canaries too) Poisson-sampled at the plan's q, as the engine does."""
     records = len(canaries.labels)
-    sampler = PoissonSampler(
-        records + len(canaries.gradient_ids), sample_rate=plan.sample_rate, generator=fresh_generator()
-    )
+    bits = fresh_bits(secure=private.optimizer.secure_noise)  # as the engine's sampler
+    sampler = PoissonSampler(records + len(canaries.gradient_ids), sample_rate=plan.sample_rate, bits=bits)
     for _ in range(plan.steps):
         batch = sampler.next_batch()
         model_part = batch[batch < records]

@@ -17,10 +17,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dptrain.errors import ClippingError
+from dptrain.randomness import ChaChaBits, GeneratorBits, RandomBits, standard_normal
 
 __all__ = ["Clipper", "PrivateOptimizer"]
-
-_SECURE_DRAWS = 4  # Opacus secure_mode: the sum of 2n draws with n = 2, divided by √(2n) = 2
 
 
 class Clipper(Protocol):
@@ -64,8 +63,12 @@ class PrivateOptimizer(Optimizer):
     ``distributed=True`` (torch.distributed initialised), every rank's flat clipped sum is
     all-reduced (SUM) over ``process_group`` (default: the world) after rank 0 of the group alone
     added the noise, so noise enters exactly once per global step; parameters are broadcast from
-    that rank at construction. ``secure_noise`` draws each coordinate as the sum of 4 Gaussians / 2,
-    as Opacus' secure_mode does against floating-point attacks (still torch's PRNG, not a CSPRNG).
+    that rank at construction.
+
+    The noise is drawn in float64 (:func:`dptrain.randomness.standard_normal`: draws reach ±12σC, not float32
+    Box–Muller's ±5.77σC), added to the clipped sum in float64 and rounded to the parameters' dtype once. Its bits
+    come from ChaCha20 keyed from the OS with ``secure_noise`` (a CSPRNG), else from ``generator`` (a torch
+    generator: fast and reproducible, not a CSPRNG; one is seeded from the OS when none is given).
     """
 
     def __init__(
@@ -97,7 +100,13 @@ class PrivateOptimizer(Optimizer):
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(clipper.max_grad_norm)
         self.expected_batch_size = expected_batch_size
-        self.generator = generator
+        if secure_noise and generator is not None:
+            raise ValueError(
+                "secure_noise draws from a CSPRNG keyed by the OS: a seeded torch generator cannot be used"
+            )
+        self.noise_bits: RandomBits = (
+            ChaChaBits(device=device) if secure_noise else GeneratorBits(generator, device=device)
+        )
         self.secure_noise = secure_noise
         self.steps = 0
         self.clipping_mode = "custom"  # make_private sets the mode it chose
@@ -105,7 +114,6 @@ class PrivateOptimizer(Optimizer):
         total = sum(p.numel() for p in parameters)
         self._sum = torch.zeros(total, dtype=dtype, device=device)  # Σ clipped gradients of this logical batch
         self._flat_grad = torch.zeros(total, dtype=dtype, device=device)  # what .grad views show after step
-        self._scratch: Tensor | None = None
         sums: dict[int, Tensor] = {}
         self._grads: list[tuple[nn.Parameter, Tensor]] = []
         offset = 0
@@ -201,9 +209,8 @@ class PrivateOptimizer(Optimizer):
         self.clipper.flush()
         grad = self._flat_grad
         std = self.noise_multiplier * self.max_grad_norm
-        if self._adds_noise and std > 0:
-            self._draw_noise(grad, std)
-            grad.add_(self._sum)
+        if self._adds_noise and std > 0:  # in float64, rounded to the parameters' dtype once
+            grad.copy_(self._draw_noise(grad.numel(), std).add_(self._sum))
         else:
             grad.copy_(self._sum)
         if self.distributed:
@@ -221,15 +228,7 @@ class PrivateOptimizer(Optimizer):
         self.original_optimizer.step()
         return loss
 
-    def _draw_noise(self, out: Tensor, std: float) -> None:
-        if not self.secure_noise:
-            out.normal_(0.0, std, generator=self.generator)
-            return
-        # Opacus _generate_noise(secure_mode=True): discard one draw, then (Σ of 4 draws) / 2 ~ N(0, std²).
-        torch.normal(0.0, std, size=(1, 1), device=out.device, generator=self.generator)
-        if self._scratch is None:
-            self._scratch = torch.empty_like(out)
-        out.normal_(0.0, std, generator=self.generator)
-        for _ in range(_SECURE_DRAWS - 1):
-            out.add_(self._scratch.normal_(0.0, std, generator=self.generator))
-        out.mul_(0.5)
+    def _draw_noise(self, count: int, std: float) -> Tensor:
+        """``count`` N(0, std²) draws in float64 on the buffer's device (one flat draw per step)."""
+        noise = standard_normal(self.noise_bits, count).mul_(std)
+        return noise.to(self._sum.device)

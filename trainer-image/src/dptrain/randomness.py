@@ -1,0 +1,153 @@
+"""Random bits for DP: Poisson inclusion at a rate never above q, and Gaussian noise whose tails match the analysis.
+
+Two facts about torch's own samplers break the accountant's assumptions (measured, field notes turn 3):
+
+* ``torch.rand(n) < q`` draws float32 uniforms on a 2⁻²⁴ grid, so a record is included with probability
+  ⌈q·2²⁴⌉/2²⁴ ≥ q: below q ≈ 2e-3 the ε printed for q falls under the true one.
+* float32 ``normal_`` is Box–Muller on those uniforms: every draw satisfies |z| ≤ √(2·ln 2²⁴) ≈ 5.77, a region of
+  infinite privacy loss per step (its probability is missing from δ).
+
+Here every draw starts from uniform 64-bit words (:class:`RandomBits`): a torch generator's (:class:`GeneratorBits`)
+or ChaCha20's keystream keyed from the OS (:class:`ChaChaBits`, a CSPRNG: ``privacy.secureNoise``).
+
+* :func:`bernoulli` includes with probability ⌊q·2⁵³⌋/2⁵³, which is ≤ q and within 2⁻⁵³ of it (the accountant's q
+  is then a valid, conservative rate).
+* :func:`standard_normal` is Box–Muller in float64 whose radius uniform has 106 bits (two words): draws reach
+  |z| ≈ 12.2, so the probability of the missing tail beyond the shifted cap is below 1e-18 per step for any
+  σ ≥ 0.3 (:func:`tail_bound`), and the angle has 53 bits. The result is cast to the parameters' dtype only at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Final, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ChaChaBits",
+    "GeneratorBits",
+    "RandomBits",
+    "bernoulli",
+    "fresh_bits",
+    "inclusion_threshold",
+    "standard_normal",
+    "tail_bound",
+    "uniform53",
+]
+
+_MASK53: Final = (1 << 53) - 1
+_TWO_POW_53: Final = float(2**53)
+MAX_RADIUS: Final = math.sqrt(-2.0 * math.log(0.5 * 2.0**-106))
+"""The largest Box–Muller radius :func:`standard_normal` can draw (≈ 12.2)."""
+
+
+class RandomBits(Protocol):
+    """A source of independent uniform 64-bit words (as int64 bit patterns) on ``device``."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def cryptographic(self) -> bool:
+        """Whether the words come from a CSPRNG."""
+        ...
+
+    def words(self, count: int) -> Tensor:
+        """``count`` uniform 64-bit words, int64, on :attr:`device`."""
+        ...
+
+
+class GeneratorBits:
+    """Words from a torch generator (fast, on any device; seeded from the OS when none is given): not a CSPRNG."""
+
+    cryptographic = False
+
+    def __init__(self, generator: torch.Generator | None = None, *, device: torch.device | str = "cpu") -> None:
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+        self.generator = generator
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def words(self, count: int) -> Tensor:
+        out = torch.empty(count, dtype=torch.int64, device=self.device)
+        return out.random_(-(2**63), None, generator=self.generator)
+
+
+class ChaChaBits:
+    """ChaCha20 keystream (``cryptography``, OpenSSL's implementation) under a fresh 256-bit key from the OS: a CSPRNG.
+
+    Words are made on the CPU and moved to ``device``.
+    """
+
+    cryptographic = True
+
+    def __init__(self, *, device: torch.device | str = "cpu", key: bytes | None = None) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        key = os.urandom(32) if key is None else key
+        nonce = bytes(16)  # a fresh key per source: the counter block may start at zero
+        self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def words(self, count: int) -> Tensor:
+        raw = bytearray(self._stream.update(bytes(8 * count)))  # the keystream itself (encrypting zeros)
+        words = torch.frombuffer(raw, dtype=torch.int64) if count else torch.empty(0, dtype=torch.int64)
+        return words.to(self._device)
+
+
+def fresh_bits(*, secure: bool, device: torch.device | str = "cpu") -> RandomBits:
+    """A new source seeded from the OS: ChaCha20 when ``secure``, else a torch generator on ``device``."""
+    return ChaChaBits(device=device) if secure else GeneratorBits(device=device)
+
+
+def uniform53(bits: RandomBits, count: int) -> Tensor:
+    """``count`` uniform integers in [0, 2⁵³) (int64): the top 53 bits of fresh words."""
+    return (bits.words(count) >> 11) & _MASK53
+
+
+def inclusion_threshold(rate: float) -> int:
+    """⌊rate·2⁵³⌋: a word's top 53 bits below it include the record (exact: scaling by 2⁵³ only moves the exponent)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"a rate must be in [0, 1], got {rate}")
+    return math.floor(rate * _TWO_POW_53)
+
+
+def bernoulli(bits: RandomBits, count: int, rate: float) -> Tensor:
+    """``count`` independent inclusions (bool), each with probability ⌊rate·2⁵³⌋/2⁵³: at most ``rate``, and within
+    2⁻⁵³ of it."""
+    return uniform53(bits, count) < inclusion_threshold(rate)
+
+
+def standard_normal(bits: RandomBits, count: int) -> Tensor:
+    """``count`` independent N(0, 1) draws in float64 (Box–Muller; a 106-bit radius uniform, a 53-bit angle)."""
+    pairs = (count + 1) // 2
+    words = bits.words(3 * pairs).view(3, pairs) if pairs else bits.words(0).view(3, 0)
+    high = ((words[0] >> 11) & _MASK53).to(torch.float64)
+    low = ((words[1] >> 11) & _MASK53).to(torch.float64)
+    # u ∈ (0, 1): (high + (low + ½)·2⁻⁵³)·2⁻⁵³, never 0, as small as ½·2⁻¹⁰⁶.
+    uniform = (high + (low + 0.5) / _TWO_POW_53) / _TWO_POW_53
+    radius = uniform.log_().mul_(-2.0).sqrt_()
+    angle = ((words[2] >> 11) & _MASK53).to(torch.float64).mul_(2.0 * math.pi / _TWO_POW_53)
+    draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+    return draws[:count]
+
+
+def tail_bound(noise_multiplier: float) -> float:
+    """An upper bound on the probability, per step, that the neighbouring dataset's output lands where the capped
+    sampler gives the other no density: P(|Z| > MAX_RADIUS − 1/σ) for the coordinate the record moves most (the
+    sensitivity is at most C, i.e. 1/σ noise standard deviations). Zero noise has no such region to bound (∞)."""
+    if noise_multiplier <= 0:
+        return math.inf
+    reach = MAX_RADIUS - 1.0 / noise_multiplier
+    return 1.0 if reach <= 0 else math.erfc(reach / math.sqrt(2.0))
