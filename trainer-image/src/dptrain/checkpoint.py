@@ -199,6 +199,12 @@ def load_checkpoint(path: Path, *, job_hash: str, plan: Mapping[str, Any] | None
         ) from None
     if checkpoint.job_hash != job_hash:
         raise CheckpointError(f"output dir {path.parent} holds a different job; use a new --output")
+    damaged = _non_finite(checkpoint.model_state) + _non_finite(checkpoint.optimizer_state, prefix="optimizer.")
+    if damaged:
+        raise CheckpointError(
+            f"the checkpoint {path} holds non-finite values (NaN or inf) in {', '.join(damaged[:5])}; to restart "
+            "from step 0, delete that file but keep the privacy journal (its charges stay)"
+        )
     if plan is not None:
         changed = sorted(key for key, value in plan.items() if checkpoint.plan.get(key) != value)
         if changed:
@@ -207,6 +213,17 @@ def load_checkpoint(path: Path, *, job_hash: str, plan: Mapping[str, Any] | None
                 f"the checkpoint in {path.parent} was made under another plan ({details}); use a new --output"
             )
     return checkpoint
+
+
+def _non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors anywhere in ``state`` (nested dicts and lists) with a NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix.rstrip(".")] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        return [name for key, value in state.items() for name in _non_finite(value, f"{prefix}{key}.")]
+    if isinstance(state, list | tuple):
+        return [name for index, value in enumerate(state) for name in _non_finite(value, f"{prefix}{index}.")]
+    return []
 
 
 def export_model(path: Path, model: nn.Module) -> Path:

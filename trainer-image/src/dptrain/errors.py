@@ -34,6 +34,10 @@ class ModelError(DptrainError):
     exit_code = ExitCode.INVALID_MODEL
 
 
+class IncomingModelError(ModelError):
+    """Weights from outside (a federation coordinator's global model) do not fit the model or are not finite."""
+
+
 class ClippingError(ModelError):
     """The model cannot be trained with the requested per-example clipping (dptrain.clipping)."""
 

@@ -29,6 +29,7 @@ __all__ = [
     "build_model",
     "register_model",
     "registered_models",
+    "state_problems",
     "supports_ghost_clipping",
 ]
 
@@ -244,21 +245,37 @@ def _load_pretrained(model: nn.Module, reference: str, base_dir: Path | None) ->
     if state and all(key.startswith(prefix) for key in state):
         state = {key.removeprefix(prefix): value for key, value in state.items()}
 
-    expected = model.state_dict()
+    problems = state_problems(state, model.state_dict())
+    if problems:
+        raise ModelError(f"model.pretrainedWeights {path} does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def state_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` (weights from outside: pretrained, a coordinator's global model) cannot be loaded into a model
+    whose state dict is ``expected``: missing, unexpected or mis-shaped keys, non-tensors, and non-finite values
+    (a NaN or inf weight would make every example's gradient non-finite). Names only, never values."""
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(key for key in expected if key in state and state[key].shape != expected[key].shape)
+    foreign = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
+    present = [key for key in expected if key in state and key not in foreign]
+    mismatched = sorted(key for key in present if state[key].shape != expected[key].shape)
+    non_finite = sorted(
+        key for key in present if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all())
+    )
     if missing:
         problems.append(f"missing keys: {_listed(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if foreign:
+        problems.append(f"not tensors: {_listed(foreign)}")
     if mismatched:
         shapes = [f"{key} {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}" for key in mismatched]
         problems.append(f"shape mismatches: {_listed(shapes)}")
-    if problems:
-        raise ModelError(f"model.pretrainedWeights {path} does not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    if non_finite:
+        problems.append(f"non-finite values (NaN or inf) in: {_listed(non_finite)}")
+    return problems
 
 
 def _check_output(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from dptrain.clipping._coverage import analyse
+from dptrain.clipping._factors import clip_weights
 from dptrain.clipping._layers import LayerKernel
 from dptrain.clipping._sites import NormStrategy, Site
 from dptrain.errors import ClippingProtocolError, ModelError, ParameterReuseError
@@ -276,6 +277,9 @@ class BookkeepingClipper:
         for site in sites[1:]:
             norms.add_(site.squared_norms(batch))
         norms.sqrt_().mul_(scale)
-        weights = (self.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0).mul_(scale)  # Opacus' clip factor
+        weights, bad = clip_weights(norms, self.max_grad_norm)
+        weights.mul_(scale)
         for site in sites:
+            if bad is not None:
+                site.drop(bad)
             site.add_clipped(weights)

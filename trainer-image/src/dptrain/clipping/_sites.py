@@ -86,6 +86,15 @@ def _along(weights: Tensor, batch_dim: int, ndim: int) -> Tensor:
     return weights.view(shape)
 
 
+def _zero_rows(t: Tensor | None, bad: Tensor, batch_dim: int = 0) -> Tensor | None:
+    """``t`` with the rows of the examples in ``bad`` set to exactly 0 (a new tensor: captured ones stay intact).
+
+    ``torch.where``, not a product: 0·NaN and 0·inf are NaN, and these rows are the non-finite ones."""
+    if t is None or not t.is_floating_point():
+        return t
+    return torch.where(_along(bad, batch_dim, t.dim()), t.new_zeros(()), t)
+
+
 class Site:
     """Captured input and output gradient of one map for one pass; subclasses implement the maths."""
 
@@ -125,6 +134,12 @@ class Site:
         """Add Σ_i weights_i ∇_i (raw captured gradients) into the bound buffer views."""
         raise NotImplementedError
 
+    def drop(self, bad: Tensor) -> None:
+        """Zero every captured and cached row of the examples in ``bad`` (B,) (after :meth:`squared_norms`), so that
+        their weight-zero terms add exactly 0 in :meth:`add_clipped`."""
+        self.activation = _zero_rows(self.activation, bad, self.batch_dim)
+        self.grad = _zero_rows(self.grad, bad, self.batch_dim)
+
 
 class LinearSite(Site):
     """y = x Wᵀ + b on inputs (B, ..., d); with ``batch_dim=1`` on (T, B, d) (attention's internal layout)."""
@@ -155,6 +170,11 @@ class LinearSite(Site):
     def reset(self) -> None:
         super().reset()
         self._a = self._g = self._bias_per_example = None
+
+    def drop(self, bad: Tensor) -> None:
+        super().drop(bad)
+        self._a, self._g = _zero_rows(self._a, bad), _zero_rows(self._g, bad)
+        self._bias_per_example = _zero_rows(self._bias_per_example, bad)
 
     def squared_norms(self, batch: int) -> Tensor:
         assert self.activation is not None
@@ -222,6 +242,11 @@ class ConvSite(Site):
     def reset(self) -> None:
         super().reset()
         self._bias_per_example = self._padded = None
+
+    def drop(self, bad: Tensor) -> None:
+        super().drop(bad)
+        self._padded = None  # rebuilt from the zeroed input
+        self._bias_per_example = _zero_rows(self._bias_per_example, bad)
 
     def _padded_input(self) -> tuple[Tensor, tuple[int, ...]]:
         """The input with any padding the unfold/weight-gradient ops cannot express applied, and the rest."""
@@ -332,6 +357,11 @@ class EmbeddingSite(Site):
         super().reset()
         self._rows = self._ids = self._owner = None
 
+    def drop(self, bad: Tensor) -> None:
+        super().drop(bad)
+        if self._rows is not None and self._owner is not None:
+            self._rows = _zero_rows(self._rows, bad[self._owner])
+
     def squared_norms(self, batch: int) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
@@ -385,6 +415,11 @@ class NormSite(Site):
     def reset(self) -> None:
         super().reset()
         self._weight_per_example = self._bias_per_example = None
+
+    def drop(self, bad: Tensor) -> None:
+        super().drop(bad)
+        self._weight_per_example = _zero_rows(self._weight_per_example, bad)
+        self._bias_per_example = _zero_rows(self._bias_per_example, bad)
 
     def _normalised(self, x: Tensor) -> Tensor:
         m = self._module

@@ -34,8 +34,9 @@ from dptrain.federated.protocol import (
     SITE_ID,
     SUMS,
     WEIGHT,
+    refusal,
 )
-from dptrain.federated.site import RoundResult, SiteRuntime, SiteState
+from dptrain.federated.site import RoundResult, SiteRuntime
 from dptrain.runtime import configure_threads
 
 __all__ = ["app"]
@@ -59,7 +60,10 @@ class _SiteClientApp(ClientApp):
             def legacy(inner: Message, inner_context: Context) -> Message:
                 return handle_legacy_message_from_msgtype(secagg_client_fn, inner, inner_context)
 
-            reply: Message = secaggplus_mod(message, context, legacy)
+            try:
+                reply: Message = secaggplus_mod(message, context, legacy)
+            except Exception as error:  # the site's own errors are already refusals (SecAggSiteClient.fit)
+                raise refusal(error) from None
             return reply
         return super().__call__(message, context)
 
@@ -99,17 +103,17 @@ def _reply(message: Message, site: SiteRuntime, result: RoundResult, *, round_nu
 
 
 def _guarded(message: Message, context: Context, work: Any) -> Message:
-    """Run ``work(site)``; a refusal is recorded in the site's own status file before it goes back as an error."""
-    site = _runtime(context)
+    """Run ``work(site)``; any error goes back as a fixed refusal only (:meth:`SiteRuntime.refusal`)."""
+    try:
+        site = _runtime(context)
+    except Exception as error:
+        logger.error("this site cannot start a round: %s: %s", type(error).__name__, error)
+        raise refusal(error) from None
     try:
         reply: Message = work(site)
         return reply
     except Exception as error:
-        status = SiteState.read(site.workdir)
-        status.message = f"{type(error).__name__}: {error}"[:2000]
-        status.write(site.workdir)
-        logger.error("site %s refused %s: %s", site.config.name, message.metadata.message_type, error)
-        raise
+        raise site.refusal(error, str(message.metadata.message_type)) from None
 
 
 @app.train()

@@ -8,6 +8,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from dptrain.errors import (
+    ConfigurationError,
+    DataError,
+    IncomingModelError,
+    JournalError,
+    ModelError,
+    PlanMismatchError,
+    PrivacyBudgetError,
+)
 from dptrain.evaluation import release_schedule
 
 __all__ = [
@@ -23,7 +32,9 @@ __all__ = [
     "SUMS",
     "WEIGHT",
     "ReplyIdentity",
+    "SiteRefusal",
     "identify",
+    "refusal",
     "release_after_round",
 ]
 
@@ -72,3 +83,41 @@ def identify(
     if site not in known:
         return ReplyIdentity(None, f"{site!r} is not a site of this federation")
     return ReplyIdentity(site)
+
+
+class SiteRefusal(Exception):  # noqa: N818 - what the coordinator is told, not a bug
+    """What a site's ClientApp raises instead of its own error: Flower sends ``str(exception)`` to the coordinator
+    (an untrusted peer), so only a fixed reason and sentence leave the site. The detail stays in the site's log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}: {REFUSALS[reason]}")
+        self.reason = reason
+
+
+REFUSALS: Final[dict[str, str]] = {
+    "PlanMismatch": "the coordinator's settings are not this site's, or the plan is not what was reserved; "
+    "nothing was charged",
+    "GlobalModelRefused": "the global model does not fit this site's model or is not finite; nothing was charged",
+    "BudgetSpent": "every step this site planned is charged",
+    "JournalLost": "this site's privacy journal cannot be used; nothing more may run",
+    "SiteUnusable": "this site cannot train (its data, model or configuration); its own status says why",
+    "SiteError": "the site failed; its own log has the details",
+}
+"""Every sentence a site may say about why it did not answer."""
+
+_REFUSAL_OF: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (PlanMismatchError, "PlanMismatch"),
+    (IncomingModelError, "GlobalModelRefused"),
+    (PrivacyBudgetError, "BudgetSpent"),
+    (JournalError, "JournalLost"),
+    (DataError, "SiteUnusable"),
+    (ModelError, "SiteUnusable"),
+    (ConfigurationError, "SiteUnusable"),
+)
+
+
+def refusal(error: Exception) -> SiteRefusal:
+    """The fixed refusal that stands for ``error`` (most specific class first)."""
+    if isinstance(error, SiteRefusal):
+        return error
+    return SiteRefusal(next((reason for kind, reason in _REFUSAL_OF if isinstance(error, kind)), "SiteError"))

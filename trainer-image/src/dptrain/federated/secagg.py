@@ -4,10 +4,11 @@ the server, ``secaggplus_mod`` around a legacy client on each site).
 
 The coordinator then learns only the weighted SUM of the sites' updates (each already a DP-SGD output, charged in its
 site's journal exactly as without SecAgg+), plus what the sites report in the clear (public numbers, and the DP
-held-out sums of the global model). Because the weights are masked with the updates, the coordinator cannot re-weight:
-each site weights its own update by the public size the coordinator's table gives it (``sites[].declaredSize``, sent
-with every round), else by its PrivateDataset's declared size. Every update counts for the site whose reply carried
-it; a reply from a node that is not a site of the federation (or not the one its key was registered for) cannot be
+held-out sums of the global model). Because the weights are masked with the updates, the coordinator must not choose
+them (a weight of 2²⁰ on one site would single its update out of the "sum"): each site weights its own update by its
+own PUBLIC declared size (its PrivateDataset's), and refuses a round whose weight table (``sites[].declaredSize``,
+sent with every round) gives it another one. Every update counts for the site whose reply carried it; a reply from a
+node that is not a site of the federation (or not the one its key was registered for) cannot be
 taken out of the masked sum, so it fails the round instead.
 """
 
@@ -29,6 +30,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from dptrain.errors import PlanMismatchError
 from dptrain.federated.config import NODE_CONFIG_KEY, ServerConfig, SiteConfig
 from dptrain.federated.protocol import FINGERPRINT, RELEASE, ROUND, SITE_ID, SUMS, identify, release_after_round
 from dptrain.federated.server_app import (
@@ -66,6 +68,13 @@ class SecAggSiteClient(NumPyClient):
         self.site = SiteRuntime(SiteConfig.read(path))
 
     def fit(self, parameters: list[Any], config: dict[str, Scalar]) -> tuple[list[Any], int, dict[str, Scalar]]:
+        try:
+            return self._fit(parameters, config)
+        except Exception as error:
+            raise self.site.refusal(error, "a secure-aggregation round") from None
+
+    def _fit(self, parameters: list[Any], config: dict[str, Scalar]) -> tuple[list[Any], int, dict[str, Scalar]]:
+        weight = self._own_weight(config)
         keys = str(config[KEYS]).split(",")
         state = {key: torch.from_numpy(np.asarray(value)) for key, value in zip(keys, parameters, strict=True)}
         result = self.site.train_round(
@@ -75,13 +84,26 @@ class SecAggSiteClient(NumPyClient):
             fingerprint=str(config[FINGERPRINT]),
         )
         assert result.state is not None
-        weights = json.loads(str(config.get(WEIGHTS, "{}")))
-        weight = int(weights.get(self.site.config.name, self.site.config.declared_size))
         metrics: dict[str, Scalar] = {key: float(value) for key, value in result.metrics.items()}
         metrics[SITE_ID] = self.site.config.name
         if result.sums is not None:
             metrics[SUMS] = json.dumps([float(value) for value in result.sums.tolist()])
         return [result.state[key].numpy() for key in keys], weight, metrics
+
+    def _own_weight(self, config: dict[str, Scalar]) -> int:
+        """The weight this site puts on its own update: its PUBLIC declared size, whatever the coordinator says.
+
+        Inside SecAgg+ the weight is masked with the update, so the coordinator could not see a weight of 2²⁰ on one
+        site and ~0 on the others, and would read that site's update off the "sum". A round whose table gives this
+        site another weight is refused before anything is charged."""
+        own = self.site.config.declared_size
+        offered = json.loads(str(config.get(WEIGHTS, "{}"))).get(self.site.config.name)
+        if offered is not None and int(offered) != own:
+            raise PlanMismatchError(
+                f"site {self.site.config.name}: the coordinator weights this site's update by {offered}, its public "
+                f"declared size is {own}; refusing the round (nothing was charged)"
+            )
+        return own
 
 
 def secagg_client_fn(context: Context) -> Client:

@@ -36,10 +36,12 @@ import torch
 from dptrain.checkpoint import export_model, job_fingerprint, unwrap_model
 from dptrain.data import PreparedData, load_data
 from dptrain.engine import TrainingRun
-from dptrain.errors import DataError, PlanMismatchError, PrivacyBudgetError
+from dptrain.errors import DataError, IncomingModelError, PlanMismatchError, PrivacyBudgetError
 from dptrain.evaluation import dp_release_sums
 from dptrain.federated.config import SiteConfig, site_training_job
+from dptrain.federated.protocol import SiteRefusal, refusal
 from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, atomic_write, workdir_lock
+from dptrain.models import state_problems
 from dptrain.plan import SAMPLE_RATE_TOLERANCE, TrainingPlan
 from dptrain_accounting import AccountingError, plan_fixed_steps
 from dptrain_api import site_plan_inputs
@@ -223,6 +225,19 @@ class SiteRuntime:
 
     # --- checks -------------------------------------------------------------------------------------------
 
+    def refusal(self, error: Exception, what: str) -> SiteRefusal:
+        """The fixed refusal to raise instead of ``error`` (:class:`~dptrain.federated.protocol.SiteRefusal`):
+        Flower sends an exception's text to the coordinator, and an error's own text may say something about this
+        site's records. The detail goes to this site's log; its status file gets the same fixed sentence."""
+        answer = refusal(error)
+        logger.error(
+            "site %s refused %s (%s): %s: %s", self.config.name, what, answer.reason, type(error).__name__, error
+        )
+        status = SiteState.read(self.workdir)
+        status.message = str(answer)
+        status.write(self.workdir)
+        return answer
+
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.config.fingerprint:
             raise PlanMismatchError(
@@ -287,6 +302,7 @@ class SiteRuntime:
         if replayed is not None:
             return replayed
         with self._open() as run:
+            self._check_global_model(run, global_state)
             if run.journal.remaining(TRAIN) <= 0:
                 raise PrivacyBudgetError(
                     f"site {self.config.name}: all {self.plan.steps} planned DP-SGD steps are charged (a round that "
@@ -326,6 +342,7 @@ class SiteRuntime:
             sums = None
             if release:
                 with self._open() as run:
+                    self._check_global_model(run, global_state)
                     unwrap_model(run.private.model).load_state_dict(dict(global_state))
                     sums = self._release(run)
             _save(
@@ -351,6 +368,16 @@ class SiteRuntime:
         atomic_write(self.workdir / ABORTED_MARKER, (json.dumps({"reason": reason[:2000]}) + "\n").encode())
 
     # --- internals ----------------------------------------------------------------------------------------
+
+    def _check_global_model(self, run: TrainingRun, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a global model that does not fit this site's model, or holds a NaN or inf, before anything is
+        charged: the coordinator is not trusted, and a non-finite weight would poison every example's gradient."""
+        problems = state_problems(global_state, unwrap_model(run.private.model).state_dict())
+        if problems:
+            raise IncomingModelError(
+                f"site {self.config.name}: the coordinator's global model is refused ({'; '.join(problems)}); "
+                "nothing was charged"
+            )
 
     def _open(self) -> TrainingRun:
         run = TrainingRun.open(
@@ -379,7 +406,7 @@ class SiteRuntime:
             run.holdout_set,
             num_classes=self.spec.data.num_classes,
             noise_multiplier=self.plan.holdout_noise_multiplier,
-            generator=run.release_noise,
+            bits=run.release_noise,
             device=run.device,
         )
 
