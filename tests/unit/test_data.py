@@ -321,12 +321,59 @@ def test_a_file_with_no_usable_record_trains_on_nothing_rather_than_failing(tmp_
     assert load_file(_source(), base_dir=tmp_path).num_examples == 0
 
 
-def test_parser_errors_go_to_the_pod_log_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "data.csv").write_bytes(_HEADER.encode() + b"30,1,0\n\xff\xfeSECRET,2,1\n")
-    with caplog.at_level("WARNING", logger="dptrain.data"), pytest.raises(DataError) as caught:
-        load_file(_source(), base_dir=tmp_path)
-    assert "SECRET" not in str(caught.value)
-    assert "pod log" in str(caught.value)
+def test_a_line_that_is_not_utf8_is_one_unusable_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "data.csv").write_bytes(_HEADER.encode() + b"30,1,0\n\xff\xfeSECRET,2,1\n40,2,1\n")
+    with caplog.at_level("WARNING", logger="dptrain.data"):
+        data = load_file(_source(), base_dir=tmp_path)
+    assert data.labels.tolist() == [0, 1]
+    assert "'<line>': 1" in caplog.text
+    assert "SECRET" not in caplog.text
+
+
+# Lines that pandas' whole-file parser let change how OTHER lines are read (or fail the file): each is one
+# unusable record here, and the other records load exactly as without it (issue 19, 2).
+_PATIENTS = "patient,notes,age,lactate,outcome\n" + "".join(
+    f"P{i},stable,{30 + i},{1 + i % 5},{i % 2}\n" for i in range(12)
+)
+MALFORMED_LINES: list[Any] = [
+    pytest.param(b'P99,"never closed,50,3,1\n', id="unmatched-quote"),
+    pytest.param(b'P99,"closes on a later line\n', id="quote-closing-later"),
+    pytest.param(b"P99,caf\xe9 au lait,50,3,1\n", id="latin-1-byte-in-free-text"),
+    pytest.param(b"P99,extra,50,3,1,surplus\n", id="extra-field"),
+    pytest.param(b"P99,short,50\n", id="missing-fields"),
+    pytest.param(b"P99,\"a\"b\",50,3,1\n", id="text-after-a-closing-quote"),
+]
+
+
+@pytest.mark.parametrize("line", MALFORMED_LINES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_malformed_line_is_skipped_on_its_own(tmp_path: Path, line: bytes, where: str) -> None:
+    header, *records = _PATIENTS.encode().splitlines(keepends=True)
+    position = {"first": 0, "middle": 6, "last": len(records)}[where]
+    clean, bad = tmp_path / "clean", tmp_path / "bad"
+    for folder, body in ((clean, records), (bad, [*records[:position], line, *records[position:]])):
+        folder.mkdir()
+        (folder / "data.csv").write_bytes(header + b"".join(body))
+    expected = load_file(_source(), base_dir=clean)
+    loaded = load_file(_source(), base_dir=bad)
+    assert expected.num_examples == 12
+    assert torch.equal(loaded.features, expected.features)
+    assert torch.equal(loaded.labels, expected.labels)
+
+
+def test_a_free_text_column_is_never_parsed(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text('notes,age,lactate,outcome\n"1e308, ""quoted""",30,1,0\n', encoding="utf-8")
+    assert load_file(_source(), base_dir=tmp_path).labels.tolist() == [0]
+
+
+def test_a_damaged_parquet_row_group_refuses_the_file(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"age": [30.0 + i for i in range(40)], "lactate": [1.0] * 40, "outcome": [0, 1] * 20})
+    frame.to_parquet(tmp_path / "data.parquet", row_group_size=10)
+    raw = bytearray((tmp_path / "data.parquet").read_bytes())
+    raw[200:260] = b"\xff" * 60  # inside a row group's pages; the footer is intact
+    (tmp_path / "data.parquet").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="row group .* cannot be read"):
+        load_file(_source(path="data.parquet", format="parquet"), base_dir=tmp_path)
 
 
 def test_feature_listed_as_label_is_a_configuration_error(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ they end up in Kubernetes status conditions.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -318,6 +319,13 @@ def load_builtin(name: str) -> PreparedData:
 # infinite, a label out of range) is skipped: dropping it depends on that record alone, so training on what is left
 # is still DP with respect to adding or removing a record, and nothing outside the pod learns that it was there.
 # The pod log (which only the data's steward should read) says which columns had unusable values, and how many.
+#
+# A CSV record is one physical line, and each line stands alone: it is decoded (UTF-8) and parsed (the csv module,
+# RFC 4180 quoting within the line) on its own, so no line can change how another is read. A line that does not
+# decode, does not parse (an unmatched quote), or has another number of fields than the header is ONE unusable
+# record. There are no multi-line fields and no index inference; columns that are not listed are split off but
+# never converted. Parquet is read one row group at a time (only the listed columns); its writer has typed every
+# value, so a row group that cannot be read is damage to the file, not a record: the file is refused, loudly.
 
 
 def _unreadable(path: Path, file_format: str, error: Exception) -> DataError:
@@ -326,38 +334,94 @@ def _unreadable(path: Path, file_format: str, error: Exception) -> DataError:
     return DataError(f"cannot read {path} as {file_format} (the pod log has the parser's message)")
 
 
-def _read_columns(path: Path, file_format: str, wanted: Sequence[str]) -> Any:
-    """Read the wanted columns as a DataFrame; DataError for a missing or unreadable file or missing columns."""
-    import pandas as pd
-
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
         raise DataError(f"data file {path} is not a regular file")
-    try:
-        if file_format == "parquet":
-            import pyarrow.parquet as pq
 
-            available = list(pq.read_schema(path).names)
-        else:
+
+def _split_line(raw: bytes, *, encoding: str = "utf-8") -> list[str] | None:
+    """One physical line's fields, or None when the line does not decode or parse on its own."""
+    try:
+        text = raw.rstrip(b"\r\n").decode(encoding)
+        return next(csv.reader([text], strict=True), [])
+    except (UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _csv_header(path: Path, handle: Any) -> list[str]:
+    for raw in handle:
+        if raw.strip(b"\r\n \t"):
             # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename column 1.
-            available = list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} has no header row") from None
-    except Exception as error:  # pandas/pyarrow raise many types for malformed files
-        raise _unreadable(path, file_format, error) from None
+            names = _split_line(raw, encoding="utf-8-sig")
+            if names is None:
+                raise DataError(f"the header row of {path} is not one line of UTF-8 CSV")
+            duplicated = sorted({name for name in names if names.count(name) > 1})
+            if duplicated:
+                raise DataError(f"the header row of {path} names column(s) {duplicated} more than once")
+            return names
+    raise DataError(f"data file {path} has no header row")
+
+
+def _read_csv(path: Path, wanted: Sequence[str]) -> tuple[dict[str, list[str | None]], list[bool]]:
+    """The wanted columns as strings per record (None where the record's line is unusable as a whole), and which
+    records' lines are usable."""
+    with path.open("rb") as handle:
+        names = _csv_header(path, handle)
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise DataError(f"data file {path} lacks column(s) {missing}")
+        positions = [names.index(name) for name in wanted]
+        columns: dict[str, list[str | None]] = {name: [] for name in wanted}
+        lines: list[bool] = []
+        for raw in handle:
+            if not raw.strip(b"\r\n"):
+                continue  # an empty line holds no record
+            fields = _split_line(raw)
+            if fields is not None and len(fields) != len(names):
+                fields = None
+            lines.append(fields is not None)
+            for name, position in zip(wanted, positions, strict=True):
+                columns[name].append(None if fields is None else fields[position])
+    return columns, lines
+
+
+def _read_parquet(path: Path, wanted: Sequence[str]) -> Any:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+        available = list(reader.schema_arrow.names)
+    except Exception as error:  # pyarrow raises many types for malformed files
+        raise _unreadable(path, "parquet", error) from None
     missing = [name for name in wanted if name not in available]
     if missing:
         raise DataError(f"data file {path} lacks column(s) {missing}")
-    try:
-        if file_format == "parquet":
-            return pd.read_parquet(path, columns=list(wanted))
-        # Strings keep every cell as written. A line with too many fields is a malformed record and is skipped
-        # (all columns are read: with `usecols` pandas would keep its first fields instead).
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig", on_bad_lines="skip")
-        return frame[list(wanted)]
-    except Exception as error:
-        raise _unreadable(path, file_format, error) from None
+    groups = []
+    for index in range(reader.num_row_groups):
+        try:
+            groups.append(reader.read_row_group(index, columns=list(wanted)).to_pandas())
+        except Exception as error:
+            logger.warning("%s: row group %d cannot be read: %s: %s", path, index, type(error).__name__, error)
+            raise DataError(
+                f"a row group of {path} cannot be read: the file is damaged (the pod log says which)"
+            ) from None
+    return pd.concat(groups, ignore_index=True) if groups else pd.DataFrame({name: [] for name in wanted})
+
+
+def _read_columns(path: Path, file_format: str, wanted: Sequence[str]) -> tuple[Any, npt.NDArray[np.bool_]]:
+    """The wanted columns as a DataFrame, and which records' lines are usable as a whole (always, for Parquet);
+    DataError for a missing or unreadable file or missing columns."""
+    import pandas as pd
+
+    _check_file(path)
+    if file_format == "parquet":
+        frame = _read_parquet(path, wanted)
+        return frame, np.ones(len(frame), dtype=bool)
+    columns, lines = _read_csv(path, wanted)
+    return pd.DataFrame(columns, dtype=object), np.array(lines, dtype=bool)
 
 
 def _numeric_column(frame: Any, column: str) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
@@ -385,18 +449,21 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
         raise ConfigurationError(f"{source.path}: a feature column is listed twice in {names}")
     if source.label_column in names:
         raise ConfigurationError(f"{source.path}: label column {source.label_column!r} is also listed as a feature")
-    frame = _read_columns(path, source.format, [*names, source.label_column])
+    frame, lines = _read_columns(path, source.format, [*names, source.label_column])
     columns = [_numeric_column(frame, name) for name in names]
     labels, usable_label = _numeric_column(frame, source.label_column)
     with np.errstate(invalid="ignore"):
         usable_label &= (labels == np.round(labels)) & (labels >= 0) & (labels < source.num_classes)
-    usable = usable_label.copy()
+    usable = lines & usable_label
     skipped: dict[str, int] = {}
+    if not lines.all():
+        skipped["<line>"] = int((~lines).sum())
     for name, (_, ok) in zip([*names, source.label_column], [*columns, (labels, usable_label)], strict=True):
         usable &= ok
-        if not ok.all():
-            skipped[name] = int((~ok).sum())
+        if not (ok | ~lines).all():
+            skipped[name] = int((~ok & lines).sum())
     if skipped:  # the pod log only: counts of unusable values are statistics of private records
+        # <line>: lines that do not decode (UTF-8), parse (an unmatched quote) or have the header's number of fields.
         logger.warning("%s: skipped records with unusable values (column: records) %s", path, skipped)
     values = np.column_stack([values for values, _ in columns])[usable] if names else np.zeros((0, 0))
     return PreparedData(
