@@ -532,6 +532,24 @@ def test_budget_edits_are_evented_and_never_below_what_is_charged(kube: FakeKube
     assert len(status.entries) == 1  # a δ change keeps every charge
     assert status.epsilon_spent is not None
     assert status.epsilon_spent > spent  # the same mechanism costs more ε at a smaller δ
+    spent_at_lower_delta = status.epsilon_spent
+    # Raising δ over what is charged would show it as cheaper (at 1e-3 the same steps compose to less): refused.
+    raised_delta = dict(body, spec={**body["spec"], "budget": {"epsilon": 8.0, "delta": 1e-3}})
+    events = reconcile_dataset(kube.put(raised_delta), ctx)
+    assert [event.reason for event in events] == ["BudgetBelowCharged"]
+    assert "δ may only be lowered" in events[0].message
+    status = _ledger(kube)
+    assert status.budget is not None
+    assert status.budget.delta == 1e-6
+    assert status.epsilon_spent == spent_at_lower_delta
+
+
+def test_a_budget_delta_of_one_over_the_size_is_refused(kube: FakeKube, ctx: OperatorContext) -> None:
+    events = reconcile_dataset(kube.put(_dataset(delta=1.0 / 569)), ctx)  # breast-cancer: 569 records
+    assert events == []
+    condition = kube.get_dataset(NS, "cohort")["status"]["conditions"][0]  # type: ignore[index]
+    assert (condition["reason"], condition["status"]) == ("InvalidSpec", "False")
+    assert "1/numExamples" in condition["message"]
 
 
 def test_a_dataset_deleted_and_created_again_continues_its_ledger(kube: FakeKube, ctx: OperatorContext) -> None:

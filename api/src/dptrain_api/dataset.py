@@ -8,7 +8,14 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
-from dptrain_api.common import GROUP_VERSION, BuiltinDataset, Condition, ObjectMeta, ResourceName
+from dptrain_api.common import (
+    BUILTIN_DATASETS,
+    GROUP_VERSION,
+    BuiltinDataset,
+    Condition,
+    ObjectMeta,
+    ResourceName,
+)
 from dptrain_api.contract import Mechanism
 
 
@@ -103,6 +110,11 @@ class DatasetSource(ApiModel):
         return self
 
 
+_DELTA_RULE = (
+    "budget.delta must be below 1/numExamples: a δ of 1/n allows a mechanism that publishes one record outright"
+)
+
+
 class PrivacyBudget(ApiModel):
     """The total privacy loss the custodian allows for all jobs on this dataset together."""
 
@@ -110,7 +122,8 @@ class PrivacyBudget(ApiModel):
     """Total ε for all jobs together, composed tightly (PLD), not summed. It may be raised; lowering it below what
     is already charged is refused."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    """Total δ at which the composed ε is measured."""
+    """Total δ at which the composed ε is measured; below 1/numExamples. It may be lowered while the composed ε
+    still fits; raising it once anything is charged is refused (it would shrink what the ledger shows charged)."""
 
 
 class LedgerEntry(ApiModel):
@@ -178,7 +191,12 @@ class PrivateDatasetSpec(ApiModel):
                     "!has(self.source.file) || has(self.numExamples)",
                     "numExamples is required for file sources (public metadata the plan depends on)",
                     field_path=".numExamples",
-                )
+                ),
+                kubernetes_rule(
+                    "!has(self.numExamples) || self.budget.delta < 1.0 / double(self.numExamples)",
+                    _DELTA_RULE,
+                    field_path=".budget.delta",
+                ),
             ]
         }
     )
@@ -204,6 +222,11 @@ class PrivateDatasetSpec(ApiModel):
     def _file_needs_size(self) -> PrivateDatasetSpec:
         if self.source.file is not None and self.num_examples is None:
             raise ValueError("numExamples is required for file sources (public metadata the plan depends on)")
+        size = self.num_examples
+        if size is None and self.source.builtin is not None:
+            size = BUILTIN_DATASETS[self.source.builtin].num_examples
+        if size is not None and self.budget.delta >= 1.0 / size:
+            raise ValueError(f"{_DELTA_RULE} (δ={self.budget.delta:g}, {size} records)")
         return self
 
 

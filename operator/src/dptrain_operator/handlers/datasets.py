@@ -114,17 +114,9 @@ def _budget(
         if current is None:
             reason, text = Reason.BUDGET_SET, f"budget ε={wanted.epsilon:g}, δ={wanted.delta:g}"
         else:
-            charged = ledger.composed_epsilon(status.entries, wanted.delta, epsilon_of=admission.epsilon_of(ctx))
-            if charged > wanted.epsilon:
-                decided.append(
-                    Event(
-                        "Warning",
-                        Reason.BUDGET_BELOW_CHARGED,
-                        f"refused budget ε={wanted.epsilon:g}, δ={wanted.delta:g}: the jobs charged so far compose to "
-                        f"ε={ledger.round_up(charged):g} at that δ; the budget in force stays ε={current.epsilon:g}, "
-                        f"δ={current.delta:g}",
-                    )
-                )
+            refusal = _refusal(ctx, status, current, wanted)
+            if refusal is not None:
+                decided.append(Event("Warning", Reason.BUDGET_BELOW_CHARGED, refusal))
                 return status
             reason, text = _budget_reason(current, wanted)
         decided.append(Event("Normal", reason, text))
@@ -141,6 +133,31 @@ def _budget(
     events.extend(decided)
     refusal = next((event.message for event in decided if event.reason == Reason.BUDGET_BELOW_CHARGED), None)
     return status, refusal
+
+
+def _refusal(
+    ctx: OperatorContext, status: PrivacyLedgerStatus, current: PrivacyBudget, wanted: PrivacyBudget
+) -> str | None:
+    """Why ``wanted`` may not replace the budget in force (None: it may). Refused: an ε below what the entries
+    compose to at the new δ, and a δ raised over entries that charge something (composed at a larger δ they show a
+    smaller ε, and the same records could be spent again: 0.5 makes any reservation look free)."""
+    epsilon_of = admission.epsilon_of(ctx)
+    charged = ledger.composed_epsilon(status.entries, wanted.delta, epsilon_of=epsilon_of)
+    kept = f"the budget in force stays ε={current.epsilon:g}, δ={current.delta:g}"
+    if charged > wanted.epsilon:
+        return (
+            f"refused budget ε={wanted.epsilon:g}, δ={wanted.delta:g}: the jobs charged so far compose to "
+            f"ε={ledger.round_up(charged):g} at that δ; {kept}"
+        )
+    if wanted.delta > current.delta:
+        before = ledger.composed_epsilon(status.entries, current.delta, epsilon_of=epsilon_of)
+        if charged < before:
+            return (
+                f"refused budget δ={wanted.delta:g} (up from {current.delta:g}): what is charged (ε="
+                f"{ledger.round_up(before):g} at δ={current.delta:g}) would show as ε={ledger.round_up(charged):g}, "
+                f"freeing records that were spent; {kept}. δ may only be lowered once anything is charged"
+            )
+    return None
 
 
 _HISTORY: dict[Reason, Any] = {
