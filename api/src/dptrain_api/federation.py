@@ -26,12 +26,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
 
 from dptrain_api._base import IMMUTABLE, ApiModel, kubernetes_rule
 from dptrain_api.common import BUILTIN_DATASETS, GROUP_VERSION, Condition, LocalObjectReference, ObjectMeta
 from dptrain_api.dataset import PrivateDataset
-from dptrain_api.job import CheckpointSpec, ModelSpec, PrivacySpec, PrivacyStatus, ResourcesSpec
+from dptrain_api.job import (
+    SECURE_NOISE_RULE,
+    CheckpointSpec,
+    ModelSpec,
+    PrivacySpec,
+    PrivacyStatus,
+    ResourcesSpec,
+)
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
@@ -77,6 +84,18 @@ class FederationPhase(StrEnum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+
+
+_PRIVACY_RULES: list[JsonValue] = [
+    *IMMUTABLE,
+    kubernetes_rule("self.secureNoise", SECURE_NOISE_RULE, field_path=".secureNoise"),
+]
+
+
+def _secure(privacy: PrivacySpec) -> PrivacySpec:
+    if not privacy.secure_noise:
+        raise ValueError(SECURE_NOISE_RULE)
+    return privacy
 
 
 class FederatedTrainingSpec(ApiModel):
@@ -300,7 +319,9 @@ class DPFederatedJobSpec(ApiModel):
     """What every site's records look like (immutable)."""
     model: Annotated[ModelSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = ModelSpec()
     """The global model (immutable). Custom factories and pretrained weights must exist on every site's image."""
-    privacy: Annotated[PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    privacy: Annotated[
+        PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": _PRIVACY_RULES}), AfterValidator(_secure)
+    ]
     """Each site's guarantee (immutable): sample-level (targetEpsilon, delta)-DP for that site's records over all
     rounds. σ is calibrated per site (its own sample rate); noiseMultiplier fixes it for every site instead."""
     training: Annotated[FederatedTrainingSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = (
@@ -489,7 +510,9 @@ class DPFederatedSiteSpec(ApiModel):
     """The coordinator's spec.data (immutable); the dataset must match it."""
     model: Annotated[ModelSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = ModelSpec()
     """The coordinator's spec.model (immutable)."""
-    privacy: Annotated[PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
+    privacy: Annotated[
+        PrivacySpec, Field(json_schema_extra={"x-kubernetes-validations": _PRIVACY_RULES}), AfterValidator(_secure)
+    ]
     """The coordinator's spec.privacy (immutable)."""
     training: Annotated[FederatedTrainingSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] = (
         FederatedTrainingSpec()

@@ -116,8 +116,9 @@ class PrivacySpec(ApiModel):
     noise_multiplier: Annotated[float, Field(gt=0)] | None = None
     """Fix σ instead of calibrating it; the job is refused if the planned ε would exceed targetEpsilon."""
     secure_noise: bool = True
-    """Draw each noise coordinate as the sum of four Gaussian draws (Opacus' secure_mode construction), which
-    defeats floating-point attacks on a single draw. Costs a little time (benchmarks/README.md)."""
+    """Draw the noise (and the Poisson sampling) from ChaCha20 keyed from the OS, a CSPRNG; false: from torch's
+    generator (seeded from the OS, fast, predictable from enough of its outputs). Both draw Gaussians in float64
+    with tails to ±12σ. false is for public (built-in) data only: refused with a datasetRef and in federations."""
 
 
 class TrainingSpec(ApiModel):
@@ -242,8 +243,23 @@ class AuditSpec(ApiModel):
     """Confidence of the lower bound: the chance that it is not above the true ε."""
 
 
+SECURE_NOISE_RULE = "privacy.secureNoise: false is for public built-in data only (the noise must come from a CSPRNG)"
+
+
 class DPTrainingJobSpec(ApiModel):
     """What to train, with which privacy guarantee, on which resources."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                kubernetes_rule(
+                    "!has(self.dataset.datasetRef) || self.privacy.secureNoise",
+                    SECURE_NOISE_RULE,
+                    field_path=".privacy.secureNoise",
+                )
+            ]
+        }
+    )
 
     dataset: Annotated[DatasetSpec, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
     """The data to train on (immutable)."""
@@ -268,6 +284,12 @@ class DPTrainingJobSpec(ApiModel):
     audit: AuditSpec | None = None
     """Audit the job's privacy empirically after training (audit-report.json in the checkpoint volume, the
     dptrain_audit_epsilon_lower_bound metric, status.audit). Unset: no audit."""
+
+    @model_validator(mode="after")
+    def _secure_noise_on_private_data(self) -> DPTrainingJobSpec:
+        if self.dataset.dataset_ref is not None and not self.privacy.secure_noise:
+            raise ValueError(SECURE_NOISE_RULE)
+        return self
 
 
 class PrivacyStatus(ApiModel):
