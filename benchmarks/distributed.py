@@ -120,7 +120,9 @@ def _private_step(task: Task, config: Config, rank: int, device: torch.device) -
             clipping_mode="bookkeeping",
             distributed=config.processes > 1,
         )
-    sampler = PoissonSampler(len(labels), sample_rate=batch / RECORDS, bits=GeneratorBits(torch.Generator().manual_seed(7)))
+    sampler = PoissonSampler(
+        len(labels), sample_rate=batch / RECORDS, bits=GeneratorBits(torch.Generator().manual_seed(7))
+    )
     group = Group(rank=rank, world_size=config.processes, local_rank=rank, local_world_size=config.processes)
     vote = StopVote(group if config.processes > 1 else Group())  # the engine's per-step stop vote
 

@@ -341,7 +341,7 @@ MALFORMED_LINES: list[Any] = [
     pytest.param(b"P99,caf\xe9 au lait,50,3,1\n", id="latin-1-byte-in-free-text"),
     pytest.param(b"P99,extra,50,3,1,surplus\n", id="extra-field"),
     pytest.param(b"P99,short,50\n", id="missing-fields"),
-    pytest.param(b"P99,\"a\"b\",50,3,1\n", id="text-after-a-closing-quote"),
+    pytest.param(b'P99,"a"b",50,3,1\n', id="text-after-a-closing-quote"),
 ]
 
 
@@ -372,7 +372,7 @@ def test_a_damaged_parquet_row_group_refuses_the_file(tmp_path: Path) -> None:
     raw = bytearray((tmp_path / "data.parquet").read_bytes())
     raw[200:260] = b"\xff" * 60  # inside a row group's pages; the footer is intact
     (tmp_path / "data.parquet").write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="row group .* cannot be read"):
+    with pytest.raises(DataError, match=r"row group .* cannot be read"):
         load_file(_source(path="data.parquet", format="parquet"), base_dir=tmp_path)
 
 

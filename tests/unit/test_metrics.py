@@ -99,7 +99,7 @@ def test_metrics_scraped_over_http_match_the_result(tmp_path: Path, monkeypatch:
     assert value("dptrain_charged_releases") == result.charged_releases
     assert 1 <= result.charged_releases <= plan.releases  # at most one release per checkpoint
     assert not any(name == "dptrain_train_loss" for name, _ in samples)  # the training loss never leaves
-    assert value("dptrain_examples_per_second") > 0
+    assert not any(name == "dptrain_examples_per_second" for name, _ in samples)  # timing of private batches
     assert len(scraped_during) == 1
     assert 0 < scraped_during[0] <= result.epsilon
 

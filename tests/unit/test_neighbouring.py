@@ -35,7 +35,6 @@ _CONSOLE_MASKS = [
     (re.compile(r"holdout loss [0-9.]+"), "holdout loss <dp>"),
     (re.compile(r"\b(auc|accuracy) [0-9.]+"), r"\1 <dp>"),
     (re.compile(r"[0-9.]+ \(released with DP\)"), "<dp> (released with DP)"),
-    (re.compile(r"[0-9]+ ex/s"), "<timing> ex/s"),
     (re.compile(r"│ time +│ [^│]*│"), "│ time │ <timing> │"),
 ]
 

@@ -16,9 +16,9 @@ from dptrain.randomness import (
     bernoulli,
     inclusion_threshold,
     standard_normal,
-    tail_bound,
     uniform53,
 )
+from dptrain_accounting import PlanError, plan_fixed_steps, sampler_tail_mass
 
 
 class _Words:
@@ -87,9 +87,16 @@ def test_the_radius_reaches_12_standard_deviations_not_5_77() -> None:
     (largest,) = standard_normal(_Words([0, 0, 0]), 1).tolist()
     assert largest == pytest.approx(MAX_RADIUS)
     assert 12.1 < MAX_RADIUS < 12.3  # float32 Box–Muller stops at √(2·ln 2²⁴) ≈ 5.77
-    assert tail_bound(0.3) < 1e-18
-    assert tail_bound(0.56) < 1e-24  # the example: float32 lost ≈ 7e-5 of δ over its 10 epochs
-    assert tail_bound(0.05) == 1.0  # too little noise: nothing to promise from the cap
+    assert sampler_tail_mass(0.3, 1) < 1e-18
+    assert sampler_tail_mass(0.56, 10_000) < 1e-20  # the example: float32 lost ≈ 7e-5 of δ over 10 epochs
+    assert sampler_tail_mass(0.05, 1) == 1.0  # too little noise: nothing to promise from the cap
+
+
+def test_the_planner_refuses_noise_too_small_for_the_samplers_reach() -> None:
+    common = {"num_examples": 1000, "eval_fraction": 0.0, "batch_size": 1000, "delta": 1e-6}
+    with pytest.raises(PlanError, match="too little noise"):
+        plan_fixed_steps(steps=1000, target_epsilon=100.0, noise_multiplier=0.15, **common)
+    plan_fixed_steps(steps=2, target_epsilon=100.0, noise_multiplier=0.35, **common)  # ε ≈ 70: allowed
 
 
 def test_chacha20_is_the_rfc_8439_keystream() -> None:

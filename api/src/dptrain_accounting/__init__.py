@@ -25,7 +25,7 @@ from ._accountants import (
 )
 from ._calibration import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from ._errors import AccountingError, CalibrationError, UnsupportedAccountantError
-from ._mechanism import MechanismSegment, compact, plan_steps
+from ._mechanism import NOISE_SAMPLER_RADIUS, MechanismSegment, compact, plan_steps, sampler_tail_mass
 from ._plan import (
     MAX_PLANNED_STEPS,
     MechanismPlan,
@@ -40,6 +40,7 @@ __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MAX_PLANNED_STEPS",
     "MIN_NOISE_MULTIPLIER",
+    "NOISE_SAMPLER_RADIUS",
     "PLD_DISCRETIZATION",
     "PLD_SAFETY_MARGIN",
     "PRV_EPS_ERROR",
@@ -62,5 +63,6 @@ __all__ = [
     "plan_mechanism",
     "plan_steps",
     "register_accountant",
+    "sampler_tail_mass",
     "training_set_size",
 ]

@@ -6,9 +6,9 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["MechanismSegment", "compact", "plan_steps"]
+__all__ = ["NOISE_SAMPLER_RADIUS", "MechanismSegment", "compact", "plan_steps", "sampler_tail_mass"]
 
 
 def _finite_float(name: str, value: object) -> float:
@@ -121,3 +121,17 @@ def plan_steps(*, dataset_size: int, batch_size: int, epochs: float) -> tuple[fl
     nearest = round(exact)
     steps = nearest if abs(exact - nearest) <= 1e-9 * max(1.0, exact) else math.ceil(exact)
     return sample_rate, max(1, int(steps))
+
+
+NOISE_SAMPLER_RADIUS: Final = math.sqrt(-2.0 * math.log(0.5 * 2.0**-106))
+"""The largest |z| the trainer's Gaussian sampler draws (dptrain.randomness: Box–Muller, 106-bit uniform): ≈ 12.2."""
+
+
+def sampler_tail_mass(noise_multiplier: float, steps: int) -> float:
+    """An upper bound on the probability, over ``steps`` steps, that a neighbouring dataset's output lands where the
+    capped sampler gives the other no density: per step P(|Z| > radius − 1/σ) for the coordinate one record moves
+    most (by at most C, i.e. 1/σ noise standard deviations). It must stay negligible next to δ."""
+    if noise_multiplier <= 0:
+        return math.inf
+    reach = NOISE_SAMPLER_RADIUS - 1.0 / noise_multiplier
+    return min(1.0, steps * math.erfc(reach / math.sqrt(2.0))) if reach > 0 else 1.0

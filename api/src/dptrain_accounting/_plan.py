@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ._accountants import compute_epsilon
 from ._calibration import calibrate_noise_multiplier
 from ._errors import AccountingError, CalibrationError
-from ._mechanism import MechanismSegment, plan_steps
+from ._mechanism import NOISE_SAMPLER_RADIUS, MechanismSegment, plan_steps, sampler_tail_mass
 
 __all__ = [
     "MAX_PLANNED_STEPS",
@@ -113,6 +113,18 @@ def _calibrate(*, target: float, delta: float, sample_rate: float, steps: int, a
         raise PlanError(
             f"cannot calibrate the noise for ε={target:g}, δ={delta:g}, q={sample_rate:.4g}, {steps} steps: {error}"
         ) from None
+
+
+def _check_sampler_reach(sigma: float, steps: int, delta: float) -> None:
+    """The noise sampler reaches ±12.2σC (NOISE_SAMPLER_RADIUS): with very little noise over many steps the chance of
+    a neighbouring output beyond its reach would no longer be negligible next to δ (at most δ/1000 is allowed)."""
+    missing = sampler_tail_mass(sigma, steps)
+    if missing > delta / 1000:
+        raise PlanError(
+            f"σ={sigma:.3g} over {steps} steps is too little noise for the noise sampler's reach (±"
+            f"{NOISE_SAMPLER_RADIUS:.1f}σ: an uncovered tail of up to {missing:.2g} next to δ={delta:g}); lower "
+            "targetEpsilon, or plan fewer steps"
+        )
 
 
 def _check_sizes(*, num_examples: int, eval_fraction: float, train_size: int, batch_size: int, delta: float) -> None:
@@ -235,6 +247,7 @@ def _calibrated_plan(
         sigma = _calibrate(
             target=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
         )
+    _check_sampler_reach(sigma, steps, delta)
     train_epsilon = compute_epsilon([MechanismSegment(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
     if train_epsilon > target_epsilon:
         raise PlanError(
@@ -249,6 +262,7 @@ def _calibrated_plan(
         holdout_sigma = holdout_noise_multiplier or _calibrate(
             target=target_epsilon, delta=delta, sample_rate=1.0, steps=releases, accountant=accountant
         )
+        _check_sampler_reach(holdout_sigma, releases, delta)
         holdout_epsilon = compute_epsilon(
             [MechanismSegment(holdout_sigma, 1.0, releases)], delta=delta, accountant=accountant
         )

@@ -209,7 +209,6 @@ class TrainerMetric(StrEnum):
     """Held-out accuracy, released with DP."""
     EVAL_AUC = "dptrain_eval_auc"
     """Held-out ROC AUC (binary tasks), released with DP."""
-    EXAMPLES_PER_SECOND = "dptrain_examples_per_second"
     PROGRESS_RATIO = "dptrain_progress_ratio"
     PLANNED_STEPS = "dptrain_planned_steps"
     CHARGED_STEPS = "dptrain_charged_steps"

@@ -21,7 +21,6 @@ class TrainerSample:
     loss: float | None = None
     eval_metric: str | None = None
     eval_value: float | None = None
-    examples_per_second: float | None = None
 
 
 _GAUGES = {
@@ -31,7 +30,6 @@ _GAUGES = {
     TrainerMetric.CHARGED_STEPS: "charged_steps",
     TrainerMetric.CHARGED_RELEASES: "charged_releases",
     TrainerMetric.HOLDOUT_LOSS: "loss",
-    TrainerMetric.EXAMPLES_PER_SECOND: "examples_per_second",
 }
 _INTEGERS = ("steps", "planned_steps", "charged_steps", "charged_releases")
 

@@ -87,8 +87,7 @@ class ConsoleProgress:
             self._line(
                 f"step {progress.step}/{progress.total_steps} epoch {progress.epoch:.2f} "
                 f"holdout loss {_fmt(progress.loss)} "
-                f"ε {format_up(progress.epsilon_spent, 5)}/{self.plan.target_epsilon if self.plan else '?'} {metric} "
-                f"{progress.examples_per_second:.0f} ex/s"
+                f"ε {format_up(progress.epsilon_spent, 5)}/{self.plan.target_epsilon if self.plan else '?'} {metric}"
             )
 
     def close(self) -> None:

@@ -409,7 +409,6 @@ class TrainingRun:
         if chunk <= 0:
             return True
         spent = self.epsilon()
-        chunk_started = time.monotonic()
         for index in range(chunk):
             if self.stopping(stop):  # a signal arrived between steps: run no further step (interrupt checkpoints)
                 return False
@@ -421,8 +420,7 @@ class TrainingRun:
                     self.release()
                     spent = self.epsilon()
                 self.save_checkpoint()
-            elapsed = max(time.monotonic() - chunk_started, 1e-9)
-            self._notify_step(spent, examples_per_second=self.plan.batch_size * (index + 1) / elapsed, last=last)
+            self._notify_step(spent, last=last)
         return True
 
     def _charge_chunk(self) -> int:
@@ -496,7 +494,7 @@ class TrainingRun:
         self.checkpointed_step = self.step
         logger.debug("checkpoint at step %d (%d steps charged)", self.step, self.journal.charged_steps)
 
-    def _notify_step(self, spent: float, *, examples_per_second: float, last: bool) -> None:
+    def _notify_step(self, spent: float, *, last: bool) -> None:
         progress = Progress(
             step=self.step,
             total_steps=self.plan.steps,
@@ -505,7 +503,6 @@ class TrainingRun:
             epsilon_spent=spent,
             eval_metric=self.data.eval_metric,
             eval_value=self.eval_metrics.get(self.data.eval_metric),
-            examples_per_second=examples_per_second,
             charged_steps=self.journal.charged_steps,
             charged_releases=self.journal.charged_releases,
             attempt=self.attempt,

@@ -31,7 +31,6 @@ class Progress:
     """Name of the headline eval metric (accuracy or auc)."""
     eval_value: float | None
     """Latest DP-released value of the held-out eval metric; None before the first release."""
-    examples_per_second: float
     """Expected examples (batchSize per step) per second over the current chunk; data-independent."""
     charged_steps: int = 0
     """Steps the journal has charged (at least ``step``)."""

@@ -63,7 +63,6 @@ class PrometheusExporter:
         self.holdout_loss = gauge(TrainerMetric.HOLDOUT_LOSS, "Latest held-out loss, released with DP")
         self.eval_accuracy = gauge(TrainerMetric.EVAL_ACCURACY, "Latest held-out accuracy, released with DP")
         self.eval_auc = gauge(TrainerMetric.EVAL_AUC, "Latest held-out ROC AUC (binary tasks), released with DP")
-        self.examples_per_second = gauge(TrainerMetric.EXAMPLES_PER_SECOND, "Expected training examples per second")
         self.progress_ratio = gauge(TrainerMetric.PROGRESS_RATIO, "Completed steps / planned steps")
         self.planned_steps = gauge(TrainerMetric.PLANNED_STEPS, "Steps in the privacy plan")
         self.charged_releases = gauge(
@@ -131,7 +130,6 @@ class PrometheusExporter:
         self._set(self.charged_steps, progress.charged_steps)
         self._set(self.holdout_loss, progress.loss)
         self._set(self.charged_releases, progress.charged_releases)
-        self._set(self.examples_per_second, progress.examples_per_second)
         self._set(self.progress_ratio, progress.step / progress.total_steps)
         self._set_eval(progress.eval_metrics)
         if progress.step > self._steps_seen:

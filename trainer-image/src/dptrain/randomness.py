@@ -14,7 +14,8 @@ or ChaCha20's keystream keyed from the OS (:class:`ChaChaBits`, a CSPRNG: ``priv
   is then a valid, conservative rate).
 * :func:`standard_normal` is Box–Muller in float64 whose radius uniform has 106 bits (two words): draws reach
   |z| ≈ 12.2, so the probability of the missing tail beyond the shifted cap is below 1e-18 per step for any
-  σ ≥ 0.3 (:func:`tail_bound`), and the angle has 53 bits. The result is cast to the parameters' dtype only at the end.
+  σ ≥ 0.3 (the planner refuses a plan where it is not negligible next to δ: ``sampler_tail_mass``), and the
+  angle has 53 bits. The result is cast to the parameters' dtype only at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Final, Protocol
 import torch
 from torch import Tensor
 
+from dptrain_accounting import NOISE_SAMPLER_RADIUS
+
 __all__ = [
     "ChaChaBits",
     "GeneratorBits",
@@ -34,14 +37,13 @@ __all__ = [
     "fresh_bits",
     "inclusion_threshold",
     "standard_normal",
-    "tail_bound",
     "uniform53",
 ]
 
 _MASK53: Final = (1 << 53) - 1
 _TWO_POW_53: Final = float(2**53)
-MAX_RADIUS: Final = math.sqrt(-2.0 * math.log(0.5 * 2.0**-106))
-"""The largest Box–Muller radius :func:`standard_normal` can draw (≈ 12.2)."""
+MAX_RADIUS: Final = NOISE_SAMPLER_RADIUS
+"""The largest Box–Muller radius :func:`standard_normal` can draw (≈ 12.2; the planner checks σ against it)."""
 
 
 class RandomBits(Protocol):
@@ -141,13 +143,3 @@ def standard_normal(bits: RandomBits, count: int) -> Tensor:
     angle = ((words[2] >> 11) & _MASK53).to(torch.float64).mul_(2.0 * math.pi / _TWO_POW_53)
     draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
     return draws[:count]
-
-
-def tail_bound(noise_multiplier: float) -> float:
-    """An upper bound on the probability, per step, that the neighbouring dataset's output lands where the capped
-    sampler gives the other no density: P(|Z| > MAX_RADIUS − 1/σ) for the coordinate the record moves most (the
-    sensitivity is at most C, i.e. 1/σ noise standard deviations). Zero noise has no such region to bound (∞)."""
-    if noise_multiplier <= 0:
-        return math.inf
-    reach = MAX_RADIUS - 1.0 / noise_multiplier
-    return 1.0 if reach <= 0 else math.erfc(reach / math.sqrt(2.0))

@@ -66,14 +66,19 @@ COMPOSITION: Final = (
     "so the job's ε is the larger of the two."
 )
 _RNG_NOTE: Final = (
-    "The Gaussian noise and the Poisson sampling come from torch's pseudo-random generators (Mersenne Twister on "
-    "CPU, Philox on CUDA), seeded from os.urandom on every attempt and never restored from a checkpoint; they are "
-    "not cryptographically secure (Opacus' secure_mode needs torchcsprng, which does not install with torch 2.x). "
-    "With privacy.secureNoise (the default) each noise coordinate is the sum of four draws, the construction "
-    "Opacus uses against floating-point attacks on a single Gaussian draw."
+    "Every record joins a Poisson batch with probability floor(q·2^53)/2^53 <= q (53-bit integer draws; the "
+    "accountant's q is a valid bound). The Gaussian noise is drawn in float64 (Box-Muller, a 106-bit radius "
+    "uniform: draws reach ±12.2σC, so the probability that a neighbouring output falls beyond the sampler's reach is "
+    "below 1e-18 per step for σ >= 0.3), added to the clipped sum in float64 and rounded once. With "
+    "privacy.secureNoise (the default, required for PrivateDatasets) the bits come from ChaCha20 keyed by os.urandom "
+    "on every attempt, a CSPRNG; without it from torch's generator seeded by os.urandom (public data only). Noise is "
+    "still a floating-point approximation of the Gaussian, not an exact discrete Gaussian: the known attacks on a "
+    "single low-precision draw do not apply to this construction, but that is an argument, not a proof."
 )
 _NOT_COVERED: Final = [
-    "timing: how long steps take depends on the sizes of the Poisson batches (wall time and throughput are not DP)",
+    "timing: how long steps take depends on the sizes of the Poisson batches. No throughput is exported and journal "
+    "entries are timed to the minute, but the progress counters (dptrain_steps_total, status.progress), the "
+    "attempt's wall time and a federation's round wall time are observable and not DP",
     "the pod log: it may name columns with unusable values and how many records were skipped (steward only)",
     "anything computed from the data outside dptrain (a custom model factory, a custom image)",
 ]
