@@ -35,3 +35,16 @@ def test_queued_calls_wait_for_a_slot_without_spending_their_time_limit() -> Non
         results = list(pool.map(lambda _: workers.call(time.sleep, 1.0), range(6)))
     assert results == [None] * 6
     assert time.monotonic() - started >= 6  # one at a time
+
+
+def _allocate(mib: int) -> int:
+    return len(bytearray(mib * 2**20))
+
+
+def test_a_call_past_its_memory_limit_is_stopped_not_oom_killed() -> None:
+    """Opacus' PRV accountant once took 24 GB for one plan: a child gets MemoryError at its limit instead."""
+    workers = AccountingWorkers(timeout=30, memory_mib=256)
+    assert workers.call(_allocate, 64) == 64 * 2**20
+    with pytest.raises(AccountingTimeout, match="ran out of memory"):
+        workers.call(_allocate, 4096)
+    assert workers.call(_allocate, 64) == 64 * 2**20  # the next call gets a fresh child

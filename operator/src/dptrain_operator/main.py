@@ -49,7 +49,7 @@ def run(argv: list[str] | None = None) -> None:
         settings=settings,
         kube=Kube(load_api_client()),
         metrics=metrics,
-        workers=AccountingWorkers(timeout=settings.plan_timeout_seconds),
+        workers=AccountingWorkers(timeout=settings.plan_timeout_seconds, memory_mib=settings.plan_memory_mib),
     )
 
     registry = kopf.OperatorRegistry()

@@ -23,6 +23,9 @@ class Settings:
     plan_timeout_seconds: float = 60.0
     """The most CPU seconds one plan or ledger composition may use (in a worker process); a job whose plan needs more
     fails with PlanTimeout. CPU time, not wall time: a busy node does not make a plan fail."""
+    plan_memory_mib: int = 1024
+    """The most memory (MiB of address space beyond the worker's start) one plan or ledger composition may use; a
+    plan that needs more fails with PlanTimeout instead of taking the operator's memory."""
     image_pull_policy: str = "IfNotPresent"
     """imagePullPolicy of trainer containers."""
     metrics_port: int = 8000

@@ -6,7 +6,9 @@ one job planning tens of millions of steps once kept /healthz from answering for
 call (forked from a server that has the accounting libraries loaded, so it starts in milliseconds) runs the
 maths; the handler thread only waits on a pipe. The limit is CPU seconds (RLIMIT_CPU, the kernel stops the
 child), not wall time, so a busy node never fails a plan that would have fitted; a wall-clock backstop of ten
-times the limit catches a child that waits instead of computing. At most ``concurrency`` children run at once
+times the limit catches a child that waits instead of computing. Memory is bounded too (RLIMIT_AS, the child's
+address space beyond what it inherited): Opacus' PRV accountant once took 24 GB for a plan of 866k steps, and a
+child the kernel OOM-kills takes the operator's neighbours with it. At most ``concurrency`` children run at once
 (one per CPU by default): twenty jobs submitted together queue for a slot instead of sharing two cores twenty
 ways.
 """
@@ -30,19 +32,31 @@ _PRELOAD: Final = ["dptrain_accounting", "dp_accounting.pld.pld_privacy_accounta
 
 
 class AccountingTimeout(Exception):  # noqa: N818 - it is the outcome "timed out", not a bug
-    """The computation did not finish within its time limit (its process was killed)."""
+    """The computation did not finish within its time or memory limit (its process was stopped)."""
+
+
+def _address_space() -> int:
+    """This process's current virtual memory size in bytes (what a fork inherits)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * resource.getpagesize()
 
 
 def _child(
     connection: Connection,
     cpu_seconds: int,
+    memory_bytes: int,
     function: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU at the soft limit
+    if memory_bytes > 0:
+        limit = _address_space() + memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # allocations beyond fail with MemoryError
     try:
         connection.send((True, function(*args, **kwargs)))
+    except MemoryError:
+        connection.send((False, AccountingTimeout(f"{getattr(function, '__name__', function)} ran out of memory")))
     except BaseException as error:  # the parent re-raises it
         connection.send((False, error))
     finally:
@@ -51,11 +65,14 @@ def _child(
 
 class AccountingWorkers:
     """``call(fn, *args, **kwargs)`` runs ``fn`` in a fresh child process and returns its result (or re-raises its
-    exception); past ``timeout`` CPU seconds the child is stopped and :class:`AccountingTimeout` raised.
-    ``in_process=True`` calls ``fn`` directly (unit tests)."""
+    exception); past ``timeout`` CPU seconds, or ``memory_mib`` MiB of new address space, the child is stopped and
+    :class:`AccountingTimeout` raised (0: no memory limit). ``in_process=True`` calls ``fn`` directly (unit tests)."""
 
-    def __init__(self, *, timeout: float, concurrency: int | None = None, in_process: bool = False) -> None:
+    def __init__(
+        self, *, timeout: float, memory_mib: int = 1024, concurrency: int | None = None, in_process: bool = False
+    ) -> None:
         self.timeout = timeout
+        self.memory_bytes = memory_mib * 2**20
         self.in_process = in_process
         self.concurrency = concurrency or len(os.sched_getaffinity(0)) or 1
         self._slots = threading.BoundedSemaphore(self.concurrency)
@@ -81,7 +98,9 @@ class AccountingWorkers:
         name = getattr(function, "__name__", function)
         receiver, sender = context.Pipe(duplex=False)
         cpu_seconds = max(1, math.ceil(self.timeout))
-        process = context.Process(target=_child, args=(sender, cpu_seconds, function, args, kwargs), daemon=True)
+        process = context.Process(
+            target=_child, args=(sender, cpu_seconds, self.memory_bytes, function, args, kwargs), daemon=True
+        )
         process.start()
         sender.close()
         try:

@@ -166,11 +166,12 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             return admission.plan_job(self.ctx, self.job, self.dataset, holdout)
         except (AccountingError, ValueError) as error:
             self.state.fail(Reason.INVALID_PLAN, str(error))
-        except AccountingTimeout:
+        except AccountingTimeout as error:
             self.state.fail(
                 Reason.PLAN_TIMEOUT,
-                f"planning did not finish in {self.ctx.settings.plan_timeout_seconds:g}s; lower epochs or raise "
-                "batchSize (fewer steps plan faster)",
+                f"planning did not finish within its limits ({error}: {self.ctx.settings.plan_timeout_seconds:g} "
+                f"CPU seconds, {self.ctx.settings.plan_memory_mib} MiB); lower epochs or raise batchSize (fewer "
+                "steps plan faster)",
             )
         return None
 
