@@ -43,12 +43,12 @@ def _address_space() -> int:
 
 def _child(
     connection: Connection,
-    cpu_seconds: int,
-    memory_bytes: int,
+    limits: tuple[int, int],
     function: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
+    cpu_seconds, memory_bytes = limits
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU at the soft limit
     if memory_bytes > 0:
         limit = _address_space() + memory_bytes
@@ -99,7 +99,7 @@ class AccountingWorkers:
         receiver, sender = context.Pipe(duplex=False)
         cpu_seconds = max(1, math.ceil(self.timeout))
         process = context.Process(
-            target=_child, args=(sender, cpu_seconds, self.memory_bytes, function, args, kwargs), daemon=True
+            target=_child, args=(sender, (cpu_seconds, self.memory_bytes), function, args, kwargs), daemon=True
         )
         process.start()
         sender.close()
