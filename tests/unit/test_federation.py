@@ -224,6 +224,100 @@ def test_a_site_refuses_a_plan_other_than_the_reserved_one(tmp_path: Path) -> No
         site_plan(config)
 
 
+def _crafted_global_model(job: DPFederatedJob) -> dict[str, torch.Tensor]:
+    """Finite weights whose logit overflows float32 only for a record at the kappa, lambda and creatinine caps (the
+    hospital's records sum to at most 2.6 of those 3 scaled features: 3.2e38 stays finite, 3.6e38 does not)."""
+    state = _global_state(job)
+    weight = torch.zeros_like(state["1.weight"])
+    weight[0, 2:5] = 1e38  # kappa, lambda, creatinine
+    return {"1.weight": weight, "1.bias": torch.tensor([0.6e38, 0.0])}
+
+
+SITE_NEIGHBOURS = {
+    "unmatched-quote": b'70,1,"1.5,1.2,1.0,0,1\n',
+    "latin-1-byte": b"70,1,1.5,1.2,1.0\xe9,0,1\n",
+    "extra-field": b"70,1,1.5,1.2,1.0,0,1,9\n",
+    "overflowing-record": b"70,1,20,26,10,0,1\n",
+    # 51 distinct ones (ages 50-100): some are sure to be sampled in 8 steps at q ≈ 0.035, some to be held out
+    "overflowing-records": b"".join(f"{age},1,20,26,10,0,1\n".encode() for age in range(50, 101)),
+}
+
+
+def _site_round(tmp_path: Path, extra: bytes | None, *, crafted: bool) -> tuple[dict[str, float], bool]:
+    """One round at a site whose file has ``extra`` appended: its public numbers, and whether the update is finite."""
+    from dptrain.federated.site import SiteRuntime, initialise_journal
+
+    job, config = _site_config(tmp_path, rounds=2, localSteps=8, evalReleases=1)
+    if extra is not None:
+        with (config.data_dir / "data" / "hospital-b.csv").open("ab") as handle:
+            handle.write(extra)
+    initialise_journal(config, expect_journal=False)
+    state = _crafted_global_model(job) if crafted else _global_state(job)
+    result = SiteRuntime(config).train_round(
+        round_number=1, global_state=state, release=True, fingerprint=config.fingerprint
+    )
+    assert result.state is not None
+    assert result.sums is not None
+    finite = all(bool(torch.isfinite(value).all()) for value in result.state.values())
+    return result.metrics, finite and bool(torch.isfinite(result.sums).all())
+
+
+@pytest.mark.parametrize("neighbour", sorted(SITE_NEIGHBOURS))
+def test_a_site_reply_is_the_same_with_one_more_line_but_for_its_dp_outputs(tmp_path: Path, neighbour: str) -> None:
+    crafted = neighbour.startswith("overflowing")
+    base, base_finite = _site_round(tmp_path / "d", None, crafted=crafted)
+    other, other_finite = _site_round(tmp_path / "d1", SITE_NEIGHBOURS[neighbour], crafted=crafted)
+    assert other == base  # charged steps and releases, ε, the plan, the declared size, steps run
+    assert base_finite
+    assert other_finite  # the update and the DP release stay finite: nothing reveals the record
+
+
+def test_a_non_finite_global_model_is_refused_before_anything_is_charged(tmp_path: Path) -> None:
+    from dptrain.errors import IncomingModelError
+    from dptrain.federated.protocol import REFUSALS, SiteRefusal
+    from dptrain.federated.site import SiteRuntime, initialise_journal
+    from dptrain.journal import PrivacyJournal
+
+    job, config = _site_config(tmp_path, rounds=2, localSteps=3)
+    initialise_journal(config, expect_journal=False)
+    site = SiteRuntime(config)
+    poisoned = _global_state(job)
+    poisoned["1.weight"][0, 0] = float("nan")
+    with pytest.raises(IncomingModelError, match="non-finite") as caught:
+        site.train_round(round_number=1, global_state=poisoned, release=True, fingerprint=config.fingerprint)
+    assert PrivacyJournal(config.workdir / "privacy-journal.jsonl").charged_steps == 0
+    assert PrivacyJournal(config.workdir / "privacy-journal.jsonl").charged_releases == 0
+    told = site.refusal(caught.value, "train")  # what the ClientApp raises, and Flower sends on
+    assert isinstance(told, SiteRefusal)
+    assert str(told) == f"GlobalModelRefused: {REFUSALS['GlobalModelRefused']}"
+    assert "1.weight" not in str(told)
+
+
+def test_a_site_error_reaches_the_coordinator_as_a_fixed_sentence(tmp_path: Path) -> None:
+    from dptrain.federated.protocol import REFUSALS, refusal
+
+    secret = ValueError("patient 4711 has lactate 12.3")
+    assert str(refusal(secret)) == f"SiteError: {REFUSALS['SiteError']}"
+    assert str(refusal(PrivacyBudgetError("…"))).startswith("BudgetSpent: ")
+
+
+def test_under_secagg_a_site_weights_its_update_by_its_own_size_and_refuses_another(tmp_path: Path) -> None:
+    """The weight attack: a coordinator weights one site 2²⁰ inside the masked sum to read it off."""
+    import json
+
+    from dptrain.federated.secagg import WEIGHTS, SecAggSiteClient
+    from dptrain.federated.site import SiteRuntime
+
+    _, config = _site_config(tmp_path)
+    client = SecAggSiteClient.__new__(SecAggSiteClient)  # without a Flower Context
+    client.site = SiteRuntime(config)
+    own = config.declared_size
+    assert client._own_weight({WEIGHTS: json.dumps({config.name: own})}) == own
+    assert client._own_weight({WEIGHTS: "{}"}) == own  # no entry: its own size
+    with pytest.raises(PlanMismatchError, match="weights this site"):
+        client._own_weight({WEIGHTS: json.dumps({config.name: 2**20})})
+
+
 # --- the ServerApp's rules ---------------------------------------------------------------------------------------
 
 

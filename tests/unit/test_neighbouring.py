@@ -2,7 +2,10 @@
 (or timing, which the report lists as not covered) must be identical.
 
 D + outlier: one extra valid record at the edge of the feature bounds. D + unusable: one extra record with a
-non-numeric value, which is skipped; only the pod log (steward-only, listed as not covered) may say so.
+non-numeric value, which is skipped; only the pod log (steward-only, listed as not covered) may say so. Then one
+line of each kind that a whole-file CSV parser lets change how the OTHER lines are read (issue 19): an unmatched
+quote, a quote that closes on a later line, a Latin-1 byte in a free-text column, an extra field on the first data
+line. Last, crafted pretrained weights that overflow the logit of exactly one record: with and without it.
 """
 
 from __future__ import annotations
@@ -65,16 +68,17 @@ def _mask_console(text: str) -> str:
     return text
 
 
-def _run(folder: Path, records: list[str]) -> Emitted:
+def _run(folder: Path, records: list[str | bytes], *, pretrained: Path | None = None) -> Emitted:
     folder.mkdir()
-    (folder / "wards.csv").write_text("age,bp,died\n" + "\n".join(records) + "\n")
+    lines = [record if isinstance(record, bytes) else record.encode() for record in records]
+    (folder / "wards.csv").write_bytes(b"age,bp,notes,died\n" + b"".join(line + b"\n" for line in lines))
     job = {
         "apiVersion": "dptrain.io/v1alpha1",
         "kind": "DPTrainingJob",
         "metadata": {"name": "audit"},
         "spec": {
             "dataset": {"datasetRef": {"name": "wards"}},
-            "model": {"architecture": "logistic"},
+            "model": {"architecture": "logistic", **({"pretrainedWeights": str(pretrained)} if pretrained else {})},
             "privacy": {"targetEpsilon": 4.0, "delta": 1e-4},
             "training": {"epochs": 2, "batchSize": 32, "learningRate": 0.5, "seed": 1, "evalReleases": 2},
             "checkpoint": {"everySteps": 5},
@@ -112,23 +116,68 @@ def _run(folder: Path, records: list[str]) -> Emitted:
     )
 
 
+def _records() -> list[str]:
+    generator = random.Random(1)
+    notes = ["stable", '"seen by ""Dr. A"", then discharged"', "", '"transferred, ward 3"']
+    return [
+        f"{generator.randint(20, 90)},{generator.randint(60, 200)},{generator.choice(notes)},{generator.randint(0, 1)}"
+        for _ in range(300)
+    ]
+
+
+def _crafted_weights(folder: Path) -> Path:
+    """Finite weights for the logistic model on (age, bp) scaled to [0, 1]: the logit overflows float32 (inf) only
+    for a record at both upper bounds; every record of D stays below (age ≤ 90, bp ≤ 200)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "crafted.pt"
+    state = {
+        "1.weight": torch.tensor([[1.0e38, 1.0e38], [0.0, 0.0]]),
+        "1.bias": torch.tensor([1.5e38, 0.0]),
+    }
+    torch.save(state, path)
+    return path
+
+
+MALFORMED: dict[str, tuple[int, bytes]] = {
+    "D+unmatched-quote": (150, b'70,140,"never closed,1'),
+    "D+quote-closing-later": (40, b'70,140,"the note goes on'),  # a quoted note of D closes it, lines later
+    "D+latin-1-free-text": (150, b"70,140,caf\xe9 au lait,1"),
+    "D+extra-field-on-the-first-line": (0, b"70,140,stable,1,surplus"),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Emitted]:
-    generator = random.Random(1)
-    records = [
-        f"{generator.randint(20, 90)},{generator.randint(60, 200)},{generator.randint(0, 1)}" for _ in range(300)
-    ]
+    records: list[str | bytes] = [*_records()]
     root = tmp_path_factory.mktemp("neighbours")
-    return {
+    emitted = {
         "D": _run(root / "d", records),
-        "D+outlier": _run(root / "outlier", [*records, "120,250,1"]),
-        "D+unusable": _run(root / "unusable", [*records, "n/a,250,1"]),
+        "D+outlier": _run(root / "outlier", [*records, "120,250,,1"]),
+        "D+unusable": _run(root / "unusable", [*records, "n/a,250,,1"]),
     }
+    for name, (position, line) in MALFORMED.items():
+        emitted[name] = _run(root / name, [*records[:position], line, *records[position:]])
+    crafted = _crafted_weights(root / "weights")
+    emitted["D, crafted weights"] = _run(root / "crafted", records, pretrained=crafted)
+    emitted["D+overflowing, crafted weights"] = _run(root / "overflow", [*records, "120,250,,1"], pretrained=crafted)
+    return emitted
 
 
-@pytest.mark.parametrize("neighbour", ["D+outlier", "D+unusable"])
-def test_a_neighbouring_dataset_changes_nothing_but_the_dp_releases(runs: dict[str, Emitted], neighbour: str) -> None:
-    original, other = runs["D"], runs[neighbour]
+@pytest.mark.parametrize(
+    ("base", "neighbour"),
+    [
+        ("D", "D+outlier"),
+        ("D", "D+unusable"),
+        *(("D", name) for name in MALFORMED),
+        ("D, crafted weights", "D+overflowing, crafted weights"),
+    ],
+)
+def test_a_neighbouring_dataset_changes_nothing_but_the_dp_releases(
+    runs: dict[str, Emitted], base: str, neighbour: str
+) -> None:
+    original, other = runs[base], runs[neighbour]
     assert original.exit_code == other.exit_code == 0, other.stderr
     assert original.termination == other.termination
     assert original.report == other.report
@@ -148,3 +197,17 @@ def test_the_masked_fields_really_are_the_dp_releases(runs: dict[str, Emitted]) 
     assert "<dp> (released with DP)" in original.stdout
     assert "ε spent" in original.stdout
     assert len(original.journal) > 2
+
+
+def test_the_crafted_weights_overflow_exactly_the_extra_record(tmp_path: Path) -> None:
+    import torch
+
+    from dptrain.models import build_model
+    from dptrain_api.job import ModelSpec
+
+    spec = ModelSpec(architecture="logistic", pretrained_weights=str(_crafted_weights(tmp_path)))
+    model, _ = build_model(spec, input_shape=(2,), num_classes=2)
+    scaled = [[(int(r.split(",")[0]) - 0) / 120, (int(r.split(",")[1]) - 40) / 210] for r in _records()]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor(scaled))).all()  # every record of D
+        assert not torch.isfinite(model(torch.tensor([[1.0, 1.0]]))).all()  # the one at both bounds
