@@ -110,7 +110,7 @@ def test_run_writes_model_report_curves_and_termination_message(
     assert "breast-cancer" in report["dataset"]["countSource"]
     assert len(report["journal"]["entries"]) == len(journal.entries)
     assert any("timing" in item for item in report["notCovered"])
-    assert "secure_mode" in report["randomness"]
+    assert "ChaCha20" in report["randomness"]
     assert {"torch", "opacus", "dp-accounting"} <= set(report["software"])
     assert (output / CURVES_NAME).read_bytes().startswith(b"\x89PNG")
     torch.load(output / "model.pt", weights_only=True)

@@ -95,17 +95,18 @@ def test_uninterrupted_run_reports_the_journal_epsilon(
     steps = [entry for entry in result.journal if entry["partition"] == "train"]
     assert [entry["steps"] for entry in steps] == [5, 5, 5]
     assert [entry["startStep"] for entry in steps] == [0, 5, 10]
-    # Held-out metrics were released at checkpoints (one release each at most), each charged before computed.
+    # Held-out metrics were released before the first step (the declared-size check) and at checkpoints (one
+    # release each at most), each charged before computed.
     releases = [entry for entry in result.journal if entry["partition"] == "holdout"]
-    assert [entry["startStep"] for entry in releases] == [5, 10, 15]
-    assert result.charged_releases == 3 <= plan.releases
+    assert [entry["startStep"] for entry in releases] == [0, 5, 10, 15]
+    assert result.charged_releases == 4 == plan.releases
     assert result.attempts == 1
     assert result.resumed_from_step == 0
     assert result.clipping_mode == "bookkeeping"  # logistic regression: Linear layers only
     assert set(result.eval_metrics) == {"accuracy", "auc", "loss"}
     assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0
     assert [h["step"] for h in result.history if not h.get("released")] == list(range(1, plan.steps + 1))
-    assert [h["step"] for h in result.history if h.get("released")] == [5, 10, 15]
+    assert [h["step"] for h in result.history if h.get("released")] == [0, 5, 10, 15]
     assert all("loss" not in h for h in result.history if not h.get("released"))  # never the training loss
     assert recorder.started == [(0, 1)]
     assert recorder.finished == [result]
@@ -368,6 +369,8 @@ def test_a_dp_release_adds_gaussian_noise_of_the_planned_scale(breast_cancer: Pr
     assert abs(mean - exact_accuracy) < 0.05
     assert sensitivity(2) == 2.0
     assert release_schedule(steps=15, releases=4) == [4, 8, 12, 15]
+    assert release_schedule(steps=15, releases=4, from_start=True) == [0, 5, 10, 15]
+    assert release_schedule(steps=15, releases=1, from_start=True) == [15]  # the final model is always measured
     assert release_schedule(steps=15, releases=0) == []
 
 
@@ -408,3 +411,26 @@ def test_the_spec_can_force_a_clipping_mode(tmp_path: Path, breast_cancer: Prepa
     job = _job(training={"epochs": 0.3, "batchSize": 64, "learningRate": 0.5, "seed": 1, "clipping": "hooks"})
     plan = make_plan(job, num_examples=breast_cancer.num_examples)
     assert train(job, breast_cancer, plan, workdir=tmp_path).clipping_mode == "hooks"
+
+
+def test_a_file_far_from_its_declared_size_fails_before_training(tmp_path: Path, breast_cancer: PreparedData) -> None:
+    """An empty file (a wrong path, a truncated export) declared as 569 records: the DP count of the held-out records
+    released before the first step says so (DeclaredSizeMismatch); nothing is trained, one release is charged."""
+    from dptrain.errors import DeclaredSizeMismatchError
+
+    plan = make_plan(_job())
+    empty = PreparedData(
+        name="empty",
+        features=breast_cancer.features[:0],
+        labels=breast_cancer.labels[:0],
+        num_classes=2,
+        input_shape=breast_cancer.input_shape,
+        eval_metric="auc",
+    )
+    with pytest.raises(DeclaredSizeMismatchError, match="declared size implies about 113"):
+        train(_job(), empty, plan, workdir=tmp_path / "empty")
+    journal = PrivacyJournal(tmp_path / "empty" / JOURNAL_NAME)
+    assert (journal.charged_steps, journal.charged_releases) == (0, 1)
+    assert DeclaredSizeMismatchError.exit_code == 10
+    # the declared data itself passes the check (and a 10x mismatch the other way fails it: never both)
+    assert train(_job(), breast_cancer, plan, workdir=tmp_path / "full").charged_releases == plan.releases

@@ -331,7 +331,8 @@ def test_a_pod_whose_trainer_never_ran_does_not_make_the_next_expect_a_journal(
     ("code", "reason"),
     [(ExitCode.INVALID_CONFIGURATION, "InvalidConfiguration"), (ExitCode.INVALID_DATA, "InvalidData"),
      (ExitCode.INVALID_MODEL, "InvalidModel"), (ExitCode.CHECKPOINT_UNUSABLE, "CheckpointUnusable"),
-     (ExitCode.PRIVACY_BUDGET, "PrivacyBudgetExhausted"), (ExitCode.JOURNAL_LOST, "JournalLost")],
+     (ExitCode.PRIVACY_BUDGET, "PrivacyBudgetExhausted"), (ExitCode.JOURNAL_LOST, "JournalLost"),
+     (ExitCode.DECLARED_SIZE_MISMATCH, "DeclaredSizeMismatch")],
 )  # fmt: skip
 def test_an_exit_that_retrying_cannot_fix_fails_at_once(
     kube: FakeKube, ctx: OperatorContext, code: int, reason: str

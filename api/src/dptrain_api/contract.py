@@ -104,6 +104,8 @@ class ExitCode(IntEnum):
     FEDERATION_ABORTED = 9
     """`dptrain federation site` only: the coordinator ended the federation without finishing it (the site stopped;
     what its journal charged is in the termination message)."""
+    DECLARED_SIZE_MISMATCH = 10
+    """The DP count of the held-out records is far from what the dataset's declared size implies (a wrong file)."""
     INTERRUPTED = 130
     """SIGINT (128 + 2)."""
     TERMINATED = 143
@@ -152,6 +154,7 @@ class Reason(StrEnum):
     DELETED = "Deleted"
     INVALID_CONFIGURATION = "InvalidConfiguration"
     INVALID_DATA = "InvalidData"
+    DECLARED_SIZE_MISMATCH = "DeclaredSizeMismatch"
     INVALID_MODEL = "InvalidModel"
     CHECKPOINT_UNUSABLE = "CheckpointUnusable"
     PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
@@ -186,6 +189,7 @@ class Reason(StrEnum):
 PERMANENT_FAILURES: Final[dict[ExitCode, Reason]] = {
     ExitCode.INVALID_CONFIGURATION: Reason.INVALID_CONFIGURATION,
     ExitCode.INVALID_DATA: Reason.INVALID_DATA,
+    ExitCode.DECLARED_SIZE_MISMATCH: Reason.DECLARED_SIZE_MISMATCH,
     ExitCode.INVALID_MODEL: Reason.INVALID_MODEL,
     ExitCode.CHECKPOINT_UNUSABLE: Reason.CHECKPOINT_UNUSABLE,
     ExitCode.PRIVACY_BUDGET: Reason.PRIVACY_BUDGET_EXHAUSTED,

@@ -72,8 +72,14 @@ from dptrain.checkpoint import (
 from dptrain.data import PreparedData, shard, shard_key, split_holdout
 from dptrain.distributed import SINGLE_PROCESS, Group, StopVote, agree, check_same_plan, from_primary
 from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
-from dptrain.errors import JournalError, JournalLostError, TrainingInterrupted
-from dptrain.evaluation import dp_release, release_schedule
+from dptrain.errors import DeclaredSizeMismatchError, JournalError, JournalLostError, TrainingInterrupted
+from dptrain.evaluation import (
+    declared_size_mismatch,
+    dp_release_sums,
+    metrics_from_sums,
+    release_schedule,
+    sensitivity,
+)
 from dptrain.events import FailureObserver, Progress, TrainingObserver, TrainingResult
 from dptrain.journal import (
     HOLDOUT,
@@ -239,7 +245,7 @@ class TrainingRun:
         secure = job.spec.privacy.secure_noise
         self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, bits=fresh_bits(secure=secure))
         self.release_noise = fresh_bits(secure=secure)
-        self.schedule = release_schedule(steps=plan.steps, releases=plan.releases)
+        self.schedule = release_schedule(steps=plan.steps, releases=plan.releases, from_start=True)
         self._lock: contextlib.ExitStack | None = None
         self._stop_vote = StopVote(group)
 
@@ -457,7 +463,7 @@ class TrainingRun:
         """
         self._writer.append_intent(1, attempt=self.attempt, start_step=self.step, partition=HOLDOUT)
         assert self.plan.holdout_noise_multiplier is not None  # a holdout partition exists in the journal
-        self.eval_metrics = dp_release(
+        noisy = dp_release_sums(
             self.private.model,
             self.holdout_set,
             num_classes=self.data.num_classes,
@@ -465,7 +471,29 @@ class TrainingRun:
             bits=self.release_noise,
             device=self.device,
         )
+        self.eval_metrics = metrics_from_sums(noisy, num_classes=self.data.num_classes)
         self.history.append({"step": float(self.step), "epsilon": self.epsilon(), "released": 1.0, **self.eval_metrics})
+        if self.step == 0:
+            self._check_declared_size(float(noisy[0]))
+
+    def release_at_start(self) -> None:
+        """The release scheduled before the first DP-SGD step (a fresh run with at least two releases): the initial
+        model's held-out metrics, and the declared-size check. Every rank stops if rank 0's check fails."""
+        from_primary(self.group, lambda: self.release() if self._release_due() else None, what="checking the size")
+
+    def _check_declared_size(self, noisy_count: float) -> None:
+        """Fail (DeclaredSizeMismatch) when the DP count of held-out records is far from the declared size's share:
+        a wrong path, an empty or truncated file would otherwise train a useless model without a word."""
+        assert self.plan.holdout_noise_multiplier is not None
+        noise_std = self.plan.holdout_noise_multiplier * sensitivity(self.data.num_classes)
+        expected = float(self.plan.eval_size)
+        if declared_size_mismatch(noisy_count, expected=expected, noise_std=noise_std):
+            raise DeclaredSizeMismatchError(
+                f"the held-out records number about {max(noisy_count, 0.0):.0f} (a DP release, noise std "
+                f"{noise_std:.3g}) where the declared size implies about {expected:.0f}: the data does not hold the "
+                "records declared (a wrong path? an empty or truncated file? numExamples?). Nothing was trained; "
+                "one held-out release is charged"
+            )
 
     def save_checkpoint(self) -> None:
         """Write the checkpoint (atomically): model, optimizer, step, RNG states and where the journal stood.
@@ -704,6 +732,7 @@ def train(
         # warning on every backward pass of a first layer: harmless, and it drowns the progress output.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         run.start()
+        run.release_at_start()
         completed = True
         while not run.done and not run.stopping(stop):
             completed = run.run_chunk(stop)

@@ -28,6 +28,13 @@ class DataError(DptrainError):
     exit_code = ExitCode.INVALID_DATA
 
 
+class DeclaredSizeMismatchError(DataError):
+    """A DP count of the held-out records is far from what the declared numExamples implies: the file is not the one
+    declared (a wrong path, an empty or truncated file). Decided from a DP release only."""
+
+    exit_code = ExitCode.DECLARED_SIZE_MISMATCH
+
+
 class ModelError(DptrainError):
     """The model spec, the custom factory or the pretrained weights are unusable."""
 

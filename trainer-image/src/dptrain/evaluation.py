@@ -28,6 +28,8 @@ from dptrain.randomness import RandomBits, standard_normal
 
 __all__ = [
     "AUC_BINS",
+    "SIZE_FACTOR",
+    "declared_size_mismatch",
     "dp_release",
     "dp_release_sums",
     "holdout_sums",
@@ -153,6 +155,23 @@ def _auc(histograms: torch.Tensor) -> float | None:
     return float((negative * (above + 0.5 * positive)).sum()) / total
 
 
-def release_schedule(*, steps: int, releases: int) -> list[int]:
-    """The steps after which held-out metrics are released: evenly spaced, the last at the end of the plan."""
+def release_schedule(*, steps: int, releases: int, from_start: bool = False) -> list[int]:
+    """The steps after which held-out metrics are released: evenly spaced, the last at the end of the plan.
+
+    ``from_start`` (a job's engine, with at least two releases): the first at step 0, before any DP-SGD step, where
+    its count also checks the declared size (:func:`declared_size_mismatch`)."""
+    if from_start and releases >= 2:
+        return [0, *(math.ceil(k * steps / (releases - 1)) for k in range(1, releases))]
     return [math.ceil(k * steps / releases) for k in range(1, releases + 1)] if releases > 0 else []
+
+
+SIZE_FACTOR: Final = 10.0
+"""A holdout this many times smaller or larger than the declared size implies is a DeclaredSizeMismatch."""
+
+
+def declared_size_mismatch(noisy_count: float, *, expected: float, noise_std: float) -> bool:
+    """Does a release's noisy count of held-out records show a file far from its declared size? Only when the count
+    is ``SIZE_FACTOR`` times off AND more than four noise standard deviations from the expected count (a
+    post-processing of the DP release: it reveals nothing the release did not; with a small holdout it never fires)."""
+    far = noisy_count < expected / SIZE_FACTOR or noisy_count > expected * SIZE_FACTOR
+    return far and abs(noisy_count - expected) > 4.0 * noise_std
