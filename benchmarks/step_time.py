@@ -10,9 +10,9 @@ Variants ("–" where a variant does not support the model):
 * ``hooks`` / ``ghost``: ``PrivacyEngine.make_private(grad_sample_mode=...)``. Models with
   nn.MultiheadAttention get Opacus' ``ModuleValidator.fix`` first (DPMultiheadAttention: same maths).
 * ``kernels``: ``dptrain.make_private(clipping="bookkeeping")`` (dptrain.clipping: per-layer kernels,
-  one backward, flat noise); ``kernels+secure``: the same with ``secure_noise=True`` (4 draws per
-  coordinate, Opacus' floating-point mitigation). The "auto" column names what
-  ``make_private(clipping="auto")`` picks for the model.
+  one backward, flat noise drawn in float64 from a torch generator's words); ``kernels+secure``: the same with
+  ``secure_noise=True`` (the words from ChaCha20, a CSPRNG: what jobs on a PrivateDataset run). The "auto" column
+  names what ``make_private(clipping="auto")`` picks for the model.
 
 All variants of one (model, batch) are timed interleaved in ONE process with one thread: every round
 runs each variant for the same number of steps, in an order rotated per round; the reported time is

@@ -22,17 +22,20 @@ from dptrain_accounting import PlanError, plan_fixed_steps, sampler_tail_mass
 
 
 class _Words:
-    """A fake source that hands out fixed words (to probe the thresholds exactly)."""
+    """A fake source that hands out fixed words, in order (to probe the thresholds exactly)."""
 
     cryptographic = False
     device = torch.device("cpu")
 
     def __init__(self, words: list[int]) -> None:
         self._words = torch.tensor(words, dtype=torch.int64)
+        self._next = 0
 
     def words(self, count: int) -> torch.Tensor:
-        assert count == len(self._words)
-        return self._words
+        taken = self._words[self._next : self._next + count]
+        assert len(taken) == count
+        self._next += count
+        return taken
 
 
 def _word(top53: int) -> int:
@@ -82,13 +85,17 @@ def test_standard_normal_is_gaussian_in_float64() -> None:
     assert float(draws.abs().max()) > 4.0
 
 
-def test_the_radius_reaches_12_standard_deviations_not_5_77() -> None:
-    # All-zero words: the smallest radius uniform (½·2⁻¹⁰⁶) and angle 0, the largest draw there is.
+def test_the_radius_reaches_13_standard_deviations_not_5_77() -> None:
+    # All-zero words: the smallest radius uniform (½·2⁻¹²⁶, its refinement word 0 too) and an angle of ½·2π/2³²
+    # (the signed half 0): the largest draw there is.
     (largest,) = standard_normal(_Words([0, 0, 0]), 1).tolist()
     assert largest == pytest.approx(MAX_RADIUS)
-    assert 12.1 < MAX_RADIUS < 12.3  # float32 Box–Muller stops at √(2·ln 2²⁴) ≈ 5.77
-    assert sampler_tail_mass(0.3, 1) < 1e-18
-    assert sampler_tail_mass(0.56, 10_000) < 1e-20  # the issue's example: float32 lost ≈ 7e-5 of δ over 10 epochs
+    assert 13.2 < MAX_RADIUS < 13.3  # float32 Box–Muller stops at √(2·ln 2²⁴) ≈ 5.77
+    # a radius word just above the refinement threshold needs no second word: 63 bits reach 2⁻⁵³
+    (one,) = standard_normal(_Words([(1 << 10) << 1, 0]), 1).tolist()
+    assert one == pytest.approx(math.sqrt(-2 * math.log(1024.5 * 2.0**-63)))
+    assert sampler_tail_mass(0.3, 1) < 1e-22
+    assert sampler_tail_mass(0.56, 10_000) < 1e-25  # the issue's example: float32 lost ≈ 7e-5 of δ over 10 epochs
     assert sampler_tail_mass(0.05, 1) == 1.0  # too little noise: nothing to promise from the cap
 
 

@@ -123,8 +123,8 @@ def plan_steps(*, dataset_size: int, batch_size: int, epochs: float) -> tuple[fl
     return sample_rate, max(1, int(steps))
 
 
-NOISE_SAMPLER_RADIUS: Final = math.sqrt(-2.0 * math.log(0.5 * 2.0**-106))
-"""The largest |z| the trainer's Gaussian sampler draws (dptrain.randomness: Box–Muller, 106-bit uniform): ≈ 12.2."""
+NOISE_SAMPLER_RADIUS: Final = math.sqrt(-2.0 * math.log(0.5 * 2.0**-126))
+"""The largest |z| the trainer's Gaussian sampler draws (dptrain.randomness: Box–Muller, radius uniform ≥ 2⁻¹²⁷)."""
 
 
 def sampler_tail_mass(noise_multiplier: float, steps: int) -> float:

@@ -116,7 +116,7 @@ def _calibrate(*, target: float, delta: float, sample_rate: float, steps: int, a
 
 
 def _check_sampler_reach(sigma: float, steps: int, delta: float) -> None:
-    """The noise sampler reaches ±12.2σC (NOISE_SAMPLER_RADIUS): with very little noise over many steps the chance of
+    """The noise sampler reaches ±13.2σC (NOISE_SAMPLER_RADIUS): with very little noise over many steps the chance of
     a neighbouring output beyond its reach would no longer be negligible next to δ (at most δ/1000 is allowed)."""
     missing = sampler_tail_mass(sigma, steps)
     if missing > delta / 1000:

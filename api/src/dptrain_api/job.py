@@ -118,7 +118,7 @@ class PrivacySpec(ApiModel):
     secure_noise: bool = True
     """Draw the noise (and the Poisson sampling) from ChaCha20 keyed from the OS, a CSPRNG; false: from torch's
     generator (seeded from the OS, fast, predictable from enough of its outputs). Both draw Gaussians in float64
-    with tails to ±12σ. false is for public (built-in) data only: refused with a datasetRef and in federations."""
+    with tails to ±13σ. false is for public (built-in) data only: refused with a datasetRef and in federations."""
 
 
 class TrainingSpec(ApiModel):

@@ -12,10 +12,10 @@ or ChaCha20's keystream keyed from the OS (:class:`ChaChaBits`, a CSPRNG: ``priv
 
 * :func:`bernoulli` includes with probability ⌊q·2⁵³⌋/2⁵³, which is ≤ q and within 2⁻⁵³ of it (the accountant's q
   is then a valid, conservative rate).
-* :func:`standard_normal` is Box–Muller in float64 whose radius uniform has 106 bits (two words): draws reach
-  |z| ≈ 12.2, so the probability of the missing tail beyond the shifted cap is below 1e-18 per step for any
-  σ ≥ 0.3 (the planner refuses a plan where it is not negligible next to δ: ``sampler_tail_mass``), and the
-  angle has 53 bits. The result is cast to the parameters' dtype only at the end.
+* :func:`standard_normal` is Box–Muller in float64 whose radius uniform reaches 2⁻¹²⁷ (63 bits, and 63 more in the
+  rare case it falls below 2⁻⁵³): draws reach |z| ≈ 13.2, so the probability of the missing tail beyond the
+  shifted cap is below 1e-23 per step for any σ ≥ 0.3 (the planner refuses a plan where it is not negligible next
+  to δ: ``sampler_tail_mass``); the angle has 32 bits. The result is cast to the parameters' dtype only at the end.
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ __all__ = [
 ]
 
 _MASK53: Final = (1 << 53) - 1
+_MASK63: Final = (1 << 63) - 1
 _TWO_POW_53: Final = float(2**53)
+_TWO_POW_MINUS_63: Final = 2.0**-63
+_REFINE_BELOW: Final = 1 << 10  # a 63-bit uniform below 2⁻⁵³ gets 63 more bits
+_ANGLE_STEP: Final = 2.0 * math.pi / 2**32
 MAX_RADIUS: Final = NOISE_SAMPLER_RADIUS
-"""The largest Box–Muller radius :func:`standard_normal` can draw (≈ 12.2; the planner checks σ against it)."""
+"""The largest Box–Muller radius :func:`standard_normal` can draw (≈ 13.3; the planner checks σ against it)."""
 
 
 class RandomBits(Protocol):
@@ -132,14 +136,21 @@ def bernoulli(bits: RandomBits, count: int, rate: float) -> Tensor:
 
 
 def standard_normal(bits: RandomBits, count: int) -> Tensor:
-    """``count`` independent N(0, 1) draws in float64 (Box–Muller; a 106-bit radius uniform, a 53-bit angle)."""
+    """``count`` independent N(0, 1) draws in float64: Box–Muller on a 63-bit radius uniform (refined with a second
+    word, to 126 bits, in the rare case it falls below 2⁻⁵³) and a 32-bit angle. Draws reach ±MAX_RADIUS."""
     pairs = (count + 1) // 2
-    words = bits.words(3 * pairs).view(3, pairs) if pairs else bits.words(0).view(3, 0)
-    high = ((words[0] >> 11) & _MASK53).to(torch.float64)
-    low = ((words[1] >> 11) & _MASK53).to(torch.float64)
-    # u ∈ (0, 1): (high + (low + ½)·2⁻⁵³)·2⁻⁵³, never 0, as small as ½·2⁻¹⁰⁶.
-    uniform = (high + (low + 0.5) / _TWO_POW_53) / _TWO_POW_53
+    angle_words = (pairs + 1) // 2  # two 32-bit angles per word
+    words = bits.words(pairs + angle_words)
+    high = (words[:pairs] >> 1).bitwise_and_(_MASK63)
+    uniform = high.to(torch.float64).add_(0.5).mul_(_TWO_POW_MINUS_63)  # in (0, 1), as small as 2⁻⁶⁴ ...
+    tiny = high < _REFINE_BELOW
+    if bool(tiny.any()):  # ... and, for these, as small as 2⁻¹²⁷ (the branch depends on random bits only)
+        low = (bits.words(int(tiny.sum())) >> 1).bitwise_and_(_MASK63).to(torch.float64).add_(0.5)
+        uniform[tiny] = (high[tiny].to(torch.float64) + low * _TWO_POW_MINUS_63) * _TWO_POW_MINUS_63
     radius = uniform.log_().mul_(-2.0).sqrt_()
-    angle = ((words[2] >> 11) & _MASK53).to(torch.float64).mul_(2.0 * math.pi / _TWO_POW_53)
-    draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+    # Signed 32-bit halves: angles in [-π, π), as uniform as [0, 2π) (and cheaper to reduce).
+    angle = words[pairs:].view(torch.int32)[:pairs].to(torch.float64).add_(0.5).mul_(_ANGLE_STEP)
+    draws = torch.empty(2 * pairs, dtype=torch.float64, device=words.device)
+    torch.mul(radius, torch.cos(angle), out=draws[:pairs])
+    torch.mul(radius, angle.sin_(), out=draws[pairs:])
     return draws[:count]

@@ -67,13 +67,14 @@ COMPOSITION: Final = (
 )
 _RNG_NOTE: Final = (
     "Every record joins a Poisson batch with probability floor(q·2^53)/2^53 <= q (53-bit integer draws; the "
-    "accountant's q is a valid bound). The Gaussian noise is drawn in float64 (Box-Muller, a 106-bit radius "
-    "uniform: draws reach ±12.2σC, so the probability that a neighbouring output falls beyond the sampler's reach is "
-    "below 1e-18 per step for σ >= 0.3), added to the clipped sum in float64 and rounded once. With "
-    "privacy.secureNoise (the default, required for PrivateDatasets) the bits come from ChaCha20 keyed by os.urandom "
-    "on every attempt, a CSPRNG; without it from torch's generator seeded by os.urandom (public data only). Noise is "
-    "still a floating-point approximation of the Gaussian, not an exact discrete Gaussian: the known attacks on a "
-    "single low-precision draw do not apply to this construction, but that is an argument, not a proof."
+    "accountant's q is a valid bound). The Gaussian noise is drawn in float64 (Box-Muller with a radius uniform "
+    "down to 2^-127: draws reach ±13.2σC, so the probability that a neighbouring output falls beyond the sampler's "
+    "reach is below 1e-22 per step for σ >= 0.3; the planner refuses plans where it is not negligible next to δ), "
+    "added to the clipped sum in float64 and rounded once. With privacy.secureNoise (the default, required for "
+    "PrivateDatasets) the bits come from ChaCha20 keyed by os.urandom on every attempt, a CSPRNG; without it from "
+    "torch's generator seeded by os.urandom (public data only). Noise is still a floating-point approximation of the "
+    "Gaussian, not an exact discrete Gaussian: the known attacks on a single low-precision draw do not apply to this "
+    "construction, but that is an argument, not a proof."
 )
 _NOT_COVERED: Final = [
     "timing: how long steps take depends on the sizes of the Poisson batches. No throughput is exported and journal "

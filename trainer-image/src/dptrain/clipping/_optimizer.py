@@ -65,7 +65,7 @@ class PrivateOptimizer(Optimizer):
     added the noise, so noise enters exactly once per global step; parameters are broadcast from
     that rank at construction.
 
-    The noise is drawn in float64 (:func:`dptrain.randomness.standard_normal`: draws reach ±12σC, not float32
+    The noise is drawn in float64 (:func:`dptrain.randomness.standard_normal`: draws reach ±13σC, not float32
     Box–Muller's ±5.77σC), added to the clipped sum in float64 and rounded to the parameters' dtype once. Its bits
     come from ChaCha20 keyed from the OS with ``secure_noise`` (a CSPRNG), else from ``generator`` (a torch
     generator: fast and reproducible, not a CSPRNG; one is seeded from the OS when none is given).
