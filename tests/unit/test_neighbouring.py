@@ -68,10 +68,12 @@ def _mask_console(text: str) -> str:
     return text
 
 
-def _run(folder: Path, records: list[str | bytes], *, pretrained: Path | None = None) -> Emitted:
+def _run(folder: Path, records: list[str | bytes], *, pretrained: Path | None = None, units: bool = False) -> Emitted:
+    """One ``dptrain run``; ``units``: the records start with a patient id and the dataset's unit is the patient."""
     folder.mkdir()
     lines = [record if isinstance(record, bytes) else record.encode() for record in records]
-    (folder / "wards.csv").write_bytes(b"age,bp,notes,died\n" + b"".join(line + b"\n" for line in lines))
+    header = b"patient,age,bp,notes,died\n" if units else b"age,bp,notes,died\n"
+    (folder / "wards.csv").write_bytes(header + b"".join(line + b"\n" for line in lines))
     job = {
         "apiVersion": "dptrain.io/v1alpha1",
         "kind": "DPTrainingJob",
@@ -93,6 +95,7 @@ def _run(folder: Path, records: list[str | bytes], *, pretrained: Path | None = 
             "source": {"file": {"claimName": "c", "path": "wards.csv", "labelColumn": "died", "features": features}},
             "numExamples": 300,
             "budget": {"epsilon": 10, "delta": 1e-4},
+            **({"privacyUnit": {"column": "patient", "maxRecordsPerUnit": 4}, "numUnits": 100} if units else {}),
         },
     }
     (folder / "job.yaml").write_text(yaml.safe_dump_all([job, dataset]))
@@ -159,6 +162,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Emitted]:
     }
     for name, (position, line) in MALFORMED.items():
         emitted[name] = _run(root / name, [*records[:position], line, *records[position:]])
+    patients = [f"P{index // 3:03d},{record}" for index, record in enumerate(records)]  # 100 patients, 3 rows each
+    many_rows = [f"P999,{20 + visit},{60 + visit},,1" for visit in range(8)]  # one more patient: 8 rows (k = 4)
+    emitted["patients D"] = _run(root / "patients", patients, units=True)
+    emitted["patients D+one with 8 rows"] = _run(root / "patients+1", [*patients, *many_rows], units=True)
     crafted = _crafted_weights(root / "weights")
     emitted["D, crafted weights"] = _run(root / "crafted", records, pretrained=crafted)
     emitted["D+overflowing, crafted weights"] = _run(root / "overflow", [*records, "120,250,,1"], pretrained=crafted)
@@ -172,6 +179,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Emitted]:
         ("D", "D+unusable"),
         *(("D", name) for name in MALFORMED),
         ("D, crafted weights", "D+overflowing, crafted weights"),
+        ("patients D", "patients D+one with 8 rows"),
     ],
 )
 def test_a_neighbouring_dataset_changes_nothing_but_the_dp_releases(
@@ -211,3 +219,22 @@ def test_the_crafted_weights_overflow_exactly_the_extra_record(tmp_path: Path) -
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor(scaled))).all()  # every record of D
         assert not torch.isfinite(model(torch.tensor([[1.0, 1.0]]))).all()  # the one at both bounds
+
+
+def test_the_patient_run_states_the_patient_relation(runs: dict[str, Emitted]) -> None:
+    report = runs["patients D"].report
+    assert report[".guarantee.privacyUnit"] == "individual (patient, ≤4 records)"
+    assert "add or remove one individual" in report[".guarantee.neighbouringRelation"]
+    assert report[".dataset.declaredTrainingExamples"] == 80  # individuals: 100 declared, 20 % held out
+
+
+def test_the_patient_runs_epsilon_is_dp_accountings_for_unit_level_q(runs: dict[str, Emitted]) -> None:
+    """The oracle: Google's dp_accounting on (q = batch / training individuals, σ, T) as the journal charged them."""
+    from tests.support.federation import independent_epsilon
+
+    emitted = runs["patients D"]
+    intents = [entry for entry in emitted.journal if entry.get("type") == "intent"]
+    train = [entry for entry in intents if entry.get("partition", "train") == "train"]
+    assert {entry["sampleRate"] for entry in train} == {32 / 80}  # batchSize 32 over 80 training individuals
+    reference = independent_epsilon(intents, 1e-4)
+    assert reference <= emitted.termination["epsilon"] <= reference * 1.001 + 1e-4

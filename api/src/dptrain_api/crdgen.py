@@ -107,6 +107,7 @@ RESOURCES: tuple[ResourceDefinition, ...] = (
         plural="privatedatasets",
         short_names=("pds",),
         printer_columns=(
+            PrinterColumn("Unit", ".status.privacyUnit", "string", "Whose privacy is protected: a record or a column"),
             PrinterColumn("Budget", ".spec.budget.epsilon", "number", "Total privacy budget (ε)"),
             PrinterColumn("Spent", ".status.epsilonSpent", "number", "ε committed by finished jobs"),
             PrinterColumn("Reserved", ".status.epsilonReserved", "number", "ε held by running jobs"),

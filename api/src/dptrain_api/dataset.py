@@ -113,6 +113,19 @@ class DatasetSource(ApiModel):
 _DELTA_RULE = (
     "budget.delta must be below 1/numExamples: a δ of 1/n allows a mechanism that publishes one record outright"
 )
+_DELTA_UNITS_RULE = "budget.delta must be below 1/numUnits: a δ of 1/n allows publishing one individual outright"
+_UNITS_RULE = "numUnits (the public number of individuals) is required with privacyUnit, and only with it"
+
+
+class PrivacyUnit(ApiModel):
+    """Whose privacy the guarantee protects: every record with the same value in ``column`` belongs to one individual
+    (a patient), and the guarantee is about adding or removing one individual with ALL of their records."""
+
+    column: Annotated[str, Field(min_length=1)]
+    """Column holding the individual's identifier (e.g. patient_id). It is never a feature: it only groups records."""
+    max_records_per_unit: Annotated[int, Field(ge=1, le=1024)]
+    """k: at most this many records of an individual are used (chosen by a keyed hash of each record, so which ones
+    depends on that individual's records alone); an individual's summed gradient is clipped once."""
 
 
 class PrivacyBudget(ApiModel):
@@ -197,6 +210,17 @@ class PrivateDatasetSpec(ApiModel):
                     _DELTA_RULE,
                     field_path=".budget.delta",
                 ),
+                kubernetes_rule("has(self.privacyUnit) == has(self.numUnits)", _UNITS_RULE, field_path=".numUnits"),
+                kubernetes_rule(
+                    "!has(self.privacyUnit) || has(self.source.file)",
+                    "privacyUnit is for file sources (a built-in dataset has one record per individual)",
+                    field_path=".privacyUnit",
+                ),
+                kubernetes_rule(
+                    "!has(self.numUnits) || self.budget.delta < 1.0 / double(self.numUnits)",
+                    _DELTA_UNITS_RULE,
+                    field_path=".budget.delta",
+                ),
             ]
         }
     )
@@ -204,8 +228,15 @@ class PrivateDatasetSpec(ApiModel):
     source: Annotated[DatasetSource, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})]
     """Where the data lives (immutable)."""
     num_examples: Annotated[int, Field(ge=1)] | None = None
-    """PUBLIC (approximate) number of records, before the holdout. The plan's sample rate uses it; the true count is
-    never checked nor reported (it is private). Required for file sources."""
+    """PUBLIC (approximate) number of records, before the holdout. The plan's sample rate uses it (unless a
+    privacyUnit is declared); the true count is never reported (it is private), only checked with DP against gross
+    mismatch. Required for file sources."""
+    privacy_unit: Annotated[PrivacyUnit, Field(json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] | None = None
+    """Whose privacy is protected (immutable): unset, one record is the unit ("add or remove one record"); set, all
+    records of one individual are ("add or remove one patient with all of their records")."""
+    num_units: Annotated[int, Field(ge=1, json_schema_extra={"x-kubernetes-validations": IMMUTABLE})] | None = None
+    """PUBLIC (approximate) number of individuals, before the holdout (immutable), required with privacyUnit: the
+    plan's sample rate q = batchSize / training individuals comes from it, as from numExamples for records."""
     budget: PrivacyBudget
     """Total privacy budget."""
     holdout_fraction: Annotated[
@@ -222,12 +253,39 @@ class PrivateDatasetSpec(ApiModel):
     def _file_needs_size(self) -> PrivateDatasetSpec:
         if self.source.file is not None and self.num_examples is None:
             raise ValueError("numExamples is required for file sources (public metadata the plan depends on)")
+        if (self.privacy_unit is None) != (self.num_units is None):
+            raise ValueError(_UNITS_RULE)
+        if self.privacy_unit is not None and self.source.file is None:
+            raise ValueError("privacyUnit is for file sources (a built-in dataset has one record per individual)")
+        if self.privacy_unit is not None and self.source.file is not None:
+            file = self.source.file
+            if self.privacy_unit.column in {file.label_column, *(f.name for f in file.features)}:
+                raise ValueError(f"privacyUnit.column {self.privacy_unit.column!r} is a feature or the label column")
         size = self.num_examples
         if size is None and self.source.builtin is not None:
             size = BUILTIN_DATASETS[self.source.builtin].num_examples
         if size is not None and self.budget.delta >= 1.0 / size:
             raise ValueError(f"{_DELTA_RULE} (δ={self.budget.delta:g}, {size} records)")
+        if self.num_units is not None and self.budget.delta >= 1.0 / self.num_units:
+            raise ValueError(f"{_DELTA_UNITS_RULE} (δ={self.budget.delta:g}, {self.num_units} individuals)")
         return self
+
+    @property
+    def declared_units(self) -> int | None:
+        """The PUBLIC number of privacy units: numUnits with a privacyUnit, else the records (numExamples, or a
+        built-in's published size)."""
+        if self.num_units is not None:
+            return self.num_units
+        if self.num_examples is not None:
+            return self.num_examples
+        return BUILTIN_DATASETS[self.source.builtin].num_examples if self.source.builtin is not None else None
+
+    @property
+    def unit_description(self) -> str:
+        """The privacy unit in words (status, `kubectl get pds`, the report)."""
+        if self.privacy_unit is None:
+            return "record"
+        return f"{self.privacy_unit.column} (≤{self.privacy_unit.max_records_per_unit} records)"
 
 
 class PrivateDatasetStatus(ApiModel):
@@ -236,6 +294,8 @@ class PrivateDatasetStatus(ApiModel):
 
     ledger_name: str | None = None
     """Name of the cluster-scoped PrivacyLedger that keeps this dataset's budget."""
+    privacy_unit: str | None = None
+    """Whose privacy the budget protects: "record", or the unit column and its record cap."""
     budget: PrivacyBudget | None = None
     """The budget in force: spec.budget once the operator accepted it (it refuses one below what is charged)."""
     epsilon_spent: float | None = None

@@ -598,13 +598,12 @@ def dataset_allows(dataset: PrivateDataset, federation: FederationReference) -> 
 
 
 def declared_size(dataset: PrivateDataset) -> int:
-    """The dataset's PUBLIC declared record count (numExamples, or a built-in's published size)."""
-    if dataset.spec.num_examples is not None:
-        return dataset.spec.num_examples
-    builtin = dataset.spec.source.builtin
-    if builtin is None:  # the schema requires numExamples for file sources
+    """The dataset's PUBLIC declared number of privacy units: numUnits with a privacyUnit, else its records
+    (numExamples, or a built-in's published size)."""
+    declared = dataset.spec.declared_units
+    if declared is None:  # the schema requires numExamples for file sources
         raise ValueError("the dataset declares no numExamples")
-    return BUILTIN_DATASETS[builtin].num_examples
+    return declared
 
 
 @dataclass(frozen=True)

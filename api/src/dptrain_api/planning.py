@@ -19,13 +19,15 @@ DEFAULT_EVAL_FRACTION = 0.2
 
 
 def declared_num_examples(job: DPTrainingJob, dataset: PrivateDataset | None) -> int:
-    """The PUBLIC record count the plan uses: a built-in's declared size, or the PrivateDataset's numExamples."""
+    """The PUBLIC number of privacy units the plan uses: a built-in's declared size, the PrivateDataset's numUnits
+    when it declares a privacyUnit, else its numExamples (the planner's ``num_examples`` counts units)."""
     builtin: BuiltinDataset | None = job.spec.dataset.builtin
     if dataset is not None:
-        if dataset.spec.num_examples is not None:
-            return dataset.spec.num_examples
-        builtin = dataset.spec.source.builtin
-    if builtin is None:  # the schema requires numExamples for file sources
+        declared = dataset.spec.declared_units
+        if declared is None:  # the schema requires numExamples for file sources
+            raise ValueError("the dataset declares no numExamples")
+        return declared
+    if builtin is None:
         raise ValueError("the dataset declares no numExamples")
     return BUILTIN_DATASETS[builtin].num_examples
 

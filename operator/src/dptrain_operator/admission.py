@@ -166,6 +166,14 @@ def write_ledger(
     return status
 
 
+def _unit(raw: dict[str, Any]) -> str | None:
+    """The dataset's privacy unit in words, for `kubectl get pds` (None for a spec the dataset handler refuses)."""
+    try:
+        return PrivateDataset.model_validate(raw).spec.unit_description
+    except ValidationError:
+        return None
+
+
 def mirror_to_dataset(ctx: OperatorContext, *, namespace: str, ledger_name: str, status: PrivacyLedgerStatus) -> None:
     """Copy the ledger into its PrivateDataset's status (for `kubectl get pds`), keeping the dataset's conditions."""
     if status.dataset is None:
@@ -179,6 +187,7 @@ def mirror_to_dataset(ctx: OperatorContext, *, namespace: str, ledger_name: str,
         current = raw.get("status") or {}
         mirror = {
             "ledgerName": ledger_name,
+            "privacyUnit": _unit(raw),
             "budget": status.budget.to_wire() if status.budget else None,
             "epsilonSpent": status.epsilon_spent,
             "epsilonReserved": status.epsilon_reserved,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -453,8 +454,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     num_examples = declared_num_examples(loaded.job, loaded.dataset)
     plan = make_plan(loaded.job, dataset=loaded.dataset, reserved=reserved_from_env())
+    group = _group_privacy(plan, args.records_per_patient)
     if args.json:
-        print(json.dumps({**plan.to_dict(), "epochs": plan.epochs, "examples": num_examples}))
+        print(json.dumps({**plan.to_dict(), "epochs": plan.epochs, "examples": num_examples, "perPatient": group}))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -462,7 +464,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     table = Table(title=f"plan for {loaded.job.metadata.name or 'job'}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    table.add_row("examples (declared)", f"{num_examples} ({plan.train_size} train, {plan.eval_size} held out)")
+    table.add_row("privacy unit", plan.unit)
+    counted = "individuals" if plan.unit_records else "examples"
+    table.add_row(f"{counted} (declared)", f"{num_examples} ({plan.train_size} train, {plan.eval_size} held out)")
     table.add_row("q (sample rate)", f"{plan.sample_rate:.6g} (batch {plan.batch_size})")
     table.add_row("steps", f"{plan.steps} ({plan.epochs:.3g} epochs)")
     source = "reserved" if plan.reserved else ("fixed" if loaded.job.spec.privacy.noise_multiplier else "calibrated")
@@ -476,8 +480,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         )
     table.add_row("accountant", plan.accountant)
     table.add_row("clipping norm C", f"{plan.max_grad_norm:g}")
+    if group is not None:
+        table.add_row(
+            f"per patient ({group['records']:.0f} records)",
+            f"ε ≤ {format_up(group['epsilon'], 4)}, δ ≤ {group['delta']:.3g} (group privacy from the record-level "
+            "guarantee; declare a privacyUnit to protect the patient at ε)",
+        )
     Console().print(table)
     return 0
+
+
+def _group_privacy(plan: Any, records: int | None) -> dict[str, float] | None:
+    """What a record-level (ε, δ) means for an individual with ``records`` records, by group privacy:
+    (kε, k·e^{(k-1)ε}·δ), a valid, usually loose bound. None for unit-level plans (their ε is already per
+    individual) or without K."""
+    if records is None or plan.unit_records:
+        return None
+    if records < 1:
+        raise ConfigurationError("--records-per-patient must be at least 1")
+    epsilon = plan.planned_epsilon
+    return {
+        "records": float(records),
+        "epsilon": records * epsilon,
+        "delta": min(1.0, records * math.exp((records - 1) * epsilon) * plan.delta),
+    }
 
 
 def _cmd_epsilon(args: argparse.Namespace) -> int:
@@ -638,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print the privacy plan (q, steps, σ, planned ε) without training")
     _add_manifest_arguments(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument(
+        "--records-per-patient",
+        type=int,
+        metavar="K",
+        help="for a record-level plan: what it means for a patient with K records (group privacy)",
+    )
     plan.set_defaults(func=_cmd_plan)
 
     audit = commands.add_parser(

@@ -119,7 +119,10 @@ def print_summary(result: TrainingResult, *, output_dir: Path, files: Sequence[P
     )
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row("σ (noise multiplier)", format_up(plan.noise_multiplier, 5))
-    table.add_row("q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size} declared)")
+    counted = f"{plan.unit_column} units" if plan.unit_records else "records"
+    table.add_row(
+        "q (sample rate)", f"{plan.sample_rate:.5g} (batch {plan.batch_size} / {plan.train_size} declared {counted})"
+    )
     table.add_row("steps", f"{result.steps_run} run, {result.charged_steps} charged, {plan.steps} planned")
     if plan.releases:
         table.add_row(

@@ -34,6 +34,7 @@ __all__ = [
     "DatasetInfo",
     "FeatureBounds",
     "PreparedData",
+    "cap_units",
     "holdout_mask",
     "load_builtin",
     "load_data",
@@ -43,6 +44,7 @@ __all__ = [
     "shard_key",
     "shard_mask",
     "split_holdout",
+    "unit_hashes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,10 +115,27 @@ class PreparedData:
     eval_metric: str
     feature_names: tuple[str, ...] = field(default=())
     """Names of tabular features, in column order; empty for images."""
+    units: torch.Tensor | None = None
+    """int64, shape (N,): each record's privacy unit, an index into ``unit_ids`` (None: every record is its own)."""
+    unit_ids: tuple[str, ...] = field(default=(), repr=False)
+    """The units' identifiers as read (private: they only group records and key their side and shard)."""
 
     @property
     def num_examples(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        """Privacy units present (records, without a unit column)."""
+        return len(self.unit_ids) if self.units is not None else self.num_examples
+
+    def subset(self, keep: torch.Tensor) -> PreparedData:
+        """The records where ``keep`` (bool, (N,)) holds; units are renumbered and units left empty dropped."""
+        if self.units is None:
+            return replace(self, features=self.features[keep], labels=self.labels[keep])
+        present, units = torch.unique(self.units[keep], return_inverse=True)
+        ids = tuple(self.unit_ids[int(index)] for index in present)
+        return replace(self, features=self.features[keep], labels=self.labels[keep], units=units, unit_ids=ids)
 
 
 # --- built-in datasets -------------------------------------------------------------------------
@@ -437,10 +456,18 @@ def _numeric_column(frame: Any, column: str) -> tuple[FloatArray, npt.NDArray[np
     return values, np.isfinite(values)
 
 
-def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
+def _unit_column(frame: Any, column: str) -> tuple[list[str], npt.NDArray[np.bool_]]:
+    """A unit column as identifiers (kept as written, stripped), and which rows name one."""
+    ids = ["" if value is None else str(value).strip() for value in frame[column].astype(object).tolist()]
+    usable = np.array([bool(value) and value.lower() not in ("nan", "none", "null", "na", "n/a") for value in ids])
+    return ids, usable.astype(bool) if ids else np.zeros(0, dtype=bool)
+
+
+def load_file(source: FileSource, *, base_dir: Path, unit_column: str | None = None) -> PreparedData:
     """Load a CSV or Parquet file at ``base_dir / source.path``: clip to the declared bounds, scale to [0, 1].
 
-    Records with an unusable value are skipped (see above); the pod log counts them per column.
+    Records with an unusable value are skipped (see above); the pod log counts them per column. ``unit_column``
+    (a PrivateDataset's privacyUnit.column) groups the records by individual; a record that names none is unusable.
     """
     path = Path(base_dir) / source.path
     bounds = tuple(FeatureBounds(f.name, f.min, f.max) for f in source.features)
@@ -449,16 +476,24 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
         raise ConfigurationError(f"{source.path}: a feature column is listed twice in {names}")
     if source.label_column in names:
         raise ConfigurationError(f"{source.path}: label column {source.label_column!r} is also listed as a feature")
-    frame, lines = _read_columns(path, source.format, [*names, source.label_column])
+    if unit_column is not None and unit_column in {*names, source.label_column}:
+        raise ConfigurationError(f"{source.path}: the unit column {unit_column!r} is also a feature or the label")
+    wanted = [*names, source.label_column, *([unit_column] if unit_column is not None else [])]
+    frame, lines = _read_columns(path, source.format, wanted)
     columns = [_numeric_column(frame, name) for name in names]
     labels, usable_label = _numeric_column(frame, source.label_column)
     with np.errstate(invalid="ignore"):
         usable_label &= (labels == np.round(labels)) & (labels >= 0) & (labels < source.num_classes)
     usable = lines & usable_label
+    checks = [*zip([*names, source.label_column], [ok for _, ok in [*columns, (labels, usable_label)]], strict=True)]
+    ids: list[str] = []
+    if unit_column is not None:
+        ids, named = _unit_column(frame, unit_column)
+        checks.append((unit_column, named))
     skipped: dict[str, int] = {}
     if not lines.all():
         skipped["<line>"] = int((~lines).sum())
-    for name, (_, ok) in zip([*names, source.label_column], [*columns, (labels, usable_label)], strict=True):
+    for name, ok in checks:
         usable &= ok
         if not (ok | ~lines).all():
             skipped[name] = int((~ok & lines).sum())
@@ -466,6 +501,13 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
         # <line>: lines that do not decode (UTF-8), parse (an unmatched quote) or have the header's number of fields.
         logger.warning("%s: skipped records with unusable values (column: records) %s", path, skipped)
     values = np.column_stack([values for values, _ in columns])[usable] if names else np.zeros((0, 0))
+    units: torch.Tensor | None = None
+    unit_ids: tuple[str, ...] = ()
+    if unit_column is not None:
+        present, inverse = np.unique(
+            np.array([ids[i] for i in np.flatnonzero(usable)], dtype=object), return_inverse=True
+        )
+        units, unit_ids = torch.from_numpy(inverse.astype(np.int64).reshape(-1)), tuple(str(u) for u in present)
     return PreparedData(
         name=source.path,
         features=torch.from_numpy(_scale(values, bounds).astype(np.float32)),
@@ -475,6 +517,8 @@ def load_file(source: FileSource, *, base_dir: Path) -> PreparedData:
         # AUC for binary outcomes: clinical outcomes are usually rare, and accuracy hides that.
         eval_metric="auc" if source.num_classes == 2 else "accuracy",
         feature_names=tuple(names),
+        units=units,
+        unit_ids=unit_ids,
     )
 
 
@@ -500,7 +544,8 @@ def load_data(
     if source.builtin is not None:
         data = load_builtin(source.builtin)
     elif source.file is not None:
-        data = load_file(source.file, base_dir=base_dir)
+        unit = private_dataset.spec.privacy_unit
+        data = load_file(source.file, base_dir=base_dir, unit_column=unit.column if unit is not None else None)
     else:
         raise ConfigurationError(f"PrivateDataset {wanted!r}: set exactly one of source.builtin or source.file")
     return replace(data, name=wanted)
@@ -525,25 +570,69 @@ def record_hashes(features: torch.Tensor, labels: torch.Tensor, *, key: bytes) -
     ]
 
 
-def holdout_mask(data: PreparedData, *, fraction: float, key: bytes) -> torch.Tensor:
-    """Which records are held out: those whose keyed hash of their own content falls below ``fraction``.
+def unit_hashes(unit_ids: Sequence[str], *, key: bytes) -> list[int]:
+    """A 64-bit keyed hash of each privacy unit's identifier: its side (holdout or training) and its shard depend on
+    that unit alone, so all of an individual's records go together."""
+    return [
+        int.from_bytes(hashlib.blake2b(b"unit\0" + uid.encode(), key=key[:64], digest_size=8).digest(), "little")
+        for uid in unit_ids
+    ]
 
-    A record's side depends on that record (and the dataset's key) alone, never on the other records, their
-    number or their order: adding or removing one record moves no other between training and holdout.
+
+def _owner_hashes(data: PreparedData | TensorDataset, *, key: bytes, unit_ids: Sequence[str] = ()) -> list[int]:
+    """Per record: its unit's keyed hash (all of a unit's records get the same), else its own content's."""
+    ids: Sequence[str]
+    if isinstance(data, PreparedData):
+        features, labels, units, ids = data.features, data.labels, data.units, data.unit_ids
+    else:
+        features, labels = data.tensors[0], data.tensors[1]
+        units, ids = (data.tensors[2] if len(data.tensors) > 2 else None), unit_ids
+    if units is None:
+        return record_hashes(features, labels, key=key)
+    per_unit = unit_hashes(ids, key=key)
+    return [per_unit[int(index)] for index in units.tolist()]
+
+
+def cap_units(data: PreparedData, *, max_records: int, key: bytes) -> PreparedData:
+    """At most ``max_records`` records per unit: the ones with the smallest keyed hash of their own content, so which
+    are kept depends on that unit's records alone (never on other units). Without units, ``data`` itself."""
+    if data.units is None or data.num_examples == 0:
+        return data
+    hashes = np.array(
+        record_hashes(data.features, data.labels, key=hashlib.sha256(b"dptrain/cap/v1\0" + key).digest()),
+        dtype=np.uint64,
+    )
+    units = data.units.numpy()
+    order = np.lexsort((hashes, units))  # by unit, then hash
+    sorted_units = units[order]
+    starts = np.searchsorted(sorted_units, sorted_units, side="left")
+    rank = np.arange(len(order)) - starts
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[rank < max_records]] = True
+    return data.subset(torch.from_numpy(keep))
+
+
+def holdout_mask(data: PreparedData, *, fraction: float, key: bytes) -> torch.Tensor:
+    """Which records are held out: those whose keyed hash falls below ``fraction``; the hash of the record's own
+    content, or of its unit's identifier when the data has privacy units (a unit's records go together).
+
+    A record's side depends on that record (or its unit) and the dataset's key alone, never on the other records,
+    their number or their order: adding or removing one record (unit) moves no other between training and holdout.
     """
     count = data.num_examples
     if fraction <= 0.0 or count == 0:
         return torch.zeros(count, dtype=torch.bool)
     threshold = int(fraction * 2**64)
-    hashes = record_hashes(data.features, data.labels, key=key)
-    return torch.tensor([value < threshold for value in hashes], dtype=torch.bool)
+    return torch.tensor([value < threshold for value in _owner_hashes(data, key=key)], dtype=torch.bool)
 
 
 def split_holdout(data: PreparedData, *, fraction: float, key: bytes) -> tuple[TensorDataset, TensorDataset]:
-    """(training, holdout) TensorDatasets of (features, labels), by :func:`holdout_mask`."""
+    """(training, holdout) TensorDatasets of (features, labels[, unit index]), by :func:`holdout_mask`. With units,
+    the third tensor is each record's index into ``data.unit_ids``."""
     held_out = holdout_mask(data, fraction=fraction, key=key)
-    train = TensorDataset(data.features[~held_out], data.labels[~held_out])
-    holdout = TensorDataset(data.features[held_out], data.labels[held_out])
+    tensors = (data.features, data.labels) if data.units is None else (data.features, data.labels, data.units)
+    train = TensorDataset(*(tensor[~held_out] for tensor in tensors))
+    holdout = TensorDataset(*(tensor[held_out] for tensor in tensors))
     return train, holdout
 
 
@@ -556,26 +645,30 @@ def shard_key(key: bytes) -> bytes:
     return hashlib.sha256(b"dptrain/shard/v1\0" + key).digest()
 
 
-def shard_mask(dataset: TensorDataset, *, shards: int, index: int, key: bytes) -> torch.Tensor:
-    """Which records of ``dataset`` belong to shard ``index`` of ``shards``: by a keyed hash of each record.
+def shard_mask(
+    dataset: TensorDataset, *, shards: int, index: int, key: bytes, unit_ids: Sequence[str] = ()
+) -> torch.Tensor:
+    """Which records of ``dataset`` belong to shard ``index`` of ``shards``: by a keyed hash of each record, or of
+    its unit's identifier (``unit_ids``, indexed by the dataset's third tensor) when it has privacy units.
 
     Shard = ⌊hash · shards / 2⁶⁴⌋, so the shards are disjoint, cover every record, and a record's shard depends on
-    that record (and ``key``) alone: adding or removing one record moves no other record between shards. Each rank
-    Poisson-samples its own shard at the global rate q, so the union of the ranks' batches is exactly a Poisson
-    sample of the whole training partition at q (what the accountant assumes).
+    that record (unit) and ``key`` alone: adding or removing one record (unit) moves no other between shards. Each
+    rank Poisson-samples its own shard's units at the global rate q, so the union of the ranks' batches is exactly
+    a Poisson sample of the whole training partition at q (what the accountant assumes).
     """
     if not 0 <= index < shards:
         raise ValueError(f"shard index {index} is not in [0, {shards})")
-    features, labels = dataset.tensors
     if shards == 1:
-        return torch.ones(int(labels.shape[0]), dtype=torch.bool)
-    owners = [(value * shards) >> 64 for value in record_hashes(features, labels, key=key)]
+        return torch.ones(int(dataset.tensors[1].shape[0]), dtype=torch.bool)
+    owners = [(value * shards) >> 64 for value in _owner_hashes(dataset, key=key, unit_ids=unit_ids)]
     return torch.tensor([owner == index for owner in owners], dtype=torch.bool)
 
 
-def shard(dataset: TensorDataset, *, shards: int, index: int, key: bytes) -> TensorDataset:
+def shard(
+    dataset: TensorDataset, *, shards: int, index: int, key: bytes, unit_ids: Sequence[str] = ()
+) -> TensorDataset:
     """Shard ``index`` of ``shards`` of ``dataset`` (see :func:`shard_mask`)."""
     if shards == 1:
         return dataset
-    mask = shard_mask(dataset, shards=shards, index=index, key=key)
+    mask = shard_mask(dataset, shards=shards, index=index, key=key, unit_ids=unit_ids)
     return TensorDataset(*(tensor[mask] for tensor in dataset.tensors))

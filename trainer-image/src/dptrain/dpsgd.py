@@ -24,7 +24,15 @@ from dptrain.errors import ModelError
 from dptrain.independence import reused_modules
 from dptrain.randomness import RandomBits, bernoulli
 
-__all__ = ["PoissonSampler", "PrivateTraining", "auto_clipping_mode", "make_optimizer", "make_private_training"]
+__all__ = [
+    "PoissonSampler",
+    "PrivateTraining",
+    "UnitSampler",
+    "auto_clipping_mode",
+    "make_optimizer",
+    "make_private_training",
+    "unit_micro_batches",
+]
 
 CLIPPING_MODES = ("bookkeeping", "ghost", "hooks")
 
@@ -45,6 +53,48 @@ class PoissonSampler:
         return included.nonzero().squeeze(1).cpu()
 
 
+class UnitSampler:
+    """Poisson subsampling over privacy units: each unit among ``units`` (every record's unit index) joins the batch
+    with probability ⌊q·2⁵³⌋/2⁵³ ≤ q, and brings all of its (kept) records."""
+
+    def __init__(self, units: torch.Tensor, *, sample_rate: float, bits: RandomBits) -> None:
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        _, local, counts = torch.unique(units.cpu(), return_inverse=True, return_counts=True)
+        self.num_units = int(counts.shape[0])
+        self.sample_rate = sample_rate
+        self.bits = bits
+        self._order = torch.argsort(local, stable=True)  # records grouped by unit
+        self._counts = counts
+        self._starts = torch.cumsum(counts, 0) - counts
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the records of the units in the next logical batch (possibly none), grouped by unit, and each
+        one's unit within the batch (0, 0, 1, 2, 2, ...), on the CPU."""
+        chosen = bernoulli(self.bits, self.num_units, self.sample_rate).nonzero().squeeze(1).cpu()
+        counts = self._counts[chosen]
+        groups = torch.repeat_interleave(torch.arange(len(chosen)), counts)
+        within = torch.arange(len(groups)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return self._order[self._starts[chosen][groups] + within], groups
+
+
+def unit_micro_batches(groups: torch.Tensor, physical: int) -> list[slice]:
+    """Micro-batches of at most ``physical`` records that never split a unit (``groups`` sorted, as sampled): a
+    unit's summed gradient must be clipped in one piece."""
+    counts = torch.bincount(groups).tolist() if len(groups) else []
+    parts, start, size = [], 0, 0
+    for count in counts:
+        if count > physical:
+            raise ValueError(f"a privacy unit has {count} records, more than the physical batch of {physical}")
+        if size + count > physical:
+            parts.append(slice(start, start + size))
+            start, size = start + size, 0
+        size += count
+    if size:
+        parts.append(slice(start, start + size))
+    return parts
+
+
 def make_optimizer(parameters: Any, training: Any) -> torch.optim.Optimizer:
     """The optimizer of ``training.optimizer`` (it only ever sees clipped, noised gradients)."""
     name = training.optimizer
@@ -59,15 +109,17 @@ def make_optimizer(parameters: Any, training: Any) -> torch.optim.Optimizer:
     raise ModelError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 
-def auto_clipping_mode(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
+def auto_clipping_mode(model: nn.Module, input_shape: tuple[int, ...] | None = None, *, units: bool = False) -> str:
     """The fastest clipping mode that is exact for ``model`` (benchmarks/step_time.py). A layer called twice per
     forward pass needs Opacus' hooks mode: it sums a reused layer's per-example gradients over its uses before
-    clipping; the kernels and ghost clipping would refuse it at the first step."""
+    clipping; the kernels and ghost clipping would refuse it at the first step. With privacy ``units`` ghost
+    clipping (per record by construction) gives way to hooks."""
     from dptrain.clipping import choose_clipping_mode
 
     if input_shape is not None and reused_modules(model, input_shape):
         return "hooks"
-    return choose_clipping_mode(model).mode
+    mode = choose_clipping_mode(model).mode
+    return "hooks" if units and mode == "ghost" else mode
 
 
 @dataclass
@@ -85,16 +137,28 @@ class PrivateTraining:
         """Optimizer steps that added noise (one per logical batch)."""
         return int(self.optimizer.steps)
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def step(self, features: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """One DP-SGD step on a logical batch. Its loss is not read: it is a statistic of private records.
 
         An empty batch takes a noise-only step; a batch larger than the physical size is split, its clipped
-        sums accumulate, and the noise is added once.
+        sums accumulate, and the noise is added once. ``groups`` (each record's privacy unit, sorted, as
+        :class:`UnitSampler` draws them): each unit's summed gradient is clipped once, and no micro-batch splits
+        a unit.
         """
-        for start in range(0, len(labels), self.physical_batch_size):
-            stop = start + self.physical_batch_size
-            self.criterion(self.model(features[start:stop]), labels[start:stop]).backward()
+        if groups is None:
+            parts = [
+                slice(start, start + self.physical_batch_size)
+                for start in range(0, len(labels), self.physical_batch_size)
+            ]
+        else:
+            parts = unit_micro_batches(groups, self.physical_batch_size)
+        for part in parts:
+            if groups is not None:
+                self.optimizer.group(groups[part] - groups[part.start])
+            self.criterion(self.model(features[part]), labels[part]).backward()
             self.optimizer.accumulate()
+        if groups is not None:
+            self.optimizer.group(None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -112,6 +176,7 @@ def make_private_training(
     input_shape: tuple[int, ...] | None = None,
     secure_noise: bool = True,
     distributed: bool = False,
+    units: bool = False,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with :func:`dptrain.make_private`: per-example clipping at ``max_grad_norm``, noise σ·C
     once per step, mean over the expected batch.
@@ -126,7 +191,9 @@ def make_private_training(
 
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError("the model has no trainable parameters")
-    mode = clipping_mode or auto_clipping_mode(model, input_shape)
+    mode = clipping_mode or auto_clipping_mode(model, input_shape, units=units)
+    if units and mode == "ghost":
+        raise ModelError("privacy units need clipping 'bookkeeping' or 'hooks': ghost clipping clips each record")
     if mode not in CLIPPING_MODES:
         raise ModelError(f"unknown clipping mode {mode!r}; use one of {', '.join(CLIPPING_MODES)}")
     with warnings.catch_warnings():

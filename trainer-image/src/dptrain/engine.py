@@ -69,9 +69,9 @@ from dptrain.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from dptrain.data import PreparedData, shard, shard_key, split_holdout
+from dptrain.data import PreparedData, cap_units, shard, shard_key, split_holdout
 from dptrain.distributed import SINGLE_PROCESS, Group, StopVote, agree, check_same_plan, from_primary
-from dptrain.dpsgd import PoissonSampler, PrivateTraining, make_optimizer, make_private_training
+from dptrain.dpsgd import PoissonSampler, PrivateTraining, UnitSampler, make_optimizer, make_private_training
 from dptrain.errors import DeclaredSizeMismatchError, JournalError, JournalLostError, TrainingInterrupted
 from dptrain.evaluation import (
     declared_size_mismatch,
@@ -170,6 +170,7 @@ def make_job_private(
         input_shape=input_shape,
         secure_noise=job.spec.privacy.secure_noise,
         distributed=distributed,
+        units=plan.unit_records > 0,
     )
 
 
@@ -234,16 +235,28 @@ class TrainingRun:
         self.checkpointed_step = self.step
         self.history: list[dict[str, float]] = list(checkpoint.history) if checkpoint is not None else []
         self.eval_metrics: dict[str, float] = dict(checkpoint.eval_metrics) if checkpoint is not None else {}
+        if plan.unit_records:  # at most k records per unit, chosen by each record's keyed hash
+            data = cap_units(data, max_records=plan.unit_records, key=holdout_key)
         self.train_set, self.holdout_set = split_holdout(data, fraction=plan.holdout_fraction, key=holdout_key)
-        # This rank's disjoint keyed shard of the training partition (all of it in one process).
-        self.train_set = shard(self.train_set, shards=group.world_size, index=group.rank, key=shard_key(holdout_key))
+        # This rank's disjoint keyed shard of the training partition (all of it in one process), by unit if any.
+        self.train_set = shard(
+            self.train_set,
+            shards=group.world_size,
+            index=group.rank,
+            key=shard_key(holdout_key),
+            unit_ids=data.unit_ids,
+        )
         if not group.primary:  # rank 0 alone releases held-out metrics
             self.holdout_set = TensorDataset(*(tensor[:0] for tensor in self.holdout_set.tensors))
         if device.type != "cpu":
             self.train_set = TensorDataset(*(t.to(device) for t in self.train_set.tensors))
         self.private, self.model_warnings = self._build(checkpoint, clipping_mode, base_dir)
         secure = job.spec.privacy.secure_noise
-        self.sampler = PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, bits=fresh_bits(secure=secure))
+        self.sampler: PoissonSampler | UnitSampler = (
+            UnitSampler(self.train_set.tensors[2], sample_rate=plan.sample_rate, bits=fresh_bits(secure=secure))
+            if data.units is not None
+            else PoissonSampler(len(self.train_set), sample_rate=plan.sample_rate, bits=fresh_bits(secure=secure))
+        )
         self.release_noise = fresh_bits(secure=secure)
         self.schedule = release_schedule(steps=plan.steps, releases=plan.releases, from_start=True)
         self._lock: contextlib.ExitStack | None = None
@@ -400,11 +413,17 @@ class TrainingRun:
             observer.on_start(self.plan, resumed_from_step=self.resumed_from_step, attempt=self.attempt)
 
     def run_step(self) -> None:
-        """One DP-SGD step on a fresh Poisson batch."""
-        index = self.sampler.next_batch().to(self.train_set.tensors[0].device)
-        features, labels = (tensor[index].to(self.device, non_blocking=True) for tensor in self.train_set.tensors)
+        """One DP-SGD step on a fresh Poisson batch (of records, or of privacy units with all their records)."""
+        groups: torch.Tensor | None = None
+        if isinstance(self.sampler, UnitSampler):
+            index, groups = self.sampler.next_batch()
+            groups = groups.to(self.device)
+        else:
+            index = self.sampler.next_batch()
+        index = index.to(self.train_set.tensors[0].device)
+        features, labels = (tensor[index].to(self.device, non_blocking=True) for tensor in self.train_set.tensors[:2])
         taken = self.private.steps_taken
-        self.private.step(features, labels)
+        self.private.step(features, labels, groups)
         if self.private.steps_taken != taken + 1:  # pragma: no cover - defensive: one noise draw per step
             raise RuntimeError("the optimizer did not take exactly one noisy step")
         self.step += 1

@@ -55,10 +55,16 @@ def sensitivity(num_classes: int) -> float:
 
 
 def holdout_sums(model: nn.Module, holdout: TensorDataset, *, num_classes: int, device: torch.device) -> torch.Tensor:
-    """The EXACT sums over the held-out records (float64). Private: only :func:`dp_release` may see them."""
-    features, labels = holdout.tensors
+    """The EXACT sums over the held-out records (float64). Private: only :func:`dp_release` may see them.
+
+    With privacy units (the holdout's third tensor: each record's unit), each unit contributes the MEAN of its
+    records' rows: its influence on the sums is bounded like one record's (the sensitivity is unchanged), and the
+    metrics weigh every individual the same."""
+    features, labels = holdout.tensors[:2]
+    units = holdout.tensors[2] if len(holdout.tensors) > 2 else None
     width = 3 + (2 * AUC_BINS if num_classes == 2 else 0)
     sums = torch.zeros(width, dtype=torch.float64)
+    per_record = []
     module = unwrap_model(model)
     was_training = module.training
     module.eval()
@@ -66,11 +72,19 @@ def holdout_sums(model: nn.Module, holdout: TensorDataset, *, num_classes: int, 
         with torch.no_grad():
             for start in range(0, len(labels), _BATCH):
                 logits = module(features[start : start + _BATCH].to(device)).double().cpu()
-                target = labels[start : start + _BATCH].cpu()
-                sums += _rows(logits, target, num_classes=num_classes).sum(dim=0)
+                rows = _rows(logits, labels[start : start + _BATCH].cpu(), num_classes=num_classes)
+                if units is None:
+                    sums.add_(rows.sum(dim=0))
+                else:
+                    per_record.append(rows)
     finally:
         module.train(was_training)
-    return sums
+    if units is None or not per_record:
+        return sums
+    _, local, counts = torch.unique(units.cpu(), return_inverse=True, return_counts=True)
+    unit_rows = torch.zeros(len(counts), width, dtype=torch.float64).index_add_(0, local, torch.cat(per_record))
+    means: torch.Tensor = unit_rows / counts.unsqueeze(1).double()
+    return means.sum(dim=0)
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor, *, num_classes: int) -> torch.Tensor:

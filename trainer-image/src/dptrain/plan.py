@@ -54,6 +54,24 @@ class TrainingPlan:
     """Planned DP releases of held-out metrics."""
     reserved: bool = False
     """True when σ and the step ceiling came from the operator's ledger reservation."""
+    unit_records: int = 0
+    """k, the most records of one privacy unit (patient) that count, when the dataset declares a privacyUnit; 0: the
+    unit is the record. Sizes, q and the batch size then count units."""
+    unit_column: str = ""
+    """The privacyUnit's column (public: a column name), when the unit is not the record."""
+
+    @property
+    def unit(self) -> str:
+        """The privacy unit in words: "record", or "individual (patient_id, ≤4 records)"."""
+        return f"individual ({self.unit_column}, ≤{self.unit_records} records)" if self.unit_records else "record"
+
+    def __post_init__(self) -> None:
+        if self.unit_records > self.physical_batch_size:
+            raise ConfigurationError(
+                f"a privacy unit may bring {self.unit_records} records (privacyUnit.maxRecordsPerUnit), more than "
+                f"training.maxPhysicalBatchSize={self.physical_batch_size}: a unit is never split across "
+                "micro-batches; raise maxPhysicalBatchSize"
+            )
 
     @property
     def segment(self) -> MechanismSegment:
@@ -102,6 +120,7 @@ class TrainingPlan:
             "holdout_fraction",
             "holdout_noise_multiplier",
             "releases",
+            "unit_records",
         )
         key = {_camel(name): getattr(self, name) for name in keys}
         key["trainSize"] = self.train_size
@@ -195,4 +214,18 @@ def make_plan(
         holdout_noise_multiplier=mechanism.holdout_noise_multiplier,
         releases=mechanism.releases,
         reserved=reserved is not None,
+        unit_records=unit_records(dataset),
+        unit_column=unit_column(dataset),
     )
+
+
+def unit_column(dataset: PrivateDataset | None) -> str:
+    """The dataset's privacyUnit column ("": the unit is the record)."""
+    unit = dataset.spec.privacy_unit if dataset is not None else None
+    return unit.column if unit is not None else ""
+
+
+def unit_records(dataset: PrivateDataset | None) -> int:
+    """k of the dataset's privacyUnit (0: the unit is the record)."""
+    unit = dataset.spec.privacy_unit if dataset is not None else None
+    return unit.max_records_per_unit if unit is not None else 0

@@ -60,6 +60,22 @@ RELATION: Final = (
     "declared (public) size, a record is held out by a keyed hash of its own content, records with unusable values "
     "are skipped one by one, and no exact count is reported."
 )
+UNIT_RELATION: Final = (
+    "add or remove one individual: D and D' differ by ALL the records of one {column} value (at most {k} of them are "
+    "used, chosen by a keyed hash of each record), anywhere in the dataset. Individuals, not records, are "
+    "Poisson-sampled at q from the declared (public) number of individuals; each sampled individual's summed "
+    "gradient is clipped once to C; an individual is held out (or sharded) by a keyed hash of its identifier, with "
+    "all of its records; held-out releases count each individual once (the mean of its records' rows); records "
+    "with unusable values are skipped one by one; no exact count is reported. A patient at two hospitals (two "
+    "datasets, two federation sites) is two individuals: each dataset's guarantee covers its own records of them."
+)
+
+
+def relation(plan: TrainingPlan) -> str:
+    """The neighbouring relation the job's ε is for (record or individual)."""
+    return UNIT_RELATION.format(column=plan.unit_column, k=plan.unit_records) if plan.unit_records else RELATION
+
+
 COMPOSITION: Final = (
     "Each record is in exactly one partition: training (DP-SGD steps) or holdout (releases of held-out metrics). "
     "Mechanisms on one partition compose sequentially (by the accountant); the two partitions compose in parallel, "
@@ -407,6 +423,7 @@ class ReportWriter:
             "journal": _journal_section(result),
             "dataset": {
                 "name": result.dataset,
+                "privacyUnit": result.plan.unit,
                 "declaredTrainingExamples": result.plan.train_size,
                 "declaredHoldoutExamples": result.plan.eval_size,
                 "countSource": self.example_count_source or "the declared number of records (public metadata)",
@@ -464,7 +481,8 @@ def _guarantee(result: TrainingResult) -> dict[str, Any]:
         "epsilonTrainingPartition": compute_epsilon(train, delta=plan.delta, accountant=plan.accountant),
         "epsilonHoldoutPartition": compute_epsilon(holdout, delta=plan.delta, accountant=plan.accountant),
         "epsilonAtOtherDeltas": other,
-        "neighbouringRelation": RELATION,
+        "neighbouringRelation": relation(plan),
+        "privacyUnit": plan.unit,
         "composition": COMPOSITION,
         "statement": (
             f"Everything this job released (the model, the held-out metrics, and the numbers listed under "

@@ -122,6 +122,8 @@ class BookkeepingClipper:
         self.kernels = coverage.kernels
         self.parameters: list[nn.Parameter] = [p for k in self.kernels for _, p in k.parameters]
         self._mean = loss_reduction == "mean"
+        self.groups: Tensor | None = None
+        """Each record's privacy unit in the coming micro-batch (see PrivateOptimizer.group); None: per record."""
         self._owners = {id(p): k for k in self.kernels for _, p in k.parameters}
         self._pass = 0
         self._entered: set[int] = set()
@@ -273,11 +275,17 @@ class BookkeepingClipper:
 
     def _accumulate(self, sites: list[Site], batch: int) -> None:
         scale = float(batch) if self._mean else 1.0  # mean loss: captured gradients are per-example / batch
-        norms = sites[0].squared_norms(batch)
+        groups = self.groups
+        if groups is not None and len(groups) != batch:
+            raise ClippingProtocolError(f"the micro-batch has {batch} records but {len(groups)} unit labels")
+        units = int(groups.max()) + 1 if groups is not None and batch else 0
+        norms = sites[0].squared_norms(batch, groups, units)
         for site in sites[1:]:
-            norms.add_(site.squared_norms(batch))
+            norms.add_(site.squared_norms(batch, groups, units))
         norms.sqrt_().mul_(scale)
-        weights, bad = clip_weights(norms, self.max_grad_norm)
+        weights, bad = clip_weights(norms, self.max_grad_norm)  # per unit when grouped: then per record below
+        if groups is not None:  # Σ_u w_u Σ_{i∈u} g_i = Σ_i w_{u(i)} g_i: the kernels add per record
+            weights, bad = weights[groups], bad[groups] if bad is not None else None
         weights.mul_(scale)
         for site in sites:
             if bad is not None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dptrain.clipping._factors import clip_weights
-from dptrain.errors import ModelError
+from dptrain.errors import ClippingError, ModelError
 
 __all__ = ["OpacusGhostClipper", "OpacusHooksClipper"]
 
@@ -33,6 +33,7 @@ class _OpacusClipper:
         self.max_grad_norm = float(max_grad_norm)
         self._views: list[Tensor] = []
         self._grad_views: list[Tensor] = []
+        self.groups: Tensor | None = None
         module.register_forward_pre_hook(self._before_forward)
 
     def bind(self, sums: Mapping[int, Tensor], grads: Mapping[int, Tensor]) -> None:
@@ -66,11 +67,16 @@ class OpacusHooksClipper(_OpacusClipper):
             return 0
         batch = int(present[0].shape[0])
         flat = [None if s is None else s.reshape(batch, -1) for s in samples]
-        norms = torch.zeros(batch, dtype=present[0].dtype, device=present[0].device)
+        groups = self.groups
+        units = int(groups.max()) + 1 if groups is not None and batch else batch
+        norms = torch.zeros(units, dtype=present[0].dtype, device=present[0].device)
         for f in flat:
-            if f is not None:
-                norms.add_(f.square().sum(dim=1))
+            if f is not None:  # per unit: the norm of the unit's summed gradient
+                summed = f if groups is None else f.new_zeros((units, f.shape[1])).index_add_(0, groups, f)
+                norms.add_(summed.square().sum(dim=1))
         factors, bad = clip_weights(norms.sqrt_(), self.max_grad_norm)
+        if groups is not None:  # Σ_u c_u Σ_{i∈u} g_i = Σ_i c_{u(i)} g_i
+            factors, bad = factors[groups], bad[groups] if bad is not None else None
         for p, view, f in zip(self.parameters, self._views, flat, strict=True):
             if f is not None and batch > 0:
                 rows = f if bad is None else torch.where(bad[:, None], f.new_zeros(()), f)
@@ -140,6 +146,18 @@ class OpacusGhostClipper(_OpacusClipper):
         self._target: Tensor | None = None
         self._recomputing = False
         module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+
+    @property
+    def groups(self) -> Tensor | None:
+        return None
+
+    @groups.setter
+    def groups(self, groups: Tensor | None) -> None:
+        if groups is not None:
+            raise ClippingError(
+                "Opacus' ghost clipping clips each record's gradient: privacy units (several records clipped "
+                "together) need clipping='bookkeeping' or 'hooks'"
+            )
 
     def criterion(self, input: Tensor, target: Tensor) -> Any:
         """Opacus' ghost loss (call ``.backward()`` on it); the target is kept for a recomputation."""

@@ -27,6 +27,8 @@ class Clipper(Protocol):
 
     parameters: list[nn.Parameter]
     max_grad_norm: float
+    groups: Tensor | None
+    """Each record's privacy unit in the coming micro-batch (None: every record is its own)."""
 
     def bind(self, sums: Mapping[int, Tensor], grads: Mapping[int, Tensor]) -> None:
         """Receive, per parameter (keyed by id), its view of the clipped-sum buffer and of the .grad buffer."""
@@ -193,6 +195,14 @@ class PrivateOptimizer(Optimizer):
     def accumulate(self) -> None:
         """Add the last micro-batch's clipped per-example gradients to the logical batch's sum."""
         self.clipper.flush()
+
+    def group(self, groups: Tensor | None) -> None:
+        """Say which privacy unit each record of the NEXT micro-batch belongs to (int64 (B,), values 0 … U−1; None:
+        every record is its own). Each unit's summed gradient Σ_{i∈u} g_i is then clipped once to C: DP with
+        respect to adding or removing a whole unit. A unit must not be split across micro-batches (its norm is not
+        additive). Call it before that micro-batch's forward pass; book-keeping and hooks support it."""
+        self.clipper.flush()  # a pending micro-batch keeps the grouping it was computed under
+        self.clipper.groups = groups
 
     @overload
     def step(self, closure: None = None) -> None: ...

@@ -75,6 +75,31 @@ def _sequence_norms(a: Tensor, g: Tensor, *, instantiate: bool) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _unit_slots(groups: Tensor, units: int) -> tuple[Tensor, int]:
+    """Each record's slot within its unit (0, 1, ... in batch order) and the most records a unit has."""
+    counts = torch.bincount(groups, minlength=units)
+    order = torch.argsort(groups, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.empty_like(groups)
+    slots[order] = torch.arange(len(groups), device=groups.device) - starts[groups[order]]
+    return slots, int(counts.max()) if len(groups) else 0
+
+
+def _by_unit(t: Tensor, groups: Tensor, units: int) -> Tensor:
+    """Per-record rows (B, T, ...) → per-unit rows (U, k·T, ...), zero-padded: a unit's records one after another,
+    as if they were one example's positions. Per-unit gradients are then sums over positions, which every kernel's
+    maths already handles (the ghost identity and the instantiated products alike)."""
+    slots, most = _unit_slots(groups, units)
+    out = t.new_zeros((units, most, *t.shape[1:]))
+    out[groups, slots] = t
+    return out.reshape(units, most * t.shape[1], *t.shape[2:])
+
+
+def _unit_sums(t: Tensor, groups: Tensor, units: int) -> Tensor:
+    """Per-record rows (B, ...) summed per unit: (U, ...)."""
+    return t.new_zeros((units, *t.shape[1:])).index_add_(0, groups, t)
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -126,8 +151,9 @@ class Site:
         self.activation = None
         self.grad = None
 
-    def squared_norms(self, batch: int) -> Tensor:
-        """Per-example squared gradient norms (B,) of the raw captured gradients (no loss scaling)."""
+    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
+        """Per-example squared gradient norms (B,) of the raw captured gradients (no loss scaling); with ``groups``
+        (each record's unit, in [0, ``units``)), the squared norms of each unit's SUMMED gradient (U,)."""
         raise NotImplementedError
 
     def add_clipped(self, weights: Tensor) -> None:
@@ -176,7 +202,7 @@ class LinearSite(Site):
         self._a, self._g = _zero_rows(self._a, bad), _zero_rows(self._g, bad)
         self._bias_per_example = _zero_rows(self._bias_per_example, bad)
 
-    def squared_norms(self, batch: int) -> Tensor:
+    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         a, g = _cast(self.activation, self.dtype), _cast(self.grad, self.dtype)
@@ -184,6 +210,14 @@ class LinearSite(Site):
             a, g = a.movedim(self.batch_dim, 0), g.movedim(self.batch_dim, 0)
         a = self._a = a.reshape(batch, -1, a.shape[-1])
         g = self._g = g.reshape(batch, -1, g.shape[-1])
+        if groups is not None:
+            if self._b is not None and a.shape[1] > 1:
+                self._bias_per_example = g.sum(dim=1)  # add_clipped weights the records
+            return self._norms(_by_unit(a, groups, units), _by_unit(g, groups, units), units, keep_bias=False)
+        return self._norms(a, g, batch, keep_bias=True)
+
+    def _norms(self, a: Tensor, g: Tensor, batch: int, *, keep_bias: bool) -> Tensor:
+        """||Σ_t g_t a_tᵀ||² (+ ||Σ_t g_t||² for the bias) per row of (batch, T, d) and (batch, T, p)."""
         steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
         if steps == 1:  # one position per example: ||g aᵀ||² = ||a||²·||g||²
             g_squared = _squared_row_norms(g)
@@ -196,8 +230,10 @@ class LinearSite(Site):
             instantiate = _instantiate(self._strategy, steps=steps, rows=rows, cols=cols)
             norms.add_(_sequence_norms(a, g, instantiate=instantiate))
         if self._b is not None:
-            self._bias_per_example = g.sum(dim=1)
-            norms.add_(_squared_row_norms(self._bias_per_example))
+            bias = g.sum(dim=1)
+            if keep_bias:
+                self._bias_per_example = bias
+            norms.add_(_squared_row_norms(bias))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
@@ -294,39 +330,60 @@ class ConvSite(Site):
         )
         return view.reshape(x.shape[0], x.shape[1] * math.prod(m.kernel_size), math.prod(out[:spatial]))
 
-    def squared_norms(self, batch: int) -> Tensor:
+    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
         assert self.grad is not None
         m = self._module
         g = self.grad.to(self.dtype).reshape(batch, m.out_channels, -1)
-        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        norms = torch.zeros(batch if groups is None else units, dtype=g.dtype, device=g.device)
         if self._w is not None:
-            norms.add_(self._weight_norms(g))
+            norms.add_(self._weight_norms(g) if groups is None else self._unit_weight_norms(g, groups, units))
         if self._b is not None:
             self._bias_per_example = g.sum(dim=2)
-            norms.add_(_squared_row_norms(self._bias_per_example))
+            bias = self._bias_per_example if groups is None else _unit_sums(self._bias_per_example, groups, units)
+            norms.add_(_squared_row_norms(bias))
         return norms
+
+    def _shape(self, positions: int) -> tuple[int, int, int, bool]:
+        """(groups, rows, cols) of the per-group weight gradient, and whether to instantiate it (by cost)."""
+        m = self._module
+        rows = m.out_channels // m.groups
+        cols = (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        return m.groups, rows, cols, _instantiate(self._strategy, steps=positions, rows=rows, cols=cols)
+
+    @staticmethod
+    def _norms_of(g4: Tensor, a4: Tensor, *, instantiate: bool) -> Tensor:
+        """||Σ_l g_l a_lᵀ||² per row of g4 (B, G, rows, L) and a4 (B, G, cols, L), summed over the groups."""
+        if instantiate:
+            return _squared_row_norms(torch.matmul(g4, a4.transpose(2, 3)))
+        gram = torch.matmul(a4.transpose(2, 3), a4)
+        gram.mul_(torch.matmul(g4.transpose(2, 3), g4))
+        return gram.sum(dim=(1, 2, 3))
 
     def _weight_norms(self, g: Tensor) -> Tensor:
         """Per-example ||∇W||² from the unfolded input, per group, in cache-sized batch chunks."""
-        m = self._module
         x, padding = self._padded_input()
-        batch, positions, groups = g.shape[0], g.shape[2], m.groups
-        rows = m.out_channels // groups
-        cols = (m.in_channels // groups) * math.prod(m.kernel_size)
-        instantiate = _instantiate(self._strategy, steps=positions, rows=rows, cols=cols)
+        batch, positions = g.shape[0], g.shape[2]
+        groups, rows, cols, instantiate = self._shape(positions)
         temporary = groups * (rows * cols if instantiate else 2 * positions * positions) + groups * cols * positions
         g4 = g.view(batch, groups, rows, positions)
-        parts = []
-        for chunk in _chunks(batch, temporary * g.element_size()):
-            a4 = self._unfold(x[chunk], padding).view(-1, groups, cols, positions)
-            gc = g4[chunk]
-            if instantiate:
-                parts.append(_squared_row_norms(torch.matmul(gc, a4.transpose(2, 3))))
-            else:
-                gram = torch.matmul(a4.transpose(2, 3), a4)
-                gram.mul_(torch.matmul(gc.transpose(2, 3), gc))
-                parts.append(gram.sum(dim=(1, 2, 3)))
+        parts = [
+            self._norms_of(
+                g4[chunk], self._unfold(x[chunk], padding).view(-1, groups, cols, positions), instantiate=instantiate
+            )
+            for chunk in _chunks(batch, temporary * g.element_size())
+        ]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _unit_weight_norms(self, g: Tensor, groups: Tensor, units: int) -> Tensor:
+        """Per-unit ||Σ_{records} ∇W||²: a unit's records' positions one after another, as one example's."""
+        x, padding = self._padded_input()
+        batch, positions = g.shape[0], g.shape[2]
+        kernel_groups, rows, cols, _ = self._shape(positions)
+        a4 = self._unfold(x, padding).view(batch, kernel_groups, cols, positions)
+        g4 = g.view(batch, kernel_groups, rows, positions)
+        by_unit = [_by_unit(t.permute(0, 3, 1, 2), groups, units).permute(0, 2, 3, 1) for t in (g4, a4)]
+        _, _, _, instantiate = self._shape(by_unit[0].shape[3])
+        return self._norms_of(by_unit[0], by_unit[1], instantiate=instantiate)
 
     def add_clipped(self, weights: Tensor) -> None:
         if self._w is not None:  # the native weight gradient of the weighted output gradients
@@ -362,7 +419,7 @@ class EmbeddingSite(Site):
         if self._rows is not None and self._owner is not None:
             self._rows = _zero_rows(self._rows, bad[self._owner])
 
-    def squared_norms(self, batch: int) -> Tensor:
+    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         m = self._module
@@ -380,8 +437,14 @@ class EmbeddingSite(Site):
             self._rows = torch.zeros(keys.shape[0], m.embedding_dim, dtype=g.dtype, device=g.device)
             self._rows.index_add_(0, inverse, g)
             self._ids, self._owner = keys % m.num_embeddings, keys // m.num_embeddings
-        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
-        return norms.index_add_(0, self._owner, _squared_row_norms(self._rows))
+        if groups is None:
+            norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+            return norms.index_add_(0, self._owner, _squared_row_norms(self._rows))
+        # per unit: the rows of one id summed over the unit's records (add_clipped keeps the per-record rows)
+        keys, inverse = torch.unique(groups[self._owner] * m.num_embeddings + self._ids, return_inverse=True)
+        rows = self._rows.new_zeros((keys.shape[0], m.embedding_dim)).index_add_(0, inverse, self._rows)
+        norms = torch.zeros(units, dtype=g.dtype, device=g.device)
+        return norms.index_add_(0, keys // m.num_embeddings, _squared_row_norms(rows))
 
     def add_clipped(self, weights: Tensor) -> None:
         assert self._w is not None
@@ -435,18 +498,22 @@ class NormSite(Site):
         features = self._w.numel() if self._w is not None else self._b.numel() if self._b is not None else 0
         return t.reshape(batch, -1, features).sum(dim=1)
 
-    def squared_norms(self, batch: int) -> Tensor:
+    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         g = self.grad.to(self.dtype)
-        norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        norms = torch.zeros(batch if groups is None else units, dtype=g.dtype, device=g.device)
+
+        def per_norm(per_example: Tensor) -> Tensor:
+            return _squared_row_norms(per_example if groups is None else _unit_sums(per_example, groups, units))
+
         if self._w is not None:
             x_hat = self._normalised(self.activation.to(self.dtype))
             self._weight_per_example = self._per_example_sums(x_hat.mul_(g), batch)
-            norms.add_(_squared_row_norms(self._weight_per_example))
+            norms.add_(per_norm(self._weight_per_example))
         if self._b is not None:
             self._bias_per_example = self._per_example_sums(g, batch)
-            norms.add_(_squared_row_norms(self._bias_per_example))
+            norms.add_(per_norm(self._bias_per_example))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:

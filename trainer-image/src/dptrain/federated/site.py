@@ -42,7 +42,7 @@ from dptrain.federated.config import SiteConfig, site_training_job
 from dptrain.federated.protocol import SiteRefusal, refusal
 from dptrain.journal import HOLDOUT, JOURNAL_NAME, TRAIN, PrivacyJournal, atomic_write, workdir_lock
 from dptrain.models import state_problems
-from dptrain.plan import SAMPLE_RATE_TOLERANCE, TrainingPlan
+from dptrain.plan import SAMPLE_RATE_TOLERANCE, TrainingPlan, unit_column, unit_records
 from dptrain_accounting import AccountingError, plan_fixed_steps
 from dptrain_api import site_plan_inputs
 
@@ -113,6 +113,8 @@ def site_plan(config: SiteConfig) -> TrainingPlan:
         holdout_noise_multiplier=mechanism.holdout_noise_multiplier,
         releases=mechanism.releases,
         reserved=reserved is not None,
+        unit_records=unit_records(config.dataset),
+        unit_column=unit_column(config.dataset),
     )
 
 
