@@ -224,6 +224,30 @@ def test_a_site_refuses_a_plan_other_than_the_reserved_one(tmp_path: Path) -> No
         site_plan(config)
 
 
+def test_a_site_whose_records_are_visits_plans_and_trains_per_patient(tmp_path: Path) -> None:
+    """A site's units are its patients: q = batch / its training patients, and the round trains on whole patients."""
+    from dptrain.federated.site import SiteRuntime, initialise_journal, site_plan
+    from dptrain_api import PrivacyUnit
+
+    job, config = _site_config(tmp_path, rounds=2, localSteps=3)
+    path = config.data_dir / "data" / "hospital-b.csv"
+    header, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([f"patient,{header}", *(f"P{i // 3},{row}" for i, row in enumerate(rows))]) + "\n")
+    unit = PrivacyUnit(column="patient", max_records_per_unit=4)
+    spec = config.dataset.spec.model_copy(update={"privacy_unit": unit, "num_units": 777})
+    config.dataset = config.dataset.model_copy(update={"spec": spec})
+    plan = site_plan(config)
+    assert plan.sample_rate == pytest.approx(64 / 622)  # 777 patients declared, 20 % held out
+    assert plan.unit == "individual (patient, ≤4 records)"
+    initialise_journal(config, expect_journal=False)
+    result = SiteRuntime(config).train_round(
+        round_number=1, global_state=_global_state(job), release=True, fingerprint=config.fingerprint
+    )
+    assert result.metrics["charged-steps"] == 3
+    assert result.sums is not None
+    assert float(result.sums[0]) < 400  # the release counts patients (~155 held out), not their ~466 rows
+
+
 def _crafted_global_model(job: DPFederatedJob) -> dict[str, torch.Tensor]:
     """Finite weights whose logit overflows float32 only for a record at the kappa, lambda and creatinine caps (the
     hospital's records sum to at most 2.6 of those 3 scaled features: 3.2e38 stays finite, 3.6e38 does not)."""

@@ -75,13 +75,17 @@ class BuiltinDatasetFacts:
     num_classes: int
     eval_metric: Literal["accuracy", "auc"]
     """Headline evaluation metric: AUC for (imbalanced) binary outcomes, else accuracy."""
+    unit: str = "record"
+    """The privacy unit, stated: what one record is (its guarantee is per record)."""
 
 
 BUILTIN_DATASETS: Mapping[BuiltinDataset, BuiltinDatasetFacts] = MappingProxyType(
     {
-        BuiltinDataset.FLCHAIN: BuiltinDatasetFacts(7874, (7,), 2, "auc"),
-        BuiltinDataset.BREAST_CANCER: BuiltinDatasetFacts(569, (30,), 2, "accuracy"),
-        BuiltinDataset.DIGITS: BuiltinDatasetFacts(1797, (1, 8, 8), 10, "accuracy"),
+        BuiltinDataset.FLCHAIN: BuiltinDatasetFacts(7874, (7,), 2, "auc", "record (one per patient)"),
+        BuiltinDataset.BREAST_CANCER: BuiltinDatasetFacts(569, (30,), 2, "accuracy", "record (one per patient)"),
+        BuiltinDataset.DIGITS: BuiltinDatasetFacts(
+            1797, (1, 8, 8), 10, "accuracy", "record (one image; its writer wrote others, unidentified)"
+        ),
     }
 )
 

@@ -284,7 +284,7 @@ class PrivateDatasetSpec(ApiModel):
     def unit_description(self) -> str:
         """The privacy unit in words (status, `kubectl get pds`, the report)."""
         if self.privacy_unit is None:
-            return "record"
+            return BUILTIN_DATASETS[self.source.builtin].unit if self.source.builtin is not None else "record"
         return f"{self.privacy_unit.column} (≤{self.privacy_unit.max_records_per_unit} records)"
 
 

@@ -81,7 +81,9 @@ class UnitSampler:
 def unit_micro_batches(groups: torch.Tensor, physical: int) -> list[slice]:
     """Micro-batches of at most ``physical`` records that never split a unit (``groups`` sorted, as sampled): a
     unit's summed gradient must be clipped in one piece."""
-    counts = torch.bincount(groups).tolist() if len(groups) else []
+    if len(groups) <= physical:  # the usual case: the whole logical batch fits
+        return [slice(0, len(groups))] if len(groups) else []
+    counts = torch.bincount(groups).tolist()
     parts, start, size = [], 0, 0
     for count in counts:
         if count > physical:
@@ -153,8 +155,8 @@ class PrivateTraining:
         else:
             parts = unit_micro_batches(groups, self.physical_batch_size)
         for part in parts:
-            if groups is not None:
-                self.optimizer.group(groups[part] - groups[part.start])
+            if groups is not None:  # units numbered from 0 within the micro-batch
+                self.optimizer.group(groups[part] - groups[part.start] if part.start else groups[part])
             self.criterion(self.model(features[part]), labels[part]).backward()
             self.optimizer.accumulate()
         if groups is not None:

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from dptrain.clipping._coverage import analyse
 from dptrain.clipping._factors import clip_weights
 from dptrain.clipping._layers import LayerKernel
-from dptrain.clipping._sites import NormStrategy, Site
+from dptrain.clipping._sites import Grouping, NormStrategy, Site
 from dptrain.errors import ClippingProtocolError, ModelError, ParameterReuseError
 
 __all__ = ["BookkeepingClipper"]
@@ -278,10 +278,10 @@ class BookkeepingClipper:
         groups = self.groups
         if groups is not None and len(groups) != batch:
             raise ClippingProtocolError(f"the micro-batch has {batch} records but {len(groups)} unit labels")
-        units = int(groups.max()) + 1 if groups is not None and batch else 0
-        norms = sites[0].squared_norms(batch, groups, units)
+        grouping = Grouping.of(groups) if groups is not None else None
+        norms = sites[0].squared_norms(batch, grouping)
         for site in sites[1:]:
-            norms.add_(site.squared_norms(batch, groups, units))
+            norms.add_(site.squared_norms(batch, grouping))
         norms.sqrt_().mul_(scale)
         weights, bad = clip_weights(norms, self.max_grad_norm)  # per unit when grouped: then per record below
         if groups is not None:  # Σ_u w_u Σ_{i∈u} g_i = Σ_i w_{u(i)} g_i: the kernels add per record

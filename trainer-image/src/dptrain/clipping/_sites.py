@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "CHUNK_BYTES",
     "ConvSite",
     "EmbeddingSite",
+    "Grouping",
     "LinearSite",
     "NormKind",
     "NormSite",
@@ -75,29 +77,38 @@ def _sequence_norms(a: Tensor, g: Tensor, *, instantiate: bool) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _unit_slots(groups: Tensor, units: int) -> tuple[Tensor, int]:
-    """Each record's slot within its unit (0, 1, ... in batch order) and the most records a unit has."""
-    counts = torch.bincount(groups, minlength=units)
-    order = torch.argsort(groups, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.empty_like(groups)
-    slots[order] = torch.arange(len(groups), device=groups.device) - starts[groups[order]]
-    return slots, int(counts.max()) if len(groups) else 0
+@dataclass(frozen=True)
+class Grouping:
+    """Which privacy unit each record of a micro-batch belongs to: ``groups`` (B,) in [0, ``units``), and the most
+    records one unit has there."""
+
+    groups: Tensor
+    units: int
+    most: int
+
+    @classmethod
+    def of(cls, groups: Tensor) -> Grouping:
+        counts = torch.bincount(groups)
+        return cls(groups, int(counts.shape[0]), int(counts.max()) if len(groups) else 0)
 
 
-def _by_unit(t: Tensor, groups: Tensor, units: int) -> Tensor:
+def _by_unit(t: Tensor, grouping: Grouping) -> Tensor:
     """Per-record rows (B, T, ...) → per-unit rows (U, k·T, ...), zero-padded: a unit's records one after another,
     as if they were one example's positions. Per-unit gradients are then sums over positions, which every kernel's
     maths already handles (the ghost identity and the instantiated products alike)."""
-    slots, most = _unit_slots(groups, units)
-    out = t.new_zeros((units, most, *t.shape[1:]))
+    groups, units = grouping.groups, grouping.units
+    counts = torch.bincount(groups, minlength=units)
+    order = torch.argsort(groups, stable=True)
+    slots = torch.empty_like(groups)
+    slots[order] = torch.arange(len(groups), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+    out = t.new_zeros((units, grouping.most, *t.shape[1:]))
     out[groups, slots] = t
-    return out.reshape(units, most * t.shape[1], *t.shape[2:])
+    return out.reshape(units, grouping.most * t.shape[1], *t.shape[2:])
 
 
-def _unit_sums(t: Tensor, groups: Tensor, units: int) -> Tensor:
+def _unit_sums(t: Tensor, grouping: Grouping) -> Tensor:
     """Per-record rows (B, ...) summed per unit: (U, ...)."""
-    return t.new_zeros((units, *t.shape[1:])).index_add_(0, groups, t)
+    return t.new_zeros((grouping.units, *t.shape[1:])).index_add_(0, grouping.groups, t)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -151,9 +162,9 @@ class Site:
         self.activation = None
         self.grad = None
 
-    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
-        """Per-example squared gradient norms (B,) of the raw captured gradients (no loss scaling); with ``groups``
-        (each record's unit, in [0, ``units``)), the squared norms of each unit's SUMMED gradient (U,)."""
+    def squared_norms(self, batch: int, grouping: Grouping | None = None) -> Tensor:
+        """Per-example squared gradient norms (B,) of the raw captured gradients (no loss scaling); with a
+        ``grouping`` (each record's privacy unit), the squared norms of each unit's SUMMED gradient (U,)."""
         raise NotImplementedError
 
     def add_clipped(self, weights: Tensor) -> None:
@@ -202,7 +213,7 @@ class LinearSite(Site):
         self._a, self._g = _zero_rows(self._a, bad), _zero_rows(self._g, bad)
         self._bias_per_example = _zero_rows(self._bias_per_example, bad)
 
-    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
+    def squared_norms(self, batch: int, grouping: Grouping | None = None) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         a, g = _cast(self.activation, self.dtype), _cast(self.grad, self.dtype)
@@ -210,13 +221,29 @@ class LinearSite(Site):
             a, g = a.movedim(self.batch_dim, 0), g.movedim(self.batch_dim, 0)
         a = self._a = a.reshape(batch, -1, a.shape[-1])
         g = self._g = g.reshape(batch, -1, g.shape[-1])
-        if groups is not None:
+        if grouping is not None:
             if self._b is not None and a.shape[1] > 1:
                 self._bias_per_example = g.sum(dim=1)  # add_clipped weights the records
-            return self._norms(_by_unit(a, groups, units), _by_unit(g, groups, units), units, keep_bias=False)
-        return self._norms(a, g, batch, keep_bias=True)
+            return self._unit_norms(a, g, grouping)
+        return self._norms(a, g, batch)
 
-    def _norms(self, a: Tensor, g: Tensor, batch: int, *, keep_bias: bool) -> Tensor:
+    def _unit_norms(self, a: Tensor, g: Tensor, grouping: Grouping) -> Tensor:
+        """||Σ_{i∈u} Σ_t g_it a_itᵀ||² (+ the bias's) per unit: the records' gradients instantiated and summed per
+        unit when that is cheaper, else the ghost identity over a unit's records laid out as one sequence."""
+        steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
+        if self._w is not None and _instantiate(self._strategy, steps=grouping.most * steps, rows=rows, cols=cols):
+            if self._b is not None:  # the bias as a weight column on a constant 1: one product, one sum
+                a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], dim=2)
+            per_record = torch.bmm(g.transpose(1, 2), a) if steps > 1 else g[:, 0, :, None] * a[:, 0, None, :]
+            return _squared_row_norms(_unit_sums(per_record, grouping))
+        norms = torch.zeros(grouping.units, dtype=a.dtype, device=a.device)
+        if self._w is not None:
+            norms.add_(_sequence_norms(_by_unit(a, grouping), _by_unit(g, grouping), instantiate=False))
+        if self._b is not None:
+            norms.add_(_squared_row_norms(_unit_sums(g.sum(dim=1), grouping)))
+        return norms
+
+    def _norms(self, a: Tensor, g: Tensor, batch: int) -> Tensor:
         """||Σ_t g_t a_tᵀ||² (+ ||Σ_t g_t||² for the bias) per row of (batch, T, d) and (batch, T, p)."""
         steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
         if steps == 1:  # one position per example: ||g aᵀ||² = ||a||²·||g||²
@@ -230,10 +257,8 @@ class LinearSite(Site):
             instantiate = _instantiate(self._strategy, steps=steps, rows=rows, cols=cols)
             norms.add_(_sequence_norms(a, g, instantiate=instantiate))
         if self._b is not None:
-            bias = g.sum(dim=1)
-            if keep_bias:
-                self._bias_per_example = bias
-            norms.add_(_squared_row_norms(bias))
+            self._bias_per_example = g.sum(dim=1)
+            norms.add_(_squared_row_norms(self._bias_per_example))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
@@ -330,16 +355,16 @@ class ConvSite(Site):
         )
         return view.reshape(x.shape[0], x.shape[1] * math.prod(m.kernel_size), math.prod(out[:spatial]))
 
-    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
+    def squared_norms(self, batch: int, grouping: Grouping | None = None) -> Tensor:
         assert self.grad is not None
         m = self._module
         g = self.grad.to(self.dtype).reshape(batch, m.out_channels, -1)
-        norms = torch.zeros(batch if groups is None else units, dtype=g.dtype, device=g.device)
+        norms = torch.zeros(batch if grouping is None else grouping.units, dtype=g.dtype, device=g.device)
         if self._w is not None:
-            norms.add_(self._weight_norms(g) if groups is None else self._unit_weight_norms(g, groups, units))
+            norms.add_(self._weight_norms(g) if grouping is None else self._unit_weight_norms(g, grouping))
         if self._b is not None:
             self._bias_per_example = g.sum(dim=2)
-            bias = self._bias_per_example if groups is None else _unit_sums(self._bias_per_example, groups, units)
+            bias = self._bias_per_example if grouping is None else _unit_sums(self._bias_per_example, grouping)
             norms.add_(_squared_row_norms(bias))
         return norms
 
@@ -374,14 +399,14 @@ class ConvSite(Site):
         ]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _unit_weight_norms(self, g: Tensor, groups: Tensor, units: int) -> Tensor:
+    def _unit_weight_norms(self, g: Tensor, grouping: Grouping) -> Tensor:
         """Per-unit ||Σ_{records} ∇W||²: a unit's records' positions one after another, as one example's."""
         x, padding = self._padded_input()
         batch, positions = g.shape[0], g.shape[2]
         kernel_groups, rows, cols, _ = self._shape(positions)
         a4 = self._unfold(x, padding).view(batch, kernel_groups, cols, positions)
         g4 = g.view(batch, kernel_groups, rows, positions)
-        by_unit = [_by_unit(t.permute(0, 3, 1, 2), groups, units).permute(0, 2, 3, 1) for t in (g4, a4)]
+        by_unit = [_by_unit(t.permute(0, 3, 1, 2), grouping).permute(0, 2, 3, 1) for t in (g4, a4)]
         _, _, _, instantiate = self._shape(by_unit[0].shape[3])
         return self._norms_of(by_unit[0], by_unit[1], instantiate=instantiate)
 
@@ -419,7 +444,7 @@ class EmbeddingSite(Site):
         if self._rows is not None and self._owner is not None:
             self._rows = _zero_rows(self._rows, bad[self._owner])
 
-    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
+    def squared_norms(self, batch: int, grouping: Grouping | None = None) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         m = self._module
@@ -437,13 +462,14 @@ class EmbeddingSite(Site):
             self._rows = torch.zeros(keys.shape[0], m.embedding_dim, dtype=g.dtype, device=g.device)
             self._rows.index_add_(0, inverse, g)
             self._ids, self._owner = keys % m.num_embeddings, keys // m.num_embeddings
-        if groups is None:
+        if grouping is None:
             norms = torch.zeros(batch, dtype=g.dtype, device=g.device)
             return norms.index_add_(0, self._owner, _squared_row_norms(self._rows))
         # per unit: the rows of one id summed over the unit's records (add_clipped keeps the per-record rows)
-        keys, inverse = torch.unique(groups[self._owner] * m.num_embeddings + self._ids, return_inverse=True)
+        unit_ids = grouping.groups[self._owner] * m.num_embeddings + self._ids
+        keys, inverse = torch.unique(unit_ids, return_inverse=True)
         rows = self._rows.new_zeros((keys.shape[0], m.embedding_dim)).index_add_(0, inverse, self._rows)
-        norms = torch.zeros(units, dtype=g.dtype, device=g.device)
+        norms = torch.zeros(grouping.units, dtype=g.dtype, device=g.device)
         return norms.index_add_(0, keys // m.num_embeddings, _squared_row_norms(rows))
 
     def add_clipped(self, weights: Tensor) -> None:
@@ -498,14 +524,14 @@ class NormSite(Site):
         features = self._w.numel() if self._w is not None else self._b.numel() if self._b is not None else 0
         return t.reshape(batch, -1, features).sum(dim=1)
 
-    def squared_norms(self, batch: int, groups: Tensor | None = None, units: int = 0) -> Tensor:
+    def squared_norms(self, batch: int, grouping: Grouping | None = None) -> Tensor:
         assert self.activation is not None
         assert self.grad is not None
         g = self.grad.to(self.dtype)
-        norms = torch.zeros(batch if groups is None else units, dtype=g.dtype, device=g.device)
+        norms = torch.zeros(batch if grouping is None else grouping.units, dtype=g.dtype, device=g.device)
 
         def per_norm(per_example: Tensor) -> Tensor:
-            return _squared_row_norms(per_example if groups is None else _unit_sums(per_example, groups, units))
+            return _squared_row_norms(per_example if grouping is None else _unit_sums(per_example, grouping))
 
         if self._w is not None:
             x_hat = self._normalised(self.activation.to(self.dtype))
