@@ -64,6 +64,12 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
 
 
+def _wide_mlp() -> nn.Module:
+    """Wide enough that per-unit norms take the padded path: ghost for the first layer, instantiated for the second."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+
+
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -85,6 +91,7 @@ class _Tokens(nn.Module):
 
 MODELS = {
     "mlp": (_mlp, lambda g: torch.randn(10, 6, dtype=torch.float64, generator=g)),
+    "wide-mlp": (_wide_mlp, lambda g: torch.randn(10, 6, dtype=torch.float64, generator=g)),
     "cnn": (_cnn, lambda g: torch.randn(10, 1, 4, 4, dtype=torch.float64, generator=g)),
     "tokens": (lambda: _Tokens().double(), lambda g: torch.randint(0, 20, (10, 5), generator=g)),
 }

@@ -12,6 +12,7 @@ gradients are those of the mean or summed batch loss; the clipper rescales). Fro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ __all__ = [
 
 NormStrategy = Literal["auto", "ghost", "instantiate"]
 """How sequence/convolution sites get per-example norms: by cost ("auto"), or forced (tests, benchmarks)."""
+
+_TINY: Final = 64
+"""A one-position Linear site with at most this many weights gets per-unit norms from per-record products summed
+per unit (no padding); larger ones lay a unit's records out as one sequence (benchmarks/patients.py)."""
 
 CHUNK_BYTES: Final = 4 * 2**20
 """Per-example temporaries (gradients, unfolded inputs, Gram matrices, scaled gradients) are built in
@@ -77,7 +82,7 @@ def _sequence_norms(a: Tensor, g: Tensor, *, instantiate: bool) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Grouping:
     """Which privacy unit each record of a micro-batch belongs to: ``groups`` (B,) in [0, ``units``), and the most
     records one unit has there."""
@@ -91,19 +96,26 @@ class Grouping:
         counts = torch.bincount(groups)
         return cls(groups, int(counts.shape[0]), int(counts.max()) if len(groups) else 0)
 
+    @functools.cached_property
+    def slots(self) -> Tensor:
+        """Each record's place among its unit's records (0, 1, ... in batch order): computed once, for every site."""
+        groups = self.groups
+        counts = torch.bincount(groups, minlength=self.units)
+        order = torch.argsort(groups, stable=True)
+        slots = torch.empty_like(groups)
+        slots[order] = (
+            torch.arange(len(groups), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+        )
+        return slots
+
 
 def _by_unit(t: Tensor, grouping: Grouping) -> Tensor:
     """Per-record rows (B, T, ...) → per-unit rows (U, k·T, ...), zero-padded: a unit's records one after another,
     as if they were one example's positions. Per-unit gradients are then sums over positions, which every kernel's
     maths already handles (the ghost identity and the instantiated products alike)."""
-    groups, units = grouping.groups, grouping.units
-    counts = torch.bincount(groups, minlength=units)
-    order = torch.argsort(groups, stable=True)
-    slots = torch.empty_like(groups)
-    slots[order] = torch.arange(len(groups), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
-    out = t.new_zeros((units, grouping.most, *t.shape[1:]))
-    out[groups, slots] = t
-    return out.reshape(units, grouping.most * t.shape[1], *t.shape[2:])
+    out = t.new_zeros((grouping.units, grouping.most, *t.shape[1:]))
+    out[grouping.groups, grouping.slots] = t
+    return out.reshape(grouping.units, grouping.most * t.shape[1], *t.shape[2:])
 
 
 def _unit_sums(t: Tensor, grouping: Grouping) -> Tensor:
@@ -227,22 +239,6 @@ class LinearSite(Site):
             return self._unit_norms(a, g, grouping)
         return self._norms(a, g, batch)
 
-    def _unit_norms(self, a: Tensor, g: Tensor, grouping: Grouping) -> Tensor:
-        """||Σ_{i∈u} Σ_t g_it a_itᵀ||² (+ the bias's) per unit: the records' gradients instantiated and summed per
-        unit when that is cheaper, else the ghost identity over a unit's records laid out as one sequence."""
-        steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
-        if self._w is not None and _instantiate(self._strategy, steps=grouping.most * steps, rows=rows, cols=cols):
-            if self._b is not None:  # the bias as a weight column on a constant 1: one product, one sum
-                a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], dim=2)
-            per_record = torch.bmm(g.transpose(1, 2), a) if steps > 1 else g[:, 0, :, None] * a[:, 0, None, :]
-            return _squared_row_norms(_unit_sums(per_record, grouping))
-        norms = torch.zeros(grouping.units, dtype=a.dtype, device=a.device)
-        if self._w is not None:
-            norms.add_(_sequence_norms(_by_unit(a, grouping), _by_unit(g, grouping), instantiate=False))
-        if self._b is not None:
-            norms.add_(_squared_row_norms(_unit_sums(g.sum(dim=1), grouping)))
-        return norms
-
     def _norms(self, a: Tensor, g: Tensor, batch: int) -> Tensor:
         """||Σ_t g_t a_tᵀ||² (+ ||Σ_t g_t||² for the bias) per row of (batch, T, d) and (batch, T, p)."""
         steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
@@ -259,6 +255,23 @@ class LinearSite(Site):
         if self._b is not None:
             self._bias_per_example = g.sum(dim=1)
             norms.add_(_squared_row_norms(self._bias_per_example))
+        return norms
+
+    def _unit_norms(self, a: Tensor, g: Tensor, grouping: Grouping) -> Tensor:
+        """||Σ_{i∈u} Σ_t g_it a_itᵀ||² (+ the bias's) per unit: a unit's records laid out as one example's positions
+        (zero-padded), then the sequence maths (instantiated or ghost, by cost)."""
+        if a.shape[1] == 1 and g.shape[2] * (a.shape[2] + 1) <= _TINY:  # e.g. a logistic head: per record is cheaper
+            if self._b is not None:  # the bias as a weight column on a constant 1: one product, one sum
+                a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], dim=2)
+            return _squared_row_norms(_unit_sums(g[:, 0, :, None] * a[:, 0, None, :], grouping))
+        a, g = _by_unit(a, grouping), _by_unit(g, grouping)
+        steps, cols, rows = a.shape[1], a.shape[2], g.shape[2]
+        norms = torch.zeros(grouping.units, dtype=a.dtype, device=a.device)
+        if self._w is not None:
+            instantiate = _instantiate(self._strategy, steps=steps, rows=rows, cols=cols)
+            norms.add_(_sequence_norms(a, g, instantiate=instantiate))
+        if self._b is not None:
+            norms.add_(_squared_row_norms(g.sum(dim=1)))
         return norms
 
     def add_clipped(self, weights: Tensor) -> None:
