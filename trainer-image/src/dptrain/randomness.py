@@ -40,6 +40,7 @@ __all__ = [
     "uniform53",
 ]
 
+_CHACHA_BLOCK_WORDS: Final = 8  # 64-byte ChaCha20 blocks
 _MASK53: Final = (1 << 53) - 1
 _MASK63: Final = (1 << 63) - 1
 _TWO_POW_53: Final = float(2**53)
@@ -101,15 +102,18 @@ class ChaChaBits:
         nonce = bytes(16)  # a fresh key per source: the counter block may start at zero
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
         self._device = torch.device(device)
+        self._zeros = b""  # the plaintext: the keystream is the encryption of zeros
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def words(self, count: int) -> Tensor:
-        raw = bytearray(self._stream.update(bytes(8 * count)))  # the keystream itself (encrypting zeros)
-        words = torch.frombuffer(raw, dtype=torch.int64) if count else torch.empty(0, dtype=torch.int64)
-        return words.to(self._device)
+        if len(self._zeros) < 8 * count:
+            self._zeros = bytes(8 * count)
+        out = torch.empty(count + _CHACHA_BLOCK_WORDS, dtype=torch.int64)  # update_into wants a block of slack
+        self._stream.update_into(memoryview(self._zeros)[: 8 * count], memoryview(out.numpy()).cast("B"))
+        return out[:count].to(self._device)
 
 
 def fresh_bits(*, secure: bool, device: torch.device | str = "cpu") -> RandomBits:
@@ -143,8 +147,8 @@ def standard_normal(bits: RandomBits, count: int) -> Tensor:
     words = bits.words(pairs + angle_words)
     high = (words[:pairs] >> 1).bitwise_and_(_MASK63)
     uniform = high.to(torch.float64).add_(0.5).mul_(_TWO_POW_MINUS_63)  # in (0, 1), as small as 2⁻⁶⁴ ...
-    tiny = high < _REFINE_BELOW
-    if bool(tiny.any()):  # ... and, for these, as small as 2⁻¹²⁷ (the branch depends on random bits only)
+    if pairs and int(high.min()) < _REFINE_BELOW:  # ... and as small as 2⁻¹²⁷ (a branch on random bits only)
+        tiny = high < _REFINE_BELOW
         low = (bits.words(int(tiny.sum())) >> 1).bitwise_and_(_MASK63).to(torch.float64).add_(0.5)
         uniform[tiny] = (high[tiny].to(torch.float64) + low * _TWO_POW_MINUS_63) * _TWO_POW_MINUS_63
     radius = uniform.log_().mul_(-2.0).sqrt_()
