@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "operator_scale": ("operator_scale.py", [], ["--latency-jobs", "5", "--jobs", "50"]),
     "audit": ("audit.py", [], ["--seeds", "0", "--examples", "breast-cancer-logistic"]),
     "federated": ("federated.py", [], ["--epsilons", "3"]),
+    "patients": ("patients.py", [], ["--seeds", "0", "--epsilons", "3", "--rounds", "3"]),
+    "noise": ("noise.py", [], ["--rounds", "3", "--models", "mlp", "logistic"]),
 }
 
 
