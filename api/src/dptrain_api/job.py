@@ -235,10 +235,11 @@ class AuditSpec(ApiModel):
     canaries: Annotated[int, Field(ge=10, le=100000)] = 1000
     """Canaries of each kind; each is included with probability 1/2. More canaries can reveal a larger ε (at most
     about ln(canaries)) and take longer."""
-    kind: Literal["gradient", "input", "both"] = "both"
+    kind: Literal["gradient", "input", "poisoned", "both", "all"] = "both"
     """gradient: white-box canaries whose clipped gradient is a fixed direction, noised by the job's own DP optimizer
     (the strongest audit); input: random out-of-distribution records trained through the job's clipping and scored
-    by their loss (weak on small models); both."""
+    by their loss (weak on small models); poisoned: adversarial records (corners of the feature box, the least likely
+    label) that check no record dominates; both: gradient and input; all: the three."""
     confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.95
     """Confidence of the lower bound: the chance that it is not above the true ε."""
 

@@ -571,6 +571,7 @@ def audit_settings(job: DPTrainingJob, args: argparse.Namespace | None = None) -
             "confidence": args.confidence,
             "data": args.data,
             "seed": args.seed,
+            "processes": args.processes,
         }
         values.update({key: value for key, value in flags.items() if value is not None})
         values["private"] = not args.non_private
@@ -682,7 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_arguments(audit)
     audit.add_argument("--output", metavar="DIR", help="folder for audit-report.json (default: runs/<job name>-audit)")
     audit.add_argument("--canaries", type=int, metavar="M", help="canaries of each kind (default 1000)")
-    audit.add_argument("--kind", choices=["gradient", "input", "both"], help="canary kind (default both)")
+    audit.add_argument(
+        "--kind", choices=["gradient", "input", "poisoned", "both", "all"], help="canary kind (default both)"
+    )
+    audit.add_argument(
+        "--processes", type=int, metavar="N", help="run the DP-SGD steps through the distributed path on N processes"
+    )
     audit.add_argument("--confidence", type=float, metavar="C", help="confidence of the bound (default 0.95)")
     audit.add_argument(
         "--data",

@@ -112,7 +112,7 @@ class ChaChaBits:
         if len(self._zeros) < 8 * count:
             self._zeros = bytes(8 * count)
         out = torch.empty(count + _CHACHA_BLOCK_WORDS, dtype=torch.int64)  # update_into wants a block of slack
-        self._stream.update_into(memoryview(self._zeros)[: 8 * count], memoryview(out.numpy()).cast("B"))
+        self._stream.update_into(memoryview(self._zeros)[: 8 * count], out.numpy().data.cast("B"))
         return out[:count].to(self._device)
 
 

@@ -11,6 +11,10 @@
   regression could not hold 1000 orthogonal canaries), so the audit's power does not depend on the model.
   What it tests: Poisson sampling at q, the noise scale σ·C and its construction, and the number of noisy
   steps. What it does not: clipping (the canary is clipped by construction).
+* **Poisoned canaries** (black box, adversarial). Records at the corners of the feature box (every feature 0 or
+  1: as far from the data as prepared records can be) with the label the initial model finds LEAST likely: the
+  largest loss and gradient a record can bring. They check that no record can dominate: clipping must bound each
+  one's influence to C like any other's, so their audit, too, must stay below the claimed ε.
 * **Input-space canaries** (black box). Records with uniformly random features in [0, 1] (the range every
   prepared feature is scaled to) and a uniformly random label: out of distribution, so a model that memorises
   shows it. They go through the whole pipeline (forward, per-example gradients, the job's clipping mode);
@@ -34,7 +38,7 @@ from torch import nn
 
 from dptrain.audit.bound import GuessCount
 
-__all__ = ["GUESS_FRACTIONS", "GradientProbe", "guess_counts", "input_canaries", "input_scores"]
+__all__ = ["GUESS_FRACTIONS", "GradientProbe", "guess_counts", "input_canaries", "input_scores", "poisoned_canaries"]
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
@@ -95,6 +99,22 @@ def input_canaries(
     features = torch.from_numpy(rng.random((count, *input_shape)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, num_classes, size=count).astype(np.int64))
     return features, labels
+
+
+def poisoned_canaries(
+    count: int, *, model: nn.Module, input_shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` adversarial records: features at random corners of [0, 1]^d, labels the initial ``model``'s least
+    likely class for each (the largest loss, hence gradient, it can get)."""
+    features = torch.from_numpy(rng.integers(0, 2, size=(count, *input_shape)).astype(np.float32))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            labels = model(features).argmin(dim=1)
+    finally:
+        model.train(was_training)
+    return features, labels.to(torch.int64)
 
 
 def input_scores(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *, device: torch.device) -> FloatArray:
