@@ -457,3 +457,14 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path) -> None:
     assert final["status"] == "Succeeded"
     assert final["epsilon"] <= 3.0
     assert final["chargedSteps"] == final["plannedSteps"]
+
+
+def test_only_dptrains_own_error_text_leaves_the_pod() -> None:
+    """A crash inside a library may quote data: the termination message (the job's status) gets its type only."""
+    from dptrain.errors import DataError
+    from dptrain.report import public_error
+
+    assert public_error(DataError("data file x.csv lacks column(s) ['age']")) == "data file x.csv lacks column(s) ['age']"
+    leaked = public_error(RuntimeError("tensor([4711.0, 12.3]) is not finite"))
+    assert "4711" not in leaked
+    assert "RuntimeError" in leaked

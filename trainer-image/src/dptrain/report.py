@@ -144,6 +144,17 @@ def _exit_code(error: BaseException) -> int:
     return ExitCode.INVALID_CONFIGURATION if isinstance(error, ManifestError) else ExitCode.CRASHED
 
 
+def public_error(error: BaseException) -> str:
+    """What may leave the pod about ``error`` (the termination message, hence the job's status): dptrain's own
+    errors and manifest errors are written to name files, fields and columns, never a record's value; any other
+    exception (a crash inside torch, a library's message) may quote data, so only its type leaves."""
+    from dptrain_api import ManifestError
+
+    if isinstance(error, DptrainError | ManifestError):
+        return str(error)
+    return f"the trainer crashed ({type(error).__name__}); the pod log has the details"
+
+
 def _segments(entries: Sequence[Mapping[str, Any]]) -> list[Mechanism]:
     """The DP-SGD steps of journal entries (training partition), compacted (consecutive equal steps merged)."""
     segments = compact(
@@ -391,7 +402,7 @@ class ReportWriter:
             status=RunOutcome.INTERRUPTED if interrupted else RunOutcome.FAILED,
             reason=type(error).__name__,
             exit_code=_exit_code(error),
-            error=str(error),
+            error=public_error(error),
             epsilon=epsilon_spent,
             **self._mechanism(plan),
             charged_steps=charged_steps,
@@ -612,7 +623,7 @@ class StatusReport:
                 status=RunOutcome.INTERRUPTED if interrupted else RunOutcome.FAILED,
                 reason=type(error).__name__,
                 exit_code=_exit_code(error),
-                error=str(error),
+                error=public_error(error),
             )
         )
         self.failure_written = True

@@ -217,9 +217,9 @@ class BookkeepingClipper:
             self._batch = examples
         elif examples != self._batch:
             raise ClippingProtocolError(
-                f"{site.label}: its input has {examples} rows along the batch dimension but the model's input has "
-                f"{self._batch}: book-keeping clipping needs every covered layer to see the batch along dimension 0 "
-                "(batch_first); use clipping='hooks' for other layouts"
+                f"{site.label}: its input has another number of rows along the batch dimension than the model's input "
+                "(the counts are those of a private batch, so they are not shown): book-keeping clipping needs every "
+                "covered layer to see the batch along dimension 0 (batch_first); use clipping='hooks' for other layouts"
             )
         site.activation = activation.detach()
         site.batch_dim = batch_dim

@@ -43,6 +43,7 @@ from dptrain.federated.server_app import LATEST_NAME, STATUS_NAME, FederationSta
 from dptrain.federated.site import ABORTED_MARKER, FINISHED_MARKER, SiteState, initialise_journal, site_plan
 from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.journal import summarize as summarize_segments
+from dptrain.report import public_error
 from dptrain_api import (
     CoordinatorReport,
     ExitCode,
@@ -398,7 +399,7 @@ def _site_message(options: SiteOptions, *, exit_code: int, error: BaseException 
         status=outcome,
         exit_code=exit_code,
         reason=type(error).__name__ if isinstance(error, BaseException) else (None if exit_code == 0 else "Federation"),
-        error=str(error)[:2000] if error else None,
+        error=(public_error(error) if isinstance(error, BaseException) else str(error))[:2000] if error else None,
         epsilon=epsilon,
         delta=plan.delta if plan else None,
         target_epsilon=plan.target_epsilon if plan else None,
