@@ -1,10 +1,13 @@
-"""Operator scale benchmark: apply→pod-created latency (p50/p90 over N jobs, one at a time) and the
-operator's resident memory with many jobs, against the testenv API server.
+"""Operator scale benchmark: apply→pod-created latency (p50/p90 over N jobs, one at a time), the operator's resident
+memory with many jobs, and its API load: requests per running job per minute (and how many answered 409), read off
+the API server's own ``apiserver_request_total`` over a quiet window, against the testenv API server.
 
-    .venv/bin/python benchmarks/operator_scale.py [--latency-jobs 20] [--jobs 200] [--json out.json]
+    .venv/bin/python benchmarks/operator_scale.py [--latency-jobs 20] [--jobs 200] [--rate-jobs 6]
+                                                  [--rate-window 60] [--json out.json]
 
 No kubelet runs here, so pods stay Pending: this measures the operator itself (admission, planning,
-rendering, API writes, timers), not training.
+rendering, API writes, timers), not training. A Pending attempt is reconciled like a running one (its timer,
+its pod, its claim, its ledger), without the metrics scrape.
 """
 
 from __future__ import annotations
@@ -57,10 +60,56 @@ def wait_for_pod(cluster: Any, namespace: str, name: str, timeout: float = 60) -
     raise TimeoutError(name)
 
 
+def request_counts(cluster: Any) -> dict[tuple[str, str, str], float]:
+    """apiserver_request_total by (verb, resource, code), as the API server counts them."""
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: dict[tuple[str, str, str], float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line.rpartition(" ")
+        labels = dict(part.split("=", 1) for part in labels_text[len("apiserver_request_total{") : -1].split(","))
+        key = tuple(labels.get(name, '""').strip('"') for name in ("verb", "resource", "code"))
+        counts[key] = counts.get(key, 0.0) + float(value)  # type: ignore[index]
+    return counts  # type: ignore[return-value]
+
+
+def request_rate(cluster: Any, namespace: str, *, jobs: int, window: float) -> dict[str, Any]:
+    """Apply ``jobs`` jobs, let them settle (admitted, pod created), then count the API server's requests over
+    ``window`` seconds: per job per minute, the 409s among them, and the busiest (verb, resource)."""
+    documents = [job(f"rate-{i}") for i in range(jobs)]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
+    for document in documents:
+        wait_for_pod(cluster, namespace, document["metadata"]["name"], timeout=120)
+    time.sleep(15)
+    before = request_counts(cluster)
+    time.sleep(window)
+    after = request_counts(cluster)
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    delta = {key: value for key, value in delta.items() if value > 0 and key[1]}  # resources only (not /metrics)
+    total = sum(delta.values())
+    conflicts = sum(value for (verb, _, code), value in delta.items() if code == "409")
+    by_call: dict[str, float] = {}
+    for (verb, resource, _), value in delta.items():
+        by_call[f"{verb} {resource}"] = by_call.get(f"{verb} {resource}", 0.0) + value
+    per_minute = 60.0 / window / jobs
+    return {
+        "rate_jobs": jobs,
+        "requests_per_job_per_minute": total * per_minute,
+        "conflicts_409_share": conflicts / total if total else 0.0,
+        "busiest": {
+            call: round(value * per_minute, 1) for call, value in sorted(by_call.items(), key=lambda kv: -kv[1])[:8]
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--rate-jobs", type=int, default=6)
+    parser.add_argument("--rate-window", type=float, default=60.0)
+    parser.add_argument("--only-rate", action="store_true", help="measure the request rate only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dptrain-bench-"))
@@ -70,6 +119,10 @@ def main() -> int:
     operator = OperatorProcess(cluster.kubeconfig, namespace, work / "logs", scrape_interval=5.0).start()
     assert operator.process is not None
     try:
+        rate = request_rate(cluster, namespace, jobs=args.rate_jobs, window=args.rate_window)
+        if args.only_rate:
+            print(json.dumps(rate, indent=2))
+            return 0
         idle_rss = rss_mib(operator.process.pid)
         latencies = []
         for i in range(args.latency_jobs):
@@ -98,7 +151,9 @@ def main() -> int:
             "bulk_apply_to_all_pods_s": bulk_seconds,
             "operator_rss_idle_mib": idle_rss,
             "operator_rss_with_jobs_mib": max(samples),
+            **{key: value for key, value in rate.items() if key != "busiest"},
         }
+        result["busiest_calls_per_job_per_minute"] = rate["busiest"]
     finally:
         operator.stop()
         stop_cluster(cluster)
