@@ -464,7 +464,8 @@ def test_only_dptrains_own_error_text_leaves_the_pod() -> None:
     from dptrain.errors import DataError
     from dptrain.report import public_error
 
-    assert public_error(DataError("data file x.csv lacks column(s) ['age']")) == "data file x.csv lacks column(s) ['age']"
+    schema = "data file x.csv lacks column(s) ['age']"
+    assert public_error(DataError(schema)) == schema
     leaked = public_error(RuntimeError("tensor([4711.0, 12.3]) is not finite"))
     assert "4711" not in leaked
     assert "RuntimeError" in leaked
