@@ -81,7 +81,7 @@ def test_printer_columns_and_short_names(cluster: Any, namespace: str) -> None:
     assert row[:5] == [job["metadata"]["name"], "Running", "1.25", "3", "42%"]
     _apply(cluster, namespace, base_manifest("dataset"))
     header = cluster.kubectl("get", "pds", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "BUDGET", "SPENT", "RESERVED", "REMAINING", "AGE"]
+    assert header == ["NAME", "UNIT", "BUDGET", "SPENT", "RESERVED", "REMAINING", "AGE"]
     listed = cluster.kubectl("get", "dptrain", "-n", namespace, "-o", "name").stdout.split()
     # The `dptrain` category lists jobs and datasets together (and the cluster-scoped PrivacyLedgers, which tests
     # that ran earlier in the session may have left).
