@@ -1,7 +1,7 @@
 # The two commands of the quick start:
 #   make demo   trains a DP model locally on an example manifest (creates .venv on first use)
 #   make test   runs the whole suite: lint, types, import contracts, CRD drift, unit + integration + e2e tests
-# Other targets: make crds (regenerate crds/ from api/), make lint, make bench, make clean,
+# Other targets: make crds (regenerate crds/, chart CRDs and docs/src/reference from api/), make docs, make lint, make bench, make clean,
 #   make images (trainer + operator images with podman), make image-facts, make push-images, make image-trainer-cuda.
 
 VENV ?= .venv
@@ -18,7 +18,7 @@ export CONTAINERS_CONF
 export DPTRAIN_TEST_IMAGE_REPOSITORY := $(IMAGE_REPOSITORY)
 export DPTRAIN_TEST_IMAGE_TAG := $(IMAGE_TAG)
 
-.PHONY: demo test lint crds bench clean images image-trainer-cuda push-images image-facts
+.PHONY: demo test lint docs crds bench clean images image-trainer-cuda push-images image-facts
 
 $(STAMP): api/pyproject.toml operator/pyproject.toml trainer-image/pyproject.toml requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,13 +36,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/dptrain-crdgen --chart --check
+	$(VENV)/bin/dptrain-crdgen --chart --reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 crds: $(STAMP)
-	$(VENV)/bin/dptrain-crdgen --out crds --chart
+	$(VENV)/bin/dptrain-crdgen --out crds --chart --reference
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -f docs/mkdocs.yml
+	@echo "docs: build/docs/index.html (or: $(VENV)/bin/mkdocs serve -f docs/mkdocs.yml)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -14,7 +14,7 @@ from dptrain_api import (
     load_documents,
     parse_resource,
 )
-from dptrain_api.crdgen import RESOURCES, custom_resource_definition, render
+from dptrain_api.crdgen import RESOURCES, custom_resource_definition, reference_markdown, render
 from tests.support.manifests import REPO, bad_cases, base_manifest, example_documents
 
 
@@ -108,3 +108,31 @@ def test_printer_columns_show_what_users_need() -> None:
     assert job_crd["spec"]["names"]["categories"] == ["dptrain"]
     dataset_crd = custom_resource_definition(RESOURCES[1])
     assert dataset_crd["spec"]["names"]["shortNames"] == ["pds"]
+
+
+def _leaf_paths(node: dict[str, Any], path: str) -> list[str]:
+    items = node.get("items", {}) if node.get("type") == "array" else {}
+    children = node.get("properties") or items.get("properties") or {}
+    suffix = "[]" if items.get("properties") else ""
+    return [path] + [leaf for name, child in children.items() for leaf in _leaf_paths(child, f"{path}{suffix}.{name}")]
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda resource: resource.kind)
+def test_reference_page_names_every_field_and_rule_of_the_crd(resource: Any) -> None:
+    """The docs' reference is generated from the same schema as the CRD: every field and every CEL message appears."""
+    page = reference_markdown(resource)
+    schema = custom_resource_definition(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for part in ("spec", "status"):
+        for path in _leaf_paths(schema["properties"][part], part)[1:]:
+            assert f"| `{path}` |" in page, path
+    messages = [rule["message"] for rule in _rules(schema)]
+    assert all(message.replace("|", "\\|") in page for message in messages)
+
+
+def _rules(node: Any) -> list[dict[str, str]]:
+    if isinstance(node, dict):
+        own = node.get("x-kubernetes-validations", [])
+        return [*own, *(rule for child in node.values() for rule in _rules(child))]
+    if isinstance(node, list):
+        return [rule for child in node for rule in _rules(child)]
+    return []
