@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Images: <IMAGE_REPOSITORY>/trainer:<IMAGE_TAG> and <IMAGE_REPOSITORY>/operator:<IMAGE_TAG> (the container tests
 # use these names too). podman reads images/containers.conf: nothing in /etc is changed.
 IMAGE_REPOSITORY ?= localhost/dptrain
-IMAGE_TAG ?= 0.1.0
+IMAGE_TAG ?= $(shell python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 CONTAINERS_CONF ?= $(CURDIR)/images/containers.conf
 export CONTAINERS_CONF
 export DPTRAIN_TEST_IMAGE_REPOSITORY := $(IMAGE_REPOSITORY)

@@ -1,7 +1,7 @@
 """Facts about the images `make images` built (``make image-facts``): size, `pip check`, no compiler in the final
 stage, the user they run as, and the time from `podman run` to the trainer's first DP step.
 
-    .venv/bin/python benchmarks/images.py [--repository localhost/dptrain] [--tag 0.1.0] [--rounds 3] [--json F]
+    .venv/bin/python benchmarks/images.py [--repository localhost/dptrain] [--tag <version>] [--rounds 3] [--json F]
 
 The start-to-first-step time runs the trainer as its pod runs (UID 65532, read-only root filesystem, no
 capabilities, no privilege escalation, host network, 2 CPUs, 2 GiB, the checkpoint folder as its volume) on
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,14 @@ def start_overhead(image: str, rounds: int) -> float:
     return round(statistics.median(times), 2)
 
 
+def project_version() -> str:
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repository", default=os.environ.get("DPTRAIN_TEST_IMAGE_REPOSITORY") or "localhost/dptrain")
-    parser.add_argument("--tag", default=os.environ.get("DPTRAIN_TEST_IMAGE_TAG") or "0.1.0")
+    parser.add_argument("--tag", default=os.environ.get("DPTRAIN_TEST_IMAGE_TAG") or project_version())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "images.json")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the dptrain images with podman from the repository's Dockerfiles (``make images``).
 
-    python3 images/build.py [--repository localhost/dptrain] [--tag 0.1.0] [--only trainer operator]
+    python3 images/build.py [--repository localhost/dptrain] [--tag <version>] [--only trainer operator]
     python3 images/build.py --cuda          # the CUDA trainer variant, only where its torch wheels are reachable
 
 The Dockerfiles stay the one recipe; this script only chooses their build arguments for the machine it runs on:
@@ -40,6 +40,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def project_version() -> str:
+    """dptrain's one version (the workspace pyproject.toml): the images' default tag and their version label."""
+    import tomllib
+
+    return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+
+
 DOCKERFILES = {"trainer": REPO / "trainer-image" / "Dockerfile", "operator": REPO / "operator" / "Dockerfile"}
 CONTAINERS_CONF = REPO / "images" / "containers.conf"
 WORK_DIR = REPO / "build" / "images"
@@ -343,7 +352,7 @@ def build(name: str, tag: str, build_args: Mapping[str, str], mounts: Sequence[s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repository", default="localhost/dptrain", help="images are <repository>/<name>:<tag>")
-    parser.add_argument("--tag", default="0.1.0")
+    parser.add_argument("--tag", default=project_version())
     parser.add_argument("--only", nargs="+", choices=list(DOCKERFILES), default=list(DOCKERFILES))
     parser.add_argument("--cuda", action="store_true", help="build the CUDA trainer (<tag>-cuda) instead")
     parser.add_argument("--base", help="BASE_IMAGE to use (default: the Dockerfiles' base, else bootstrapped)")

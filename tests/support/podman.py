@@ -1,7 +1,7 @@
 """podman for the container tests and the image facts: where the images are, whether podman can run them here.
 
 The images are the ones ``make images`` builds: ``$DPTRAIN_TEST_IMAGE_REPOSITORY/{trainer,operator}:``
-``$DPTRAIN_TEST_IMAGE_TAG`` (the Makefile exports both; default ``localhost/dptrain/...:0.1.0``). podman reads the
+``$DPTRAIN_TEST_IMAGE_TAG`` (the Makefile exports both; default ``localhost/dptrain/...:<version>``). podman reads the
 repository's ``images/containers.conf`` unless ``CONTAINERS_CONF`` names another one.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +22,15 @@ REQUIRE_ENV = "DPTRAIN_REQUIRE_CONTAINERS"
 """Set (to 1) where the container tests must run (CI): a missing podman or image fails them instead of skipping."""
 
 
+def project_version() -> str:
+    """dptrain's one version (the workspace pyproject.toml), the tag `make images` gives the images."""
+    return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+
+
 def image(name: str) -> str:
     """The local name of image `name` (trainer, operator) as `make images` tags it."""
     repository = os.environ.get("DPTRAIN_TEST_IMAGE_REPOSITORY") or "localhost/dptrain"
-    tag = os.environ.get("DPTRAIN_TEST_IMAGE_TAG") or "0.1.0"
+    tag = os.environ.get("DPTRAIN_TEST_IMAGE_TAG") or project_version()
     return f"{repository}/{name}:{tag}"
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 
 _PREFIX = "DPTRAIN_"
+VERSION = version("dptrain-operator")
+"""The operator's version: its default trainer image carries the same tag."""
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,7 @@ class Settings:
 
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch (comma-separated); empty = the whole cluster."""
-    trainer_image: str = "ghcr.io/dptrain/trainer:0.1.0"
+    trainer_image: str = f"ghcr.io/dptrain/trainer:{VERSION}"
     """Default trainer image for jobs that set no spec.image."""
     allowed_images: tuple[str, ...] = ()
     """Other images (comma-separated; `repo@sha256:...` digests allowed) a job on a PrivateDataset may name in
