@@ -57,6 +57,9 @@ class PodEnv(StrEnum):
     CPU_LIMIT = "DPTRAIN_CPU_LIMIT"
     TERMINATION_MESSAGE_PATH = "DPTRAIN_TERMINATION_MESSAGE_PATH"
     LOCK_WAIT_SECONDS = "DPTRAIN_LOCK_WAIT_SECONDS"
+    """Seconds a trainer waits for the checkpoint directory's lock (a previous pod may still be stopping)."""
+    FEDERATION_EXPECTED_SITES = "DPTRAIN_FEDERATION_EXPECTED_SITES"
+    """Comma-separated site names a federation's round 1 waits for (the coordinator pod)."""
 
 
 class DistributedEnv(StrEnum):
@@ -83,6 +86,9 @@ class DistributedEnv(StrEnum):
 
 DEFAULT_MASTER_PORT: Final = 29500
 """The port rank 0 listens on for torch.distributed's rendezvous (Kubeflow's default)."""
+
+SUPERNODE_RUNTIME_PORT: Final = 9094
+"""The port of a site's SuperNode Runtime API (its own SuperExec and ClientApps dial it; never exposed)."""
 
 
 class ExitCode(IntEnum):

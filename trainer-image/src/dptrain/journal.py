@@ -46,6 +46,7 @@ from typing import Any, Final, Protocol
 
 from dptrain.errors import CheckpointError, JournalError, PrivacyBudgetError
 from dptrain_accounting import MechanismSegment, compact, partitioned_epsilon
+from dptrain_api import PodEnv
 
 __all__ = [
     "FORMAT_VERSION",
@@ -513,7 +514,7 @@ def workdir_lock(workdir: Path, *, wait_seconds: float | None = None) -> Iterato
     lock is waited for up to ``wait_seconds`` (default: $DPTRAIN_LOCK_WAIT_SECONDS or 60) before a
     CheckpointError."""
     if wait_seconds is None:
-        wait_seconds = float(os.environ.get("DPTRAIN_LOCK_WAIT_SECONDS", "60"))
+        wait_seconds = float(os.environ.get(PodEnv.LOCK_WAIT_SECONDS, "60"))
     workdir.mkdir(parents=True, exist_ok=True)
     fd = os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_seconds

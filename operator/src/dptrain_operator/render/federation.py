@@ -15,6 +15,7 @@ import yaml
 
 from dptrain_api import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
+    SUPERNODE_RUNTIME_PORT,
     DPFederatedJob,
     DPFederatedSite,
     FederationSite,
@@ -30,7 +31,6 @@ from dptrain_operator.render.labels import ATTEMPT_LABEL, JOB_NAME_LABEL, JOB_UI
 from dptrain_operator.settings import Settings
 
 __all__ = [
-    "EXPECTED_SITES_ENV",
     "FEDERATION_NAME_LABEL",
     "FEDERATION_UID_LABEL",
     "ROLE_LABEL",
@@ -53,9 +53,7 @@ __all__ = [
 ROLE_LABEL: Final = "dptrain.io/role"
 FEDERATION_UID_LABEL: Final = "dptrain.io/federation-uid"
 FEDERATION_NAME_LABEL: Final = "dptrain.io/federation"
-EXPECTED_SITES_ENV: Final = "DPTRAIN_FEDERATION_EXPECTED_SITES"
 CONTAINER: Final = "flower"
-SUPERNODE_RUNTIME_PORT: Final = 9094
 TLS_MOUNT: Final = "/var/run/dptrain/superlink-tls"
 CA_MOUNT: Final = "/var/run/dptrain/superlink-ca"
 KEY_MOUNT: Final = "/var/run/dptrain/supernode-key"
@@ -302,7 +300,7 @@ def coordinator_pod(
         mounts.append({"name": "superlink-tls", "mountPath": TLS_MOUNT, "readOnly": True})
     manifest = yaml.safe_dump(_spec_only(job.to_wire()), sort_keys=False)
     env = _common_env(job, attempt=number, manifest=manifest, settings=settings)
-    env.append({"name": EXPECTED_SITES_ENV, "value": ",".join(expected_sites)})
+    env.append({"name": PodEnv.FEDERATION_EXPECTED_SITES, "value": ",".join(expected_sites)})
     container = {
         "command": command,
         "env": env,

@@ -23,6 +23,7 @@ from typing import Any
 
 from dptrain.errors import ConfigurationError
 from dptrain_api import (
+    SUPERNODE_RUNTIME_PORT,
     DPFederatedJob,
     DPFederatedSite,
     ExitCode,
@@ -34,7 +35,7 @@ from dptrain_api import (
 
 __all__ = ["EXPECTED_SITES_ENV", "add_commands"]
 
-EXPECTED_SITES_ENV = "DPTRAIN_FEDERATION_EXPECTED_SITES"
+EXPECTED_SITES_ENV = PodEnv.FEDERATION_EXPECTED_SITES.value
 """Comma-separated sites the coordinator's round 1 waits for (the operator sets it on the coordinator pod)."""
 
 
@@ -289,7 +290,7 @@ def add_commands(commands: Any) -> None:
     site.add_argument("--ca", metavar="FILE", help="CA certificate of the SuperLink (TLS)")
     site.add_argument("--auth-key", metavar="FILE", help="the SuperNode's private key (SuperNode authentication)")
     site.add_argument("--runtime-host", default="127.0.0.1", metavar="ADDR", help="the SuperNode's local Runtime API")
-    site.add_argument("--runtime-port", type=int, default=9094, metavar="N", help="its port")
+    site.add_argument("--runtime-port", type=int, default=SUPERNODE_RUNTIME_PORT, metavar="N", help="its port")
     site.set_defaults(func=_cmd_site)
 
     pki = roles.add_parser("pki", help="test key material: a CA, the SuperLink certificate, SuperNode keys")

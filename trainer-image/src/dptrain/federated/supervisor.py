@@ -45,6 +45,7 @@ from dptrain.journal import JOURNAL_NAME, PrivacyJournal
 from dptrain.journal import summarize as summarize_segments
 from dptrain.report import public_error
 from dptrain_api import (
+    SUPERNODE_RUNTIME_PORT,
     CoordinatorReport,
     ExitCode,
     GlobalMetricStatus,
@@ -355,7 +356,7 @@ class SiteOptions:
     tls: TlsClient | None = None
     runtime_host: str = "127.0.0.1"
     """Where the SuperNode's local Runtime API listens (only its own SuperExec/ClientApps use it)."""
-    runtime_port: int = 9094
+    runtime_port: int = SUPERNODE_RUNTIME_PORT
     attempt: int = 1
     """1 for the site's first SuperNode, n for its n-th: every later one must find the site's journal."""
     metrics_port: int = 0
