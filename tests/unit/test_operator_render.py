@@ -24,7 +24,9 @@ from dptrain_operator.render import (
     pod_name,
     trainer_pod,
 )
+from dptrain_operator.render.pod import CONTAINER_HARDENING, pod_hardening
 from dptrain_operator.settings import Settings
+from tests.support.federation_render import sample_federation_pods
 from tests.support.manifests import base_manifest
 
 KUBERNETES_VERSION = "1.36.0"
@@ -126,6 +128,36 @@ def test_trainer_pod_security_posture() -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     writable = {mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")}
     assert writable == {"/tmp", "/var/lib/dptrain/checkpoint"}
+
+
+def _every_workload_pod(settings: Settings) -> dict[str, dict[str, Any]]:
+    gang = _job(distributed={"workers": 3})
+    coordinator, supernode = sample_federation_pods(settings)
+    return {
+        "trainer": trainer_pod(_job(), dataset=_dataset(), contract=_contract(), settings=settings),
+        "gang follower": trainer_pod(gang, dataset=None, contract=_contract_of_worker(2), settings=settings),
+        "coordinator": coordinator,
+        "supernode": supernode,
+    }
+
+
+def _contract_of_worker(worker: int) -> PodContract:
+    return PodContract(pod_number=1, attempt=1, reserved=RESERVED, identity="hospital/builtin/digits", worker=worker)
+
+
+@pytest.mark.parametrize("user", [65532, 1000])
+def test_every_workload_pod_carries_the_same_hardening(user: int) -> None:
+    """One builder (render/pod.py): trainer ranks, the coordinator and SuperNodes are locked down alike."""
+    settings = Settings(trainer_run_as_user=user, trainer_service_account="dptrain-trainer")
+    for role, pod in _every_workload_pod(settings).items():
+        spec = pod["spec"]
+        assert {key: spec[key] for key in pod_hardening(settings)} == pod_hardening(settings), role
+        (container,) = spec["containers"]
+        assert container["securityContext"] == CONTAINER_HARDENING, role
+        assert container["terminationMessagePolicy"] == "File", role
+        assert container["resources"]["requests"] == container["resources"]["limits"], role
+        assert not [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/"], role
+        _validate(pod)
 
 
 def test_trainer_pod_environment_and_resources() -> None:

@@ -30,6 +30,7 @@ from dptrain_operator.render.labels import (
     gang_service_name,
     pod_name,
 )
+from dptrain_operator.render.pod import hardened_pod, spec_only
 from dptrain_operator.settings import Settings
 
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_MESSAGE_PATH
@@ -43,20 +44,10 @@ TRAINER_FINALIZER = "dptrain.io/record-outcome"
 def job_manifest(job: DPTrainingJob, dataset: PrivateDataset | None) -> str:
     """The manifest the trainer runs (the job, plus the PrivateDataset its datasetRef names), as YAML. It goes
     into the pod's environment: part of the immutable pod spec, so nobody can swap it after admission."""
-    documents = [_spec_only(job.to_wire())]
+    documents = [spec_only(job.to_wire())]
     if dataset is not None:
-        documents.append(_spec_only(dataset.to_wire()))
+        documents.append(spec_only(dataset.to_wire()))
     return yaml.safe_dump_all(documents, sort_keys=False)
-
-
-def _spec_only(document: dict[str, Any]) -> dict[str, Any]:
-    metadata = document.get("metadata", {})
-    return {
-        "apiVersion": document["apiVersion"],
-        "kind": document["kind"],
-        "metadata": {key: metadata[key] for key in ("name", "namespace", "uid") if key in metadata},
-        "spec": document["spec"],
-    }
 
 
 def checkpoint_claim(job: DPTrainingJob) -> dict[str, Any]:
@@ -102,37 +93,14 @@ def trainer_pod(
     name = job.metadata.name or ""
     leader = contract.worker == 0
     volumes, mounts = _volumes(job, dataset, settings, leader=leader)
-    container = _trainer_container(job, mounts=mounts, settings=settings)
+    container = _trainer_container(mounts=mounts, settings=settings)
     container["env"] = _trainer_env(job, dataset=dataset, contract=contract, settings=settings)
-    workers = job.spec.distributed.workers
-    if workers > 1:
+    extra: dict[str, Any] = {}
+    if job.spec.distributed.workers > 1:
         container["env"] += _distributed_env(job, contract)
         container["ports"].append({"name": "rendezvous", "containerPort": DEFAULT_MASTER_PORT, "protocol": "TCP"})
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": settings.trainer_service_account,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.trainer_run_as_user,
-            "runAsGroup": settings.trainer_run_as_user,
-            "fsGroup": settings.trainer_run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    resources = job.spec.resources
-    if resources.node_selector:
-        pod_spec["nodeSelector"] = dict(resources.node_selector)
-    if resources.tolerations:
-        pod_spec["tolerations"] = [toleration.to_wire() for toleration in resources.tolerations]
-    if resources.priority_class_name:
-        pod_spec["priorityClassName"] = resources.priority_class_name
-    if workers > 1:  # DNS as Kubeflow's: worker-<i>.<headless service>
-        pod_spec["hostname"] = f"worker-{contract.worker}"
-        pod_spec["subdomain"] = gang_service_name(name)
+        # DNS as Kubeflow's: worker-<i>.<headless service>
+        extra = {"hostname": f"worker-{contract.worker}", "subdomain": gang_service_name(name)}
     labels = {ATTEMPT_LABEL: str(contract.pod_number), WORKER_LABEL: str(contract.worker)}
     metadata = child_metadata(job, pod_name(name, contract.pod_number, contract.worker), extra_labels=labels)
     if leader:
@@ -141,7 +109,15 @@ def trainer_pod(
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(settings.trainer_metrics_port),
         }
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    return hardened_pod(
+        metadata=metadata,
+        container=container,
+        volumes=volumes,
+        image=job.spec.image,
+        resources=job.spec.resources,
+        settings=settings,
+        extra_spec=extra,
+    )
 
 
 def _distributed_env(job: DPTrainingJob, contract: PodContract) -> list[Any]:
@@ -240,11 +216,7 @@ def _trainer_env(
     ]
 
 
-def _trainer_container(job: DPTrainingJob, *, mounts: list[Any], settings: Settings) -> dict[str, Any]:
-    resources = job.spec.resources
-    limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
-    if resources.gpus > 0:
-        limits["nvidia.com/gpu"] = str(resources.gpus)
+def _trainer_container(*, mounts: list[Any], settings: Settings) -> dict[str, Any]:
     command = [
         "dptrain",
         "run",
@@ -262,23 +234,9 @@ def _trainer_container(job: DPTrainingJob, *, mounts: list[Any], settings: Setti
     ]
     return {
         "name": TRAINER_CONTAINER,
-        "image": job.spec.image or settings.trainer_image,
-        "imagePullPolicy": settings.image_pull_policy,
         "command": command,
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
-        "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
-        "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
-        # Never the log: it may say how many records were skipped, which only the data's steward should read.
-        "terminationMessagePolicy": "File",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
     }
 
 

@@ -28,6 +28,7 @@ from dptrain_api import (
 )
 from dptrain_operator.render.children import TRAINER_FINALIZER
 from dptrain_operator.render.labels import ATTEMPT_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, MANAGED_BY, child_name
+from dptrain_operator.render.pod import hardened_pod, spec_only
 from dptrain_operator.settings import Settings
 
 __all__ = [
@@ -144,27 +145,6 @@ def _claim(owner: Owner, name: str, role: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _metadata(owner, name, role), "spec": spec}
 
 
-def _spec_only(document: dict[str, Any]) -> dict[str, Any]:
-    metadata = document.get("metadata", {})
-    return {
-        "apiVersion": document["apiVersion"],
-        "kind": document["kind"],
-        "metadata": {key: metadata[key] for key in ("name", "namespace", "uid") if key in metadata},
-        "spec": document["spec"],
-    }
-
-
-def _security_context() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "privileged": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _pod(
     owner: Owner,
     *,
@@ -177,45 +157,18 @@ def _pod(
     settings: Settings,
     finalizer: bool,
 ) -> dict[str, Any]:
-    limits: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
-    if resources.gpus > 0:
-        limits["nvidia.com/gpu"] = str(resources.gpus)
-    container = {
-        "name": CONTAINER,
-        "image": owner.spec.image or settings.trainer_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "resources": {"requests": dict(limits), "limits": limits},
-        "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
-        "terminationMessagePolicy": "File",
-        "securityContext": _security_context(),
-        **container,
-    }
-    spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": settings.trainer_service_account,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.trainer_run_as_user,
-            "runAsGroup": settings.trainer_run_as_user,
-            "fsGroup": settings.trainer_run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if resources.node_selector:
-        spec["nodeSelector"] = dict(resources.node_selector)
-    if resources.tolerations:
-        spec["tolerations"] = [toleration.to_wire() for toleration in resources.tolerations]
-    if resources.priority_class_name:
-        spec["priorityClassName"] = resources.priority_class_name
     metadata = _metadata(owner, name, role, {ATTEMPT_LABEL: str(number)})
     if finalizer:
         metadata["finalizers"] = [TRAINER_FINALIZER]
     metadata["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.trainer_metrics_port)}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+    return hardened_pod(
+        metadata=metadata,
+        container={"name": CONTAINER, **container},
+        volumes=volumes,
+        image=owner.spec.image,
+        resources=resources,
+        settings=settings,
+    )
 
 
 def _common_env(owner: Owner, *, attempt: int, manifest: str, settings: Settings) -> list[dict[str, Any]]:
@@ -298,7 +251,7 @@ def coordinator_pod(
         command += ["--tls-dir", TLS_MOUNT]
         volumes.append({"name": "superlink-tls", "secret": {"secretName": spec.superlink.tls_secret_name}})
         mounts.append({"name": "superlink-tls", "mountPath": TLS_MOUNT, "readOnly": True})
-    manifest = yaml.safe_dump(_spec_only(job.to_wire()), sort_keys=False)
+    manifest = yaml.safe_dump(spec_only(job.to_wire()), sort_keys=False)
     env = _common_env(job, attempt=number, manifest=manifest, settings=settings)
     env.append({"name": PodEnv.FEDERATION_EXPECTED_SITES, "value": ",".join(expected_sites)})
     container = {
@@ -436,7 +389,7 @@ def supernode_pod(
             }
         )
         mounts.append({"name": "supernode-key", "mountPath": KEY_MOUNT, "readOnly": True})
-    documents = [_spec_only(site.to_wire()), _spec_only(dataset.to_wire())]
+    documents = [spec_only(site.to_wire()), spec_only(dataset.to_wire())]
     manifest = yaml.safe_dump_all(documents, sort_keys=False)
     env = _common_env(site, attempt=attempt, manifest=manifest, settings=settings)
     env += [
