@@ -21,7 +21,9 @@ PORTS = {DEFAULT_MASTER_PORT, SUPERNODE_RUNTIME_PORT}
 
 
 def _literals(path: Path) -> list[tuple[int, object]]:
-    return [(node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)]
+    return [
+        (node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+    ]
 
 
 @pytest.mark.parametrize("path", [p for p in SOURCES if p != CONTRACT], ids=lambda p: str(p.relative_to(REPO)))
@@ -38,4 +40,5 @@ def test_no_contract_name_outside_the_contract(path: Path) -> None:
 def test_the_lint_sees_a_literal() -> None:
     """The check itself: a module that spells one is caught."""
     literals = [value for _, value in _literals(CONTRACT) if isinstance(value, str) and ENV_NAME.match(value)]
-    assert "DPTRAIN_LOCK_WAIT_SECONDS" in literals and "DPTRAIN_FEDERATION_EXPECTED_SITES" in literals
+    assert "DPTRAIN_LOCK_WAIT_SECONDS" in literals
+    assert "DPTRAIN_FEDERATION_EXPECTED_SITES" in literals
