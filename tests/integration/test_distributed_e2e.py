@@ -4,10 +4,13 @@ rendezvous over torch.distributed with gloo), and a killed follower restarts the
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
+from kubernetes.client import CoreV1Api
 
 from tests.support.cluster import Cluster
 from tests.support.e2e import (
@@ -131,3 +134,49 @@ def test_killed_follower_restarts_the_gang_and_every_step_is_charged(
     assert (entry["state"], entry["train"]["steps"], entry["pods"]) == ("Committed", charged, 2)
     assert privacy["epsilonSpent"] <= 3.0 + 1e-9
     assert pld_epsilon(intents, partition="train") <= privacy["epsilonSpent"] + 1e-6
+
+
+def _gate(cluster: Cluster, namespace: str, name: str, gates: list[dict[str, str]]) -> None:
+    patch = {"spec": {"schedulingGates": gates or None}}  # merge patch: null removes the field
+    CoreV1Api(cluster.api).patch_namespaced_pod(name, namespace, patch, _content_type="application/merge-patch+json")
+
+
+def test_a_gated_gang_is_created_whole_and_starts_as_a_unit_when_ungated(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """What Kueue does with a pod group: its webhook gates every pod at creation, and it admits the group by removing
+    the gate from all of them at once. A gang whose followers waited for the leader's IP would deadlock (the leader
+    never runs before admission, the group is never complete). Here no node runs yet: once the operator has created
+    the whole gang, the test gates its pods as Kueue's webhook would (the testenv serves Pod as a custom resource, so
+    the gates can be added after creation), starts a node, sees nothing run, then ungates them all."""
+    document = gang_job("queued", epochs=2)
+    document["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "ward-queue"}
+    apply(cluster, namespace, dataset_manifest("wards", epsilon=8.0), document)
+    names = ["queued-attempt-1", "queued-attempt-1-worker-1"]
+    created = wait_for(
+        lambda: (found := pods(cluster, namespace)) and len(found) == 2 and found,
+        timeout=60,
+        what="the whole gang to be created before any pod runs",
+    )
+    assert sorted(pod["metadata"]["name"] for pod in created) == names
+    groups = {pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for pod in created}
+    assert len(groups) == 1
+    assert {pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for pod in created} == {"2"}
+    for name in names:
+        _gate(cluster, namespace, name, [{"name": "kueue.x-k8s.io/admission"}])
+    with FakeNode(cluster.api, namespace, work_dir=tmp_path / "node") as node:
+        time.sleep(3)
+        assert all(not pod["spec"].get("nodeName") for pod in pods(cluster, namespace)), "a gated pod was started"
+        for name in names:
+            _gate(cluster, namespace, name, [])
+        job = wait_for(
+            phase_is(cluster, namespace, "queued", "Succeeded", "Failed"),
+            timeout=300,
+            what="the admitted gang to finish",
+            diagnose=diagnose(cluster, namespace, node, operator),
+        )
+        assert job["status"]["phase"] == "Succeeded", diagnose(cluster, namespace, node, operator)()
+        assert job["status"]["attempts"] == 1
+        report = json.loads((node.pvc_dir(namespace, "queued-checkpoint") / "privacy-report.json").read_text())
+        assert report["runtime"]["processes"] == 2
+        assert node.errors == []

@@ -17,6 +17,8 @@ What it does, per pod
   ``Pending``, then starts the containers and writes ``Running`` with the conditions
   (PodScheduled, PodReadyToStartContainers, Initialized, ContainersReady, Ready) and
   ``containerStatuses`` (``state.running.startedAt``, ready, restartCount 0, image);
+* a pod with ``spec.schedulingGates`` is not bound until they are all removed (as the scheduler does: Kueue
+  admits a pod group by removing its gate from every pod);
 * init containers run first, one after the other; a failing one fails the pod;
 * a container runs ``command + args`` (``$(VAR)`` expanded as Kubernetes does) as a process in a
   new session (its "container": when its main process exits, the rest of the group is SIGKILLed).
@@ -30,7 +32,10 @@ What it does, per pod
   on top of the node's ``PATH`` (with the directory of ``sys.executable`` in front, so the
   virtualenv's console scripts run), ``HOME``, ``LANG``/``LC_*``, ``TMPDIR``, ``VIRTUAL_ENV``,
   ``PYTHON*`` and ``HOSTNAME=<pod name>``; the working directory is ``workingDir`` (mapped) or a
-  per-pod folder;
+  per-pod folder. Cluster DNS for pods, emulated: an env value that is a pod's DNS name in a headless Service
+  (``<hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]]`` of a pod that sets both and has not ended) is
+  resolved to that pod's IP when the container starts, waiting up to ``mount_timeout`` seconds for the pod to
+  get one (the processes share the host's resolver, which knows no cluster names);
 * stdout+stderr of all its containers go to ``work_dir/logs/<namespace>_<pod>.log`` (``logs()``);
 * when the main process exits, ``state.terminated`` (exitCode, reason Completed/Error, or the one
   given to ``kill``, message, startedAt, finishedAt, containerID) is written; once all containers
@@ -129,6 +134,9 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 MERGE_PATCH = "application/merge-patch+json"
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "VIRTUAL_ENV", "TZ")
 _TAIL_KEEP = 16384
+_POD_DNS_NAME = re.compile(
+    r"^(?P<hostname>[a-z][a-z0-9-]*)\.(?P<subdomain>[a-z][a-z0-9-]*)(?:\.(?P<namespace>[a-z0-9-]+)(?:\.svc(?:\.cluster\.local)?)?)?$"
+)
 
 
 class PodStartError(Exception):
@@ -1142,6 +1150,8 @@ class FakeNode:
         node_name = spec.get("nodeName")
         if node_name and node_name != self.node_name:
             return False
+        if not node_name and spec.get("schedulingGates"):
+            return False  # not schedulable yet (a queue holds it); the update that removes the gates starts it
         if node_name == self.node_name and status.get("startTime"):
             # started by an earlier incarnation of this node, whose processes are gone
             self._mark_lost(pod)
@@ -1269,7 +1279,34 @@ class FakeNode:
                     )
             else:
                 raise PodStartError("CreateContainerConfigError", f"unsupported valueFrom for env {name}: {source}")
-        return env
+        return {name: self._resolve_pod_dns(run.namespace, value) for name, value in env.items()}
+
+    def _resolve_pod_dns(self, namespace: str, value: str) -> str:
+        """``value`` unless it is the DNS name of a pod in a headless Service: then that pod's IP (see the module
+        docstring), waited for while the pod exists without one."""
+        found = _POD_DNS_NAME.match(value)
+        if found is None:
+            return value
+        namespace = found["namespace"] or namespace
+        deadline = time.monotonic() + self.mount_timeout
+        while True:
+            listed = _json_body(self.core.list_namespaced_pod(namespace, _preload_content=False, _request_timeout=30))
+            named = [
+                pod
+                for pod in listed.get("items") or []
+                if (pod.get("spec") or {}).get("hostname") == found["hostname"]
+                and (pod.get("spec") or {}).get("subdomain") == found["subdomain"]
+                and (pod.get("status") or {}).get("phase") not in TERMINAL_PHASES
+                and not pod["metadata"].get("deletionTimestamp")
+            ]
+            if not named:
+                return value  # no such record: the name stays (and fails to resolve, as it would in a cluster)
+            address = next((pod["status"].get("podIP") for pod in named if pod.get("status", {}).get("podIP")), None)
+            if address:
+                return str(address)
+            if time.monotonic() >= deadline or self._stopping.is_set():
+                return value
+            time.sleep(0.1)
 
     def _env_source(self, kind: str, namespace: str, ref: Json) -> Json | None:
         try:

@@ -83,9 +83,7 @@ def test_trainer_pod_is_valid_kubernetes(spec: dict[str, Any]) -> None:
 def test_children_are_valid_and_owned() -> None:
     job, dataset = _job(dataset={"datasetRef": {"name": "base-dataset"}}), _dataset()
     gang = _job(dataset={"datasetRef": {"name": "base-dataset"}}, distributed={"workers": 2})
-    follower = PodContract(
-        pod_number=1, attempt=1, reserved=RESERVED, identity="hospital/x", worker=1, master_address="10.1.2.3"
-    )
+    follower = PodContract(pod_number=1, attempt=1, reserved=RESERVED, identity="hospital/x", worker=1)
     for manifest in (
         checkpoint_claim(job),
         trainer_pod(job, dataset=dataset, contract=_contract(), settings=Settings()),
@@ -195,6 +193,39 @@ def test_dataset_claim_is_mounted_read_only() -> None:
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "cohort-data", "readOnly": True}
     mounts = {mount["name"]: mount for mount in pod["spec"]["containers"][0]["volumeMounts"]}
     assert mounts["data"]["readOnly"] is True
+
+
+def _env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {var["name"]: var.get("value", var.get("valueFrom")) for var in pod["spec"]["containers"][0]["env"]}
+
+
+def test_a_gang_follower_dials_the_leaders_dns_name_not_an_address_known_later() -> None:
+    """Every pod of a gang can be created at once (Kueue admits pod groups whole): no follower waits for an IP."""
+    gang = _job(distributed={"workers": 3})
+    leader = trainer_pod(gang, dataset=None, contract=_contract_of_worker(0), settings=Settings())
+    follower = trainer_pod(gang, dataset=None, contract=_contract_of_worker(2), settings=Settings())
+    service = gang_service(gang)["metadata"]["name"]
+    assert _env(follower)["PET_MASTER_ADDR"] == f"worker-0.{service}.hospital.svc"
+    assert (leader["spec"]["hostname"], leader["spec"]["subdomain"]) == ("worker-0", service)
+    assert _env(leader)["PET_MASTER_ADDR"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+def test_a_queued_gang_is_one_kueue_pod_group_per_attempt() -> None:
+    document = base_manifest("job")
+    document["metadata"].update(namespace="hospital", uid="u-1", labels={"kueue.x-k8s.io/queue-name": "ward-queue"})
+    document["spec"]["distributed"] = {"workers": 3}
+    gang = parse_resource(document)
+    assert isinstance(gang, DPTrainingJob)
+    pods = [trainer_pod(gang, dataset=None, contract=_contract_of_worker(w), settings=Settings()) for w in range(3)]
+    groups = {pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for pod in pods}
+    assert len(groups) == 1
+    assert all(pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "3" for pod in pods)
+    assert all(pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ward-queue" for pod in pods)
+    assert pods[0]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"  # the leader keeps its own
+    retry = trainer_pod(gang, dataset=None, contract=_contract(2), settings=Settings())
+    assert retry["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] not in groups  # a new attempt, a new group
+    single = trainer_pod(_job(), dataset=None, contract=_contract(), settings=Settings())
+    assert "kueue.x-k8s.io/pod-group-name" not in single["metadata"]["labels"]
 
 
 def test_kueue_labels_pass_through() -> None:

@@ -228,7 +228,7 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             if any(pods.phase(pod) == "Failed" for pod in gang):
                 self._stop_gang(gang)  # a worker failed: the leader stops too, and its end decides (retry or fail)
             else:
-                self._start_workers(entry, leader, gang)
+                self._complete_gang(entry, gang)
                 self._observe(entry, leader)
         else:
             self._stop_gang(gang)  # the leader ended: the others have nothing left to do
@@ -237,11 +237,12 @@ class JobReconciliation(ChargedReconciliation[JobState]):
         self._release_settled(entry, live)
 
     def _start_pod(self, entry: LedgerEntry, *, number: int) -> None:
-        """Start attempt ``number``: its leader pod (the other workers follow once it has an address)."""
+        """Start attempt ``number``: its whole gang at once (the leader first; the others dial its DNS name, so a
+        queue such as Kueue can admit all of them together)."""
         if number > entry.pods:
             entry = self._update(lambda e: e.model_copy(update={"pods": number}))
-        name = self._create_pod(entry, number=number, worker=0, master_address=None)
-        if name is None:
+        name = self._create_pod(entry, number=number, worker=0)
+        if name is None or not self._complete_gang(entry, []):
             return
         self.state.status.attempts = number
         if self.state.status.start_time is None:
@@ -250,7 +251,7 @@ class JobReconciliation(ChargedReconciliation[JobState]):
         self.state.condition(ConditionType.RUNNING, True, Reason.POD_CREATED, f"trainer pod {name} (attempt {number})")
         self.state.condition(ConditionType.SUSPENDED, False, Reason.RUNNING, "not suspended")
 
-    def _create_pod(self, entry: LedgerEntry, *, number: int, worker: int, master_address: str | None) -> str | None:
+    def _create_pod(self, entry: LedgerEntry, *, number: int, worker: int) -> str | None:
         """Create worker ``worker`` of attempt ``number``; its name, or None when the job failed (name taken)."""
         assert entry.train is not None  # a Reserved entry holds its plan
         contract = PodContract(
@@ -259,7 +260,6 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             reserved=ReservedMechanisms(train=entry.train, holdout=entry.holdout),
             identity=dataset_identity(self.job, self.dataset),  # what the trainer may read (not the ledger's key)
             worker=worker,
-            master_address=master_address,
         )
         manifest = trainer_pod(self.job, dataset=self._dataset_for_pod(), contract=contract, settings=self.ctx.settings)
         name = str(manifest["metadata"]["name"])
@@ -279,25 +279,22 @@ class JobReconciliation(ChargedReconciliation[JobState]):
             wanted.append(gang_network_policy(self.job))
         for manifest in wanted:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
-            if self.ctx.kube.create_if_absent(manifest):
+            existing = self.ctx.kube.get_child(kind, self.namespace, name)  # read first: no POST answered 409
+            if existing is None and self.ctx.kube.create_if_absent(manifest):
                 continue
-            existing = self.ctx.kube.get_child(kind, self.namespace, name)
+            existing = existing or self.ctx.kube.get_child(kind, self.namespace, name)
             if existing is not None and not owned_by(existing, self.uid):
                 self._child_name_taken(kind, name, entry)
                 return False
         return True
 
-    def _start_workers(self, entry: LedgerEntry, leader: Pod, gang: list[Pod]) -> None:
-        """Workers 1..N-1 of the leader's attempt, once the leader has the address they must reach."""
-        address = leader.get("status", {}).get("podIP")
-        if not address:
-            return
+    def _complete_gang(self, entry: LedgerEntry, gang: list[Pod]) -> bool:
+        """Workers 1..N-1 of attempt ``entry.pods`` that do not exist yet; False when one could not be created."""
         present = {pods.worker(pod) for pod in gang}
         for worker in range(1, self.job.spec.distributed.workers):
-            if worker not in present:
-                created = self._create_pod(entry, number=entry.pods, worker=worker, master_address=address)
-                if created is None:
-                    return
+            if worker not in present and self._create_pod(entry, number=entry.pods, worker=worker) is None:
+                return False
+        return True
 
     def _stop_gang(self, gang: list[Pod]) -> None:
         for pod in gang:

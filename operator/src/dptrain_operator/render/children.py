@@ -26,6 +26,7 @@ from dptrain_operator.render.labels import (
     WORKER_LABEL,
     checkpoint_claim_name,
     child_metadata,
+    child_name,
     gang_policy_name,
     gang_service_name,
     pod_name,
@@ -36,6 +37,10 @@ from dptrain_operator.settings import Settings
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_MESSAGE_PATH
 TRAINER_CONTAINER = "trainer"
 
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
 
 TRAINER_FINALIZER = "dptrain.io/record-outcome"
 """Kept on trainer pods until the operator has recorded how the pod ended (its termination message)."""
@@ -79,8 +84,6 @@ class PodContract:
     """The dataset identity the job was admitted for."""
     worker: int = 0
     """Index in the attempt's gang; 0 is the leader (rank 0: journal, checkpoint claim, metrics, report)."""
-    master_address: str | None = None
-    """Where workers > 0 reach the leader's rendezvous (its pod IP); the leader uses its own."""
 
 
 def trainer_pod(
@@ -102,10 +105,14 @@ def trainer_pod(
         # DNS as Kubeflow's: worker-<i>.<headless service>
         extra = {"hostname": f"worker-{contract.worker}", "subdomain": gang_service_name(name)}
     labels = {ATTEMPT_LABEL: str(contract.pod_number), WORKER_LABEL: str(contract.worker)}
-    metadata = child_metadata(job, pod_name(name, contract.pod_number, contract.worker), extra_labels=labels)
+    group = _kueue_pod_group(job, contract)
+    metadata = child_metadata(job, pod_name(name, contract.pod_number, contract.worker), extra_labels=labels | group)
+    if group:
+        metadata["annotations"] = {KUEUE_POD_GROUP_TOTAL: str(job.spec.distributed.workers)}
     if leader:
         metadata["finalizers"] = [TRAINER_FINALIZER]
         metadata["annotations"] = {
+            **metadata.get("annotations", {}),
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(settings.trainer_metrics_port),
         }
@@ -120,13 +127,21 @@ def trainer_pod(
     )
 
 
+def _kueue_pod_group(job: DPTrainingJob, contract: PodContract) -> dict[str, str]:
+    """A gang queued by Kueue is one pod group per attempt: Kueue admits (ungates) all of its pods or none."""
+    if job.spec.distributed.workers <= 1 or KUEUE_QUEUE_LABEL not in job.metadata.labels:
+        return {}
+    return {KUEUE_POD_GROUP_LABEL: child_name(job.metadata.name or "", f"attempt-{contract.pod_number}")}
+
+
 def _distributed_env(job: DPTrainingJob, contract: PodContract) -> list[Any]:
     """torch.distributed.run's environment (Kubeflow's PET_* names): N pods, one node rank each, rank 0's address.
-    The leader binds the rendezvous itself (its own pod IP); the others get that IP, known once it runs."""
+    The leader binds the rendezvous itself (its own pod IP); the others dial its DNS name in the headless Service
+    (as JobSet does), so every pod of the gang can be created, queued and admitted at once."""
     master: dict[str, Any] = (
         {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
         if contract.worker == 0
-        else {"value": contract.master_address or ""}
+        else {"value": gang_leader_address(job)}
     )
     return [
         {"name": DistributedEnv.NNODES, "value": str(job.spec.distributed.workers)},
@@ -135,6 +150,11 @@ def _distributed_env(job: DPTrainingJob, contract: PodContract) -> list[Any]:
         {"name": DistributedEnv.MASTER_ADDR, **master},
         {"name": DistributedEnv.MASTER_PORT, "value": str(DEFAULT_MASTER_PORT)},
     ]
+
+
+def gang_leader_address(job: DPTrainingJob) -> str:
+    """The leader's DNS name: ``worker-0.<headless service>.<namespace>.svc`` (resolvable while it is not ready)."""
+    return f"worker-0.{gang_service_name(job.metadata.name or '')}.{job.metadata.namespace}.svc"
 
 
 def gang_service(job: DPTrainingJob) -> dict[str, Any]:
