@@ -5,9 +5,13 @@ the API server's own ``apiserver_request_total`` over a quiet window, against th
     .venv/bin/python benchmarks/operator_scale.py [--latency-jobs 20] [--jobs 200] [--rate-jobs 6]
                                                   [--rate-window 60] [--json out.json]
 
-No kubelet runs here, so pods stay Pending: this measures the operator itself (admission, planning,
-rendering, API writes, timers), not training. A Pending attempt is reconciled like a running one (its timer,
-its pod, its claim, its ledger), without the metrics scrape.
+Without ``--running`` no kubelet runs, so pods stay Pending: this measures the operator itself (admission,
+planning, rendering, API writes, timers), not training. With ``--running`` a fake kubelet (tests/support/node.py)
+runs the trainers as local processes: the request rate is then that of running jobs (scrapes, status writes), and
+the pod-end → status latency is measured: a poller watching both sees a trainer pod reach Succeeded and then its
+job's phase follow (p50 over ``--end-jobs`` short jobs; the operator sees the pod's end through its pod watch).
+
+    .venv/bin/python benchmarks/operator_scale.py --only-rate --running [--rate-jobs 4] [--end-jobs 5]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from tests.support.cluster import start_cluster, stop_cluster
 from tests.support.operator import OperatorProcess
 
 
-def job(name: str) -> dict[str, Any]:
+def job(name: str, *, epochs: int = 2) -> dict[str, Any]:
     return {
         "apiVersion": "dptrain.io/v1alpha1",
         "kind": "DPTrainingJob",
@@ -38,7 +42,7 @@ def job(name: str) -> dict[str, Any]:
             "dataset": {"builtin": "breast-cancer"},
             "model": {"architecture": "logistic"},
             "privacy": {"targetEpsilon": 2.0},
-            "training": {"epochs": 2, "batchSize": 64},
+            "training": {"epochs": epochs, "batchSize": 64},
         },
     }
 
@@ -74,10 +78,10 @@ def request_counts(cluster: Any) -> dict[tuple[str, str, str], float]:
     return counts  # type: ignore[return-value]
 
 
-def request_rate(cluster: Any, namespace: str, *, jobs: int, window: float) -> dict[str, Any]:
+def request_rate(cluster: Any, namespace: str, *, jobs: int, window: float, epochs: int = 2) -> dict[str, Any]:
     """Apply ``jobs`` jobs, let them settle (admitted, pod created), then count the API server's requests over
     ``window`` seconds: per job per minute, the 409s among them, and the busiest (verb, resource)."""
-    documents = [job(f"rate-{i}") for i in range(jobs)]
+    documents = [job(f"rate-{i}", epochs=epochs) for i in range(jobs)]
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents))
     for document in documents:
         wait_for_pod(cluster, namespace, document["metadata"]["name"], timeout=120)
@@ -103,6 +107,47 @@ def request_rate(cluster: Any, namespace: str, *, jobs: int, window: float) -> d
     }
 
 
+def _phase(cluster: Any, namespace: str, kind: str, name: str) -> str | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "jsonpath={.status.phase}", check=False)
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def pod_end_latency(cluster: Any, namespace: str, *, jobs: int) -> list[float]:
+    """Seconds from a poller seeing each short job's trainer pod Succeeded to it seeing the job Succeeded."""
+    latencies = []
+    for i in range(jobs):
+        name = f"end-{i}"
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job(name)))
+        deadline = time.monotonic() + 300
+        pod_done = None
+        while time.monotonic() < deadline:
+            if pod_done is None and _phase(cluster, namespace, "pod", f"{name}-attempt-1") == "Succeeded":
+                pod_done = time.monotonic()
+            if _phase(cluster, namespace, "dptj", name) in ("Succeeded", "Failed"):
+                latencies.append(time.monotonic() - (pod_done or time.monotonic()))
+                break
+            time.sleep(0.02)
+        else:
+            raise TimeoutError(name)
+    return latencies
+
+
+def running_rate(cluster: Any, namespace: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The request rate of jobs whose trainers run (a fake kubelet), then the pod-end → status latency."""
+    from tests.support.node import FakeNode
+
+    with FakeNode(cluster.api, namespace, work_dir=work / "node"):
+        rate = request_rate(cluster, namespace, jobs=args.rate_jobs, window=args.rate_window, epochs=3000)
+        running = [_phase(cluster, namespace, "dptj", f"rate-{i}") for i in range(args.rate_jobs)]
+        rate["jobs_running_at_the_end"] = sum(phase == "Running" for phase in running)
+        for i in range(args.rate_jobs):
+            cluster.kubectl("delete", "dptj", f"rate-{i}", "-n", namespace, "--wait=true", "--timeout=120s")
+        latencies = pod_end_latency(cluster, namespace, jobs=args.end_jobs)
+    rate["pod_end_to_status_p50_s"] = statistics.median(latencies)
+    rate["pod_end_to_status_max_s"] = max(latencies)
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-jobs", type=int, default=20)
@@ -110,6 +155,8 @@ def main() -> int:
     parser.add_argument("--rate-jobs", type=int, default=6)
     parser.add_argument("--rate-window", type=float, default=60.0)
     parser.add_argument("--only-rate", action="store_true", help="measure the request rate only")
+    parser.add_argument("--running", action="store_true", help="run the trainers (fake kubelet) for the rate")
+    parser.add_argument("--end-jobs", type=int, default=5, help="short jobs for the pod-end → status latency")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dptrain-bench-"))
@@ -119,8 +166,13 @@ def main() -> int:
     operator = OperatorProcess(cluster.kubeconfig, namespace, work / "logs", scrape_interval=5.0).start()
     assert operator.process is not None
     try:
-        rate = request_rate(cluster, namespace, jobs=args.rate_jobs, window=args.rate_window)
+        if args.running:
+            rate = running_rate(cluster, namespace, work, args)
+        else:
+            rate = request_rate(cluster, namespace, jobs=args.rate_jobs, window=args.rate_window)
         if args.only_rate:
+            if args.json:
+                args.json.write_text(json.dumps(rate, indent=2))
             print(json.dumps(rate, indent=2))
             return 0
         idle_rss = rss_mib(operator.process.pid)

@@ -79,8 +79,9 @@ class FakeKube:
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._replace_status(_key({**body, "kind": "PrivateDataset"}), body)
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         self._patch_status(("DPTrainingJob", namespace, name), status)
+        return self.get("DPTrainingJob", namespace, name)
 
     def delete_job(self, namespace: str, name: str) -> None:
         self.objects.pop(("DPTrainingJob", namespace, name), None)

@@ -674,34 +674,41 @@ def derive_kube_grants(source: str) -> set[Grant]:
 
 
 def derive_kopf_grants() -> set[Grant]:
-    """kopf's needs on every kind the operator registers handlers for (read from the real registry)."""
+    """kopf's needs on every kind the operator registers handlers for (read from the real registry): list, watch and
+    patch (finalizers, progress annotations) where it reconciles; list and watch only where it just indexes or
+    watches (the operator's pods and claims, the PrivacyLedgers)."""
     registry = kopf.OperatorRegistry()
     register(registry, SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
-    handlers = [
-        *registry._changing.get_all_handlers(),
-        *registry._spawning.get_all_handlers(),
-        *registry._watching.get_all_handlers(),
-        *registry._indexing.get_all_handlers(),
-        *registry._webhooks.get_all_handlers(),
-    ]
+    reconciling = [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    observing = [*registry._watching.get_all_handlers(), *registry._indexing.get_all_handlers()]
+    assert not registry._webhooks.get_all_handlers(), "webhooks would need more grants"
     # A selector names its kind by plural, kind, singular or short name: resolve it to the plural via crds/.
-    plurals: dict[tuple[str, str], str] = {}
+    plurals: dict[tuple[str, str], str] = {
+        ("", "pods"): "pods",
+        ("", "persistentvolumeclaims"): "persistentvolumeclaims",
+    }
     for path in CRDS_DIR.glob("*.yaml"):
         spec = yaml.safe_load(path.read_text())["spec"]
         names = spec["names"]
         for alias in (names["plural"], names["kind"], names.get("singular"), *names.get("shortNames", [])):
             if alias:
                 plurals[(spec["group"], alias)] = names["plural"]
-    kinds = set()
-    for handler in handlers:
-        selector = handler.selector
-        if selector is None:
-            continue
-        group, name = selector.group or "", str(selector.plural or selector.any_name or selector.kind)
-        assert (group, name) in plurals, f"kopf handler on {group}/{name}: not a kind of crds/"
-        kinds.add((group, plurals[(group, name)]))
-    assert kinds, "no kopf handlers registered"
-    return {(group, plural, verb) for group, plural in kinds for verb in KOPF_VERBS_PER_KIND} | KOPF_EVENTS
+
+    def kinds(handlers: list[Any]) -> set[tuple[str, str]]:
+        found = set()
+        for handler in handlers:
+            if handler.selector is None:
+                continue
+            group = handler.selector.group or ""
+            name = str(handler.selector.plural or handler.selector.any_name or handler.selector.kind)
+            assert (group, name) in plurals, f"kopf handler on {group}/{name}: not a known kind"
+            found.add((group, plurals[(group, name)]))
+        return found
+
+    reconciled, observed = kinds(reconciling), kinds(observing)
+    assert reconciled, "no kopf handlers registered"
+    full = {(group, plural, verb) for group, plural in reconciled for verb in KOPF_VERBS_PER_KIND}
+    return full | {(group, plural, verb) for group, plural in observed for verb in ("list", "watch")} | KOPF_EVENTS
 
 
 _LEDGERS = ("privacyledgers", "privacyledgers/status")
@@ -713,8 +720,9 @@ def expected_namespaced_grants() -> set[Grant]:
 
 
 def expected_ledger_grants() -> set[Grant]:
-    """The PrivacyLedgers are cluster-scoped: granted cluster-wide in either RBAC mode."""
-    return {grant for grant in derive_kube_grants(KUBE_PY.read_text()) if grant[1] in _LEDGERS}
+    """The PrivacyLedgers are cluster-scoped: granted cluster-wide in either RBAC mode (kopf watches them too)."""
+    everything = derive_kube_grants(KUBE_PY.read_text()) | derive_kopf_grants()
+    return {grant for grant in everything if grant[1] in _LEDGERS}
 
 
 def test_rbac_derivation_reads_the_code() -> None:

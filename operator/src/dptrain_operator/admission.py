@@ -159,7 +159,8 @@ def write_ledger(
             ctx.kube.replace_ledger_status(body)
         return changed
 
-    status = retry_on_conflict(attempt, what=f"writing PrivacyLedger {name}")
+    with ctx.ledger_locks.of(name):
+        status = retry_on_conflict(attempt, what=f"writing PrivacyLedger {name}")
     if status.dataset is not None and namespace:
         with contextlib.suppress(Exception):
             mirror_to_dataset(ctx, namespace=namespace, ledger_name=name, status=status)

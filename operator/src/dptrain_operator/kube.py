@@ -63,7 +63,7 @@ class KubeApi(Protocol):
     def get_dataset(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def replace_dataset_status(self, body: dict[str, Any]) -> dict[str, Any]: ...
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None: ...
     def delete_job(self, namespace: str, name: str) -> None: ...
     def get_ledger(self, name: str) -> dict[str, Any] | None: ...
     def list_ledgers(self) -> list[dict[str, Any]]: ...
@@ -119,13 +119,15 @@ class Kube:
             ),
         )
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        _ignore(
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status; the job as written (None: it is gone)."""
+        written: dict[str, Any] | None = _ignore(
             404,
             lambda: self.custom.patch_namespaced_custom_object_status(
                 API_GROUP, API_VERSION, namespace, JOBS, name, {"status": status}
             ),
         )
+        return written
 
     def delete_job(self, namespace: str, name: str) -> None:
         _ignore(

@@ -13,6 +13,7 @@ from dptrain_operator.handlers import register
 from dptrain_operator.kube import Kube, load_api_client
 from dptrain_operator.metrics import OperatorMetrics
 from dptrain_operator.settings import Settings
+from dptrain_operator.watched import WatchedKube
 from dptrain_operator.workers import AccountingWorkers
 
 ANNOTATION_PREFIX = "dptrain.io"
@@ -47,7 +48,7 @@ def run(argv: list[str] | None = None) -> None:
     metrics.serve(settings.metrics_port)
     ctx = OperatorContext(
         settings=settings,
-        kube=Kube(load_api_client()),
+        kube=WatchedKube(Kube(load_api_client())),
         metrics=metrics,
         workers=AccountingWorkers(timeout=settings.plan_timeout_seconds, memory_mib=settings.plan_memory_mib),
     )

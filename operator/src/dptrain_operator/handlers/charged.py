@@ -231,8 +231,10 @@ class ChargedReconciliation(Reconciliation[State]):
         create, or one replaced since (deleted and re-created empty), means the journal of earlier attempts is
         unknown or gone: the object fails instead of retrying, charged in full unless nothing ever ran."""
         name = manifest["metadata"]["name"]
-        self.ctx.kube.create_if_absent(manifest)
-        claim = self.ctx.kube.get_claim(self.namespace, name)
+        claim = self.ctx.kube.get_claim(self.namespace, name)  # read first: creating is for the first time only
+        if claim is None:
+            self.ctx.kube.create_if_absent(manifest)
+            claim = self.ctx.kube.get_claim(self.namespace, name)
         if claim is None:
             return False  # created a moment ago and not readable yet: next time
         uid = str(claim["metadata"]["uid"])

@@ -529,9 +529,12 @@ class FederationReconciliation(Reconciliation[FederationState]):
                 continue
             assert site.namespace is not None
             name = site_name(self.state.name, site.name)
-            if self.ctx.kube.create_if_absent(site_manifest(self.job, site, settings=self.ctx.settings)):
+            raw = self.ctx.kube.get_site(site.namespace, name)  # read first: creating is for the first time only
+            if raw is None and self.ctx.kube.create_if_absent(
+                site_manifest(self.job, site, settings=self.ctx.settings)
+            ):
                 self.state.event(Reason.SITE_CREATED, f"created DPFederatedSite {site.namespace}/{name}")
-            raw = self.ctx.kube.get_site(site.namespace, name)
+                raw = self.ctx.kube.get_site(site.namespace, name)
             labels = ((raw or {}).get("metadata") or {}).get("labels") or {}
             if raw is None:
                 pending.append(site.name)
@@ -598,8 +601,11 @@ class FederationReconciliation(Reconciliation[FederationState]):
         return pods.job_pods(self.ctx.kube, self.namespace, self.uid)
 
     def _coordinate(self, able: list[str]) -> None:
-        self.ctx.kube.create_if_absent(coordinator_claim(self.job))
-        self.ctx.kube.create_if_absent(superlink_service(self.job))
+        claim, service = coordinator_claim(self.job), superlink_service(self.job)
+        if self.ctx.kube.get_claim(self.namespace, claim["metadata"]["name"]) is None:  # read first: no POST-409
+            self.ctx.kube.create_if_absent(claim)
+        if self.ctx.kube.get_child("Service", self.namespace, service["metadata"]["name"]) is None:
+            self.ctx.kube.create_if_absent(service)
         live = self._coordinator_pods()
         if any(pods.terminating(pod) for pod in live):
             return
@@ -775,55 +781,3 @@ def delete_federation(body: dict[str, Any], ctx: OperatorContext, logger: Logger
 
 FEDERATIONS = "dpfederatedjobs"
 SITES = "dpfederatedsites"
-
-
-def register_federations(
-    registry: Any, ctx: OperatorContext, *, lock: Any, forget: Any, post: Any, counted: Any
-) -> None:
-    """The federation handlers: create/resume/update events and a timer reconcile; deletion settles first."""
-    import kopf
-
-    from dptrain_api import API_GROUP, API_VERSION
-
-    interval = ctx.settings.scrape_interval
-
-    def reconciler(kind: str, write: Any) -> Any:
-        def handler(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-            metadata = body["metadata"]
-            with lock(metadata["uid"]):
-                state = counted(
-                    ctx,
-                    kind,
-                    lambda: write(ctx, metadata["namespace"], metadata["name"], metadata["uid"], logger),
-                )
-            if state is not None:
-                post(body, state.events)
-
-        return handler
-
-    def deleter(kind: str, delete: Any) -> Any:
-        def handler(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-            uid = body["metadata"]["uid"]
-            with lock(uid):
-                counted(ctx, kind, lambda: delete(dict(body), ctx, logger))
-            forget(uid)
-
-        return handler
-
-    errors = kopf.ErrorsMode.TEMPORARY
-    for plural, kind, write, delete in (
-        (FEDERATIONS, "DPFederatedJob", reconcile_federation_and_write, delete_federation),
-        (SITES, "DPFederatedSite", reconcile_site_and_write, delete_site),
-    ):
-        on_change = reconciler(kind, write)
-        for decorate in (kopf.on.create, kopf.on.resume):
-            decorate(API_GROUP, API_VERSION, plural, registry=registry, errors=errors, backoff=2)(on_change)
-        kopf.on.update(API_GROUP, API_VERSION, plural, field="spec", registry=registry, errors=errors, backoff=2)(
-            on_change
-        )
-        kopf.timer(
-            API_GROUP, API_VERSION, plural, interval=interval, initial_delay=interval, registry=registry, errors=errors
-        )(on_change)
-        kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, errors=errors, backoff=2)(
-            deleter(kind, delete)
-        )
