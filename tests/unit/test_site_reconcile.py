@@ -24,7 +24,7 @@ from dptrain_api import (
 from dptrain_api.dataset import DatasetSource
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import reconcile_dataset
-from dptrain_operator.handlers.federations import SiteState, delete_site, reconcile_site_and_write
+from dptrain_operator.handlers.sites import SiteState, delete_site, reconcile_site_and_write
 from dptrain_operator.render import TRAINER_FINALIZER
 from dptrain_operator.render.federation import site_claim_name, site_manifest, supernode_pod_name
 from tests.support.fakekube import FakeKube, fake_context

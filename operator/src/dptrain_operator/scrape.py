@@ -55,14 +55,33 @@ def parse_metrics(text: str) -> TrainerSample:
     return TrainerSample(**values)
 
 
-def scrape(pod_ip: str, port: int, *, timeout: float = 2.0) -> TrainerSample | None:
-    """None when the endpoint does not answer (not started yet, or gone)."""
+def _metrics_text(pod_ip: str, port: int, *, timeout: float = 2.0) -> str | None:
+    """The pod's Prometheus page; None when it does not answer (not started yet, or gone)."""
     try:
         response = httpx.get(f"http://{pod_ip}:{port}/metrics", timeout=timeout)
         response.raise_for_status()
     except httpx.HTTPError:
         return None
-    return parse_metrics(response.text)
+    return response.text
+
+
+def scrape(pod_ip: str, port: int, *, timeout: float = 2.0) -> TrainerSample | None:
+    """A trainer's progress; None when the endpoint does not answer (not started yet, or gone)."""
+    text = _metrics_text(pod_ip, port, timeout=timeout)
+    return parse_metrics(text) if text is not None else None
+
+
+def scrape_federation(pod: dict[str, Any], port: int) -> dict[str, dict[str, float]]:
+    """A coordinator's or SuperNode's federation series: metric name → {site label (or ""): value}; empty when the
+    pod does not answer."""
+    ip = (pod.get("status") or {}).get("podIP")
+    text = _metrics_text(ip, port) if ip else None
+    values: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text or ""):
+        for sample in family.samples:
+            if sample.name.startswith("dptrain_federation_"):
+                values.setdefault(sample.name, {})[sample.labels.get("site", "")] = float(sample.value)
+    return values
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any]:

@@ -14,13 +14,9 @@ import kopf
 from dptrain_api import API_GROUP, API_VERSION
 from dptrain_operator.context import OperatorContext
 from dptrain_operator.handlers.datasets import reconcile_dataset, release_dataset
-from dptrain_operator.handlers.federations import (
-    delete_federation,
-    delete_site,
-    reconcile_federation_and_write,
-    reconcile_site_and_write,
-)
+from dptrain_operator.handlers.federations import delete_federation, reconcile_federation_and_write
 from dptrain_operator.handlers.jobs import delete_children, reconcile_and_write
+from dptrain_operator.handlers.sites import delete_site, reconcile_site_and_write
 from dptrain_operator.kube import DATASETS, FEDERATIONS, JOBS, SITES
 from dptrain_operator.locks import KeyedLocks
 from dptrain_operator.render import JOB_UID_LABEL
