@@ -29,6 +29,10 @@ class _Counting(FakeKube):
         self.reads.append("list_pods")
         return super().list_pods(namespace, label_selector)
 
+    def get_ledger(self, name: str) -> dict[str, Any] | None:
+        self.reads.append("get_ledger")
+        return super().get_ledger(name)
+
 
 def _job(version: str, phase: str) -> dict[str, Any]:
     return {
@@ -86,6 +90,46 @@ def test_a_claim_nobody_labelled_is_read_from_the_api_and_a_known_one_is_never_p
     assert api.get("PersistentVolumeClaim", "ns", "mine") is None  # no POST went out
 
 
+def _ledger_with(watched: WatchedKube, spent: float) -> dict[str, Any]:
+    raw = watched.get_ledger("l")
+    assert raw is not None
+    return watched.replace_ledger_status({**raw, "status": {"epsilonSpent": spent}})
+
+
+def test_a_ledger_is_read_once_then_served_from_what_the_operator_wrote() -> None:
+    api = _Counting()
+    watched = WatchedKube(api)
+    watched.create_ledger({"kind": "PrivacyLedger", "metadata": {"name": "l"}})
+    _ledger_with(watched, 1.0)
+    _ledger_with(watched, 2.0)
+    assert watched.get_ledger("l")["status"]["epsilonSpent"] == 2.0  # type: ignore[index]
+    assert api.reads == ["get_ledger"]  # only the first read (after the create) went to the API
+
+
+def test_a_ledger_someone_else_wrote_is_read_again_after_the_failed_write_and_after_the_cache_time() -> None:
+    import pytest
+
+    from dptrain_operator.kube import ConflictError
+    from dptrain_operator.watched import LEDGER_CACHE_SECONDS
+
+    api = _Counting()
+    watched = WatchedKube(api)
+    now = [0.0]
+    watched.clock = lambda: now[0]
+    watched.create_ledger({"kind": "PrivacyLedger", "metadata": {"name": "l"}})
+    stale = watched.get_ledger("l")
+    assert stale is not None
+    other = WatchedKube(api)  # another writer (a replica during a rollout)
+    _ledger_with(other, 5.0)
+    with pytest.raises(ConflictError):  # the precondition holds: the stale copy cannot be written over
+        watched.replace_ledger_status({**stale, "status": {"epsilonSpent": 1.0}})
+    assert watched.get_ledger("l")["status"]["epsilonSpent"] == 5.0  # type: ignore[index]  # read again
+    _ledger_with(other, 6.0)
+    assert watched.get_ledger("l")["status"]["epsilonSpent"] == 5.0  # type: ignore[index]  # within the cache time
+    now[0] += LEDGER_CACHE_SECONDS
+    assert watched.get_ledger("l")["status"]["epsilonSpent"] == 6.0  # type: ignore[index]
+
+
 def test_every_handler_id_makes_a_valid_progress_annotation() -> None:
     """kopf stores a retried handler's progress in an annotation named after the handler's id: an invalid name makes
     every retry fail with 422 (a deletion waiting for its pods never finished)."""
@@ -127,3 +171,23 @@ def test_a_broken_invariant_is_permanent_and_counted_but_a_deletion_keeps_retryi
     with pytest.raises(AssertionError):
         _counted(ctx, "DPTrainingJob", broken)  # deletion: kopf retries until the pods are settled
     assert ctx.metrics.reconcile_errors.labels(kind="DPTrainingJob")._value.get() == 2
+
+
+def test_jobs_that_ask_for_an_expired_ledger_at_once_cause_one_read() -> None:
+    import threading
+    import time
+
+    class _Slow(_Counting):
+        def get_ledger(self, name: str) -> dict[str, Any] | None:
+            time.sleep(0.05)  # long enough for every asking thread to arrive while the read is under way
+            return super().get_ledger(name)
+
+    api = _Slow()
+    watched = WatchedKube(api)
+    watched.create_ledger({"kind": "PrivacyLedger", "metadata": {"name": "l"}})
+    threads = [threading.Thread(target=watched.get_ledger, args=("l",)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert api.reads == ["get_ledger"]

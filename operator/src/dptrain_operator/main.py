@@ -19,6 +19,10 @@ from dptrain_operator.workers import AccountingWorkers
 ANNOTATION_PREFIX = "dptrain.io"
 
 
+_HANDLER_THREADS = 20
+"""Threads that run the (synchronous) handlers."""
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     # Handler progress and diff-base live in annotations: status belongs to the CRD's schema (which
     # prunes unknown fields) and to users reading it.
@@ -29,7 +33,13 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/cleanup"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 20
+    settings.execution.max_workers = _HANDLER_THREADS
+    # Bound how many objects are worked on at once (per watched kind) and how many events are posted at once. kopf's
+    # default is unbounded: 500 jobs applied together then held ~500 HTTPS connections open at the same moment, each
+    # with its TLS and 256 KiB read buffers, and the memory stayed with the process after the burst.
+    settings.queueing.worker_limit = 2 * _HANDLER_THREADS
+    settings.queueing.idle_timeout = 1.0  # a worker holds its slot while idle: free it soon (kopf's default is 5 s)
+    settings.posting.worker_limit = 4
     # A deleted job's timer may be mid-reconciliation; re-check soon (kopf's default is 60 s) so the
     # finalizer is released, and the job gone, within seconds.
     settings.background.cancellation_polling = 1.0

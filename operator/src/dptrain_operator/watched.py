@@ -8,15 +8,24 @@ reconciliation right after a write sees that write: the newer resourceVersion wi
 (an object nobody labelled for the operator, a kind with no index) is read from the API as before, and every
 write still goes to the API (with its resourceVersion precondition where it had one): a stale read can only make
 a precondition fail and the write retry on a fresh read, never write over what it did not see.
+
+Ledgers are not watched. A ledger holds one entry per job that ever charged its records, and this operator is its
+only writer: every write (one per job per scrape) would come back through a watch as a whole new copy to decode,
+which at 500 jobs on one ledger is O(jobs²) bytes and was most of the operator's memory. Instead the operator keeps
+the ledger it last read or wrote (a write-through cache), re-reads it after a failed write (the precondition
+failed: someone else wrote) and at least every :data:`LEDGER_CACHE_SECONDS`, so another writer (an operator replica
+during a rollout, a steward's edit) is seen within that time and can never be written over.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from dptrain_operator.kube import KubeApi
+from dptrain_operator.locks import KeyedLocks
 from dptrain_operator.render import JOB_UID_LABEL
 
 __all__ = ["INDEXES", "WatchedKube", "index_functions"]
@@ -24,8 +33,11 @@ __all__ = ["INDEXES", "WatchedKube", "index_functions"]
 Body = dict[str, Any]
 Key = tuple[str, ...]
 
-INDEXES: Final = ("dptrain_jobs", "dptrain_ledgers", "dptrain_pods", "dptrain_claims")
+INDEXES: Final = ("dptrain_jobs", "dptrain_pods", "dptrain_claims")
 """kopf index names (handlers receive them as keyword arguments of these names)."""
+
+LEDGER_CACHE_SECONDS: Final = 30.0
+"""How long a ledger read or written by this operator answers reads before it is read again."""
 
 
 def _version(body: Body) -> int:
@@ -43,7 +55,7 @@ def _newest(*bodies: Body | None) -> Body | None:
 def index_functions() -> dict[str, tuple[tuple[str, str, str], dict[str, Any], Callable[..., Any]]]:
     """name → ((group, version, plural), kopf filters, the index function): what main registers with kopf."""
     from dptrain_api import API_GROUP, API_VERSION
-    from dptrain_operator.kube import JOBS, LEDGERS
+    from dptrain_operator.kube import JOBS
 
     def by_name(body: Any, namespace: Any, name: Any, **_: Any) -> dict[Key, Body]:
         return {(namespace or "", name): dict(body)}
@@ -56,7 +68,6 @@ def index_functions() -> dict[str, tuple[tuple[str, str, str], dict[str, Any], C
     children = {"labels": {JOB_UID_LABEL: kopf.PRESENT}}
     return {
         "dptrain_jobs": ((API_GROUP, API_VERSION, JOBS), {}, by_name),
-        "dptrain_ledgers": ((API_GROUP, API_VERSION, LEDGERS), {}, by_name),
         "dptrain_pods": (("", "v1", "pods"), children, by_owner),
         "dptrain_claims": (("", "v1", "persistentvolumeclaims"), children, by_name),
     }
@@ -73,7 +84,10 @@ class WatchedKube:
         self._kube = kube
         self._indexes: Mapping[str, Mapping[Key, Iterable[Body]]] = {}
         self._overlay: dict[tuple[str, Key], Body] = {}
+        self._ledgers: dict[str, tuple[float, Body]] = {}  # name → (when read or written, the body)
+        self._ledger_reads = KeyedLocks()  # one GET per expired ledger, however many jobs ask at once
         self._lock = threading.Lock()
+        self.clock: Callable[[], float] = time.monotonic
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kube, name)
@@ -121,8 +135,24 @@ class WatchedKube:
     def get_job(self, namespace: str, name: str) -> Body | None:
         return self._one("dptrain_jobs", (namespace, name), lambda: self._kube.get_job(namespace, name))
 
+    def _cached_ledger(self, name: str) -> Body | None:
+        with self._lock:
+            cached = self._ledgers.get(name)
+        if cached is not None and self.clock() - cached[0] < LEDGER_CACHE_SECONDS:
+            return dict(cached[1])
+        return None
+
     def get_ledger(self, name: str) -> Body | None:
-        return self._one("dptrain_ledgers", ("", name), lambda: self._kube.get_ledger(name))
+        cached = self._cached_ledger(name)
+        if cached is not None:
+            return cached
+        with self._ledger_reads.of(name):
+            cached = self._cached_ledger(name)  # another thread read it while this one waited
+            if cached is not None:
+                return cached
+            found = self._kube.get_ledger(name)
+            self._cache_ledger(name, found)
+            return found
 
     def get_claim(self, namespace: str, name: str) -> Body | None:
         return self._one("dptrain_claims", (namespace, name), lambda: self._kube.get_claim(namespace, name))
@@ -146,16 +176,26 @@ class WatchedKube:
                 return False
         return self._kube.create_if_absent(manifest)
 
+    def _cache_ledger(self, name: str, body: Body | None) -> None:
+        with self._lock:
+            if body is None:
+                self._ledgers.pop(name, None)
+            else:
+                self._ledgers[name] = (self.clock(), body)
+
     def replace_ledger_status(self, body: Body) -> Body:
-        written = self._kube.replace_ledger_status(body)
-        self._remember("dptrain_ledgers", ("", body["metadata"]["name"]), written)
+        name = body["metadata"]["name"]
+        try:
+            written = self._kube.replace_ledger_status(body)
+        except BaseException:  # a conflict (someone else wrote) or a ledger gone: the next read asks the API
+            self._cache_ledger(name, None)
+            raise
+        self._cache_ledger(name, written)
         return written
 
     def create_ledger(self, manifest: Body) -> bool:
         created = self._kube.create_ledger(manifest)
-        if created:  # the next read must see it even before the watch does
-            found = self._kube.get_ledger(manifest["metadata"]["name"])
-            self._remember("dptrain_ledgers", ("", manifest["metadata"]["name"]), found)
+        self._cache_ledger(manifest["metadata"]["name"], None)  # created or already there: read it fresh
         return created
 
     def patch_job_status(self, namespace: str, name: str, status: Body) -> Any:
