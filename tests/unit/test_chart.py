@@ -255,7 +255,7 @@ def test_operator_env_maps_to_the_operator_settings(helm: str) -> None:
         "trainer.metricsPort=9191,trainer.runAsUser=1234,trainer.serviceAccount.name=trainers",
     )
     env = container_env(one(objects, "Deployment"))
-    fields = {name.upper() for name in Settings.__dataclass_fields__}
+    fields = {name.upper() for name in Settings.model_fields}
     assert {name.removeprefix("DPTRAIN_") for name in env if name.startswith("DPTRAIN_")} <= fields
     settings = Settings.from_env(env)
     assert settings.namespaces == ("a", "b")

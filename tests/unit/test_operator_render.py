@@ -266,3 +266,18 @@ def test_settings_from_environment() -> None:
     assert settings.trainer_image == "img:1"
     with pytest.raises(ValueError, match="DPTRAIN_METRICS_PORT"):
         Settings.from_env({"DPTRAIN_METRICS_PORT": "eighty"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("DPTRAIN_SCRAPE_INTERVAL", "0"), ("DPTRAIN_LIVENESS_PORT", "70000"), ("DPTRAIN_GANG_NETWORK_POLICY", "maybe")],
+)
+def test_settings_out_of_range_are_refused_with_the_variables_name(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{variable}='{value}'"):
+        Settings.from_env({variable: value})
+
+
+def test_settings_read_booleans_as_the_chart_writes_them() -> None:
+    assert Settings.from_env({"DPTRAIN_GANG_NETWORK_POLICY": "true"}).gang_network_policy is True
+    assert Settings.from_env({"DPTRAIN_GANG_NETWORK_POLICY": "false"}).gang_network_policy is False
+    assert Settings.from_env({"DPTRAIN_NAMESPACES": ""}).namespaces == ()
