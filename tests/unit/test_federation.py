@@ -495,16 +495,18 @@ def test_a_sigterm_while_the_federation_command_imports_is_kept_for_a_clean_stop
     """A pod stopped at start-up must still report (nothing charged), not die before its handlers exist."""
     code = (
         "import sys; sys.argv = ['dptrain', 'federation', 'site']; import dptrain, os, signal; "
-        "os.kill(os.getpid(), signal.SIGTERM); print(dptrain.EARLY_SIGNALS)"
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL); "  # importing the library changes nothing
+        "from dptrain import _entry; _entry.keep_early_signals(sys.argv[1:]); "  # the console script's first step
+        "os.kill(os.getpid(), signal.SIGTERM); print(_entry.EARLY_SIGNALS)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"[{int(signal.SIGTERM)}]"
+    assert result.stdout.split() == ["True", f"[{int(signal.SIGTERM)}]"]
     # ... and the federation command's own handler turns it into a stop
-    import dptrain
+    from dptrain import _entry
     from dptrain.federated.cli import _signals
 
-    monkeypatch.setattr(dptrain, "EARLY_SIGNALS", [int(signal.SIGTERM)])
+    monkeypatch.setattr(_entry, "EARLY_SIGNALS", [int(signal.SIGTERM)])
     stop = threading.Event()
     with _signals(stop) as received:
         assert stop.is_set()

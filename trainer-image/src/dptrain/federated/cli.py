@@ -51,10 +51,10 @@ def _signals(stop: threading.Event) -> Iterator[list[int]]:
         yield received
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    import dptrain
+    from dptrain import _entry
 
-    if dptrain.EARLY_SIGNALS:  # stopped while the command was still importing
-        received.extend(dptrain.EARLY_SIGNALS)
+    if _entry.EARLY_SIGNALS:  # stopped while the command was still importing
+        received.extend(_entry.EARLY_SIGNALS)
         stop.set()
     try:
         yield received
