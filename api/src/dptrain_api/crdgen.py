@@ -175,7 +175,7 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     return converted
 
 
-def _convert(node: Any, definitions: dict[str, Any]) -> Any:
+def _convert(node: Any, definitions: dict[str, Any]) -> Any:  # noqa: C901, PLR0912 - one branch per JSON-schema construct pydantic emits
     if isinstance(node, list):
         return [_convert(item, definitions) for item in node]
     if not isinstance(node, dict):

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
 
@@ -35,10 +35,12 @@ from dptrain_api.job import (
     SECURE_NOISE_RULE,
     CheckpointSpec,
     ModelSpec,
+    OptimisationSpec,
     PrivacySpec,
     PrivacyStatus,
     ResourcesSpec,
 )
+from dptrain_api.planning import SharedPlanInputs
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
@@ -98,20 +100,8 @@ def _secure(privacy: PrivacySpec) -> PrivacySpec:
     return privacy
 
 
-class FederatedTrainingSpec(ApiModel):
+class FederatedTrainingSpec(OptimisationSpec):
     """Rounds and the local DP-SGD work of every site per round. Immutable: it fixes every site's plan."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                kubernetes_rule(
-                    "!has(self.maxPhysicalBatchSize) || self.maxPhysicalBatchSize <= self.batchSize",
-                    "maxPhysicalBatchSize must be at most batchSize",
-                    field_path=".maxPhysicalBatchSize",
-                )
-            ]
-        }
-    )
 
     rounds: Annotated[int, Field(ge=1, le=10000)] = 5
     """Federated rounds: each round every sampled site trains the global model locally and FedAvg combines them."""
@@ -120,16 +110,8 @@ class FederatedTrainingSpec(ApiModel):
     batch_size: Annotated[int, Field(ge=1)] = 64
     """Expected local batch. Each site Poisson-samples its records at q = batchSize / its training examples (from
     its PrivateDataset's PUBLIC declared size)."""
-    max_physical_batch_size: Annotated[int, Field(ge=1)] | None = None
-    """Largest micro-batch held in memory at once. Defaults to batchSize."""
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    """Local optimizer (restarted each round from the global model)."""
-    learning_rate: Annotated[float, Field(gt=0, le=100)] = 0.1
-    """Local learning rate."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """sgd only: momentum (local, reset every round)."""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    """L2 weight decay."""
     eval_releases: Annotated[int, Field(ge=0, le=100)] = 2
     """How many times each site releases held-out metrics of the global model (Gaussian noise paid from its holdout's
     own budget; evenly spaced over the rounds, the last one of the final model). Their sum over the sites gives the
@@ -138,16 +120,6 @@ class FederatedTrainingSpec(ApiModel):
     """How long a round waits for the sites' replies; a site that has not answered by then is left out of the round."""
     seed: Annotated[int, Field(ge=0)] | None = None
     """Seed of the initial global weights (the noise and the sampling never depend on it)."""
-
-    @model_validator(mode="after")
-    def _physical_fits_logical(self) -> FederatedTrainingSpec:
-        if self.max_physical_batch_size is not None and self.max_physical_batch_size > self.batch_size:
-            raise ValueError("maxPhysicalBatchSize must be at most batchSize")
-        return self
-
-    @property
-    def physical_batch_size(self) -> int:
-        return self.max_physical_batch_size or self.batch_size
 
     @property
     def total_steps(self) -> int:
@@ -607,21 +579,11 @@ def declared_size(dataset: PrivateDataset) -> int:
 
 
 @dataclass(frozen=True)
-class SitePlanInputs:
-    """Keyword arguments of ``dptrain_accounting.plan_fixed_steps`` for one site: public numbers only."""
+class SitePlanInputs(SharedPlanInputs):
+    """Keyword arguments of ``dptrain_accounting.plan_fixed_steps`` for one site: the shared inputs and the steps
+    (rounds × localSteps)."""
 
-    num_examples: int
-    eval_fraction: float
-    batch_size: int
     steps: int
-    target_epsilon: float
-    delta: float
-    accountant: str
-    noise_multiplier: float | None
-    eval_releases: int
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def site_plan_inputs(

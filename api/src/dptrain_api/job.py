@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -121,8 +121,9 @@ class PrivacySpec(ApiModel):
     with tails to ±13σ. false is for public (built-in) data only: refused with a datasetRef and in federations."""
 
 
-class TrainingSpec(ApiModel):
-    """The optimisation plan. Immutable after creation: it fixes the sample rate and step count."""
+class OptimisationSpec(ApiModel):
+    """What one DP-SGD step does: the logical and physical batch and the optimizer applied to the noised gradient.
+    A job's training and a federation site's local training share it."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -136,20 +137,35 @@ class TrainingSpec(ApiModel):
         }
     )
 
-    epochs: Annotated[float, Field(gt=0, le=10000)] = 10.0
-    """Passes over the training data (fractions allowed); steps = ceil(epochs / sampleRate)."""
     batch_size: Annotated[int, Field(ge=1)] = 256
     """Expected logical batch size. Batches are Poisson-sampled with rate batchSize / training examples."""
     max_physical_batch_size: Annotated[int, Field(ge=1)] | None = None
     """Largest micro-batch held in memory at once; logical batches are split to fit. Defaults to batchSize."""
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    """Optimizer applied to the noised gradients."""
+    """Optimizer applied to the noised gradients (a federation site restarts it every round from the global model)."""
     learning_rate: Annotated[float, Field(gt=0, le=100)] = 0.1
     """Learning rate."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """sgd only: momentum."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """L2 weight decay."""
+
+    @model_validator(mode="after")
+    def _physical_fits_logical(self) -> Self:
+        if self.max_physical_batch_size is not None and self.max_physical_batch_size > self.batch_size:
+            raise ValueError("maxPhysicalBatchSize must be at most batchSize")
+        return self
+
+    @property
+    def physical_batch_size(self) -> int:
+        return self.max_physical_batch_size or self.batch_size
+
+
+class TrainingSpec(OptimisationSpec):
+    """The optimisation plan. Immutable after creation: it fixes the sample rate and step count."""
+
+    epochs: Annotated[float, Field(gt=0, le=10000)] = 10.0
+    """Passes over the training data (fractions allowed); steps = ceil(epochs / sampleRate)."""
     clipping: Literal["auto", "bookkeeping", "ghost", "hooks"] = "auto"
     """How per-example gradients are clipped: auto picks the fastest exact mode for the model (dptrain's book-keeping
     kernels where they cover every layer, else Opacus ghost clipping, else hooks); the others force one. The
@@ -163,16 +179,6 @@ class TrainingSpec(ApiModel):
     holdout's own privacy budget (evenly spaced; the last at the end). 0: none are released."""
     seed: Annotated[int, Field(ge=0)] | None = None
     """Random seed for the initial weights. The split, the noise and the sampling never depend on it."""
-
-    @model_validator(mode="after")
-    def _physical_fits_logical(self) -> TrainingSpec:
-        if self.max_physical_batch_size is not None and self.max_physical_batch_size > self.batch_size:
-            raise ValueError("maxPhysicalBatchSize must be at most batchSize")
-        return self
-
-    @property
-    def physical_batch_size(self) -> int:
-        return self.max_physical_batch_size or self.batch_size
 
 
 class ResourcesSpec(ApiModel):

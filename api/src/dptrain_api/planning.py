@@ -50,13 +50,13 @@ def holdout_fraction(job: DPTrainingJob, dataset: PrivateDataset | None) -> floa
 
 
 @dataclass(frozen=True)
-class PlanInputs:
-    """Keyword arguments of ``dptrain_accounting.plan_mechanism`` (hashable: plans are cached on them)."""
+class SharedPlanInputs:
+    """What a job's and a federation site's plans are computed from alike: public numbers only (hashable: plans
+    are cached on them)."""
 
     num_examples: int
     eval_fraction: float
     batch_size: int
-    epochs: float
     target_epsilon: float
     delta: float
     accountant: str
@@ -65,6 +65,13 @@ class PlanInputs:
 
     def as_kwargs(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlanInputs(SharedPlanInputs):
+    """Keyword arguments of ``dptrain_accounting.plan_mechanism``: the shared inputs and the epochs."""
+
+    epochs: float
 
 
 def plan_inputs(job: DPTrainingJob, dataset: PrivateDataset | None, *, num_examples: int | None = None) -> PlanInputs:
