@@ -236,7 +236,7 @@ class AttentionKernel(LayerKernel):
             weights = weights.mean(dim=1)
         return (out.transpose(1, 0) if m.batch_first else out), weights
 
-    def _attend(
+    def _attend(  # noqa: C901, PLR0912 - one branch per attention variant (mask, causal, dropout, GQA) of one fused kernel
         self,
         recorder: Recorder,
         q: Tensor,

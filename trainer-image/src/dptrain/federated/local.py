@@ -113,7 +113,7 @@ def _secure(job: DPFederatedJob, output: Path, sites: list[str]) -> tuple[TlsSer
     return TlsServer(server.ca_certificate, server.certificate, server.key), {n: k.private_key for n, k in keys.items()}
 
 
-def run_local(path: Path, output: Path, *, secure: bool = False, join_timeout: float = 120.0) -> LocalResult:
+def run_local(path: Path, output: Path, *, secure: bool = False, join_timeout: float = 120.0) -> LocalResult:  # noqa: C901, PLR0912, PLR0915 - to split with the federated/ regroup by role (issue 24)
     federation = load_federation(path)
     job = federation.job
     output.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,7 @@ def _export_server(exporter: FederationExporter, options: ServerOptions, status:
         exporter.global_metric(status.global_metric)
 
 
-def run_server(options: ServerOptions, stop: threading.Event) -> int:
+def run_server(options: ServerOptions, stop: threading.Event) -> int:  # noqa: C901, PLR0912, PLR0915 - to split with the federated/ regroup by role (issue 24)
     """The coordinator's main loop; returns its exit code (0: the federation finished, every round aggregated)."""
     config = options.config
     federation = config.federation
@@ -448,7 +448,7 @@ def _export_site(exporter: FederationExporter, options: SiteOptions) -> None:
         logger.debug("cannot export the site's metrics: %s", error)
 
 
-def run_site(options: SiteOptions, stop: threading.Event) -> int:
+def run_site(options: SiteOptions, stop: threading.Event) -> int:  # noqa: C901, PLR0912, PLR0915 - to split with the federated/ regroup by role (issue 24)
     """A site's main loop; returns its exit code (0: the coordinator finished the federation)."""
     config = options.config
     workdir = config.workdir
