@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
-from dptrain_operator.workers import AccountingTimeout, AccountingWorkers
+from dptrain_operator.workers import AccountingTimeout, AccountingWorkers, _child
 
 
 def test_a_call_returns_its_value_and_reraises_its_error() -> None:
@@ -48,3 +52,37 @@ def test_a_call_past_its_memory_limit_is_stopped_not_oom_killed() -> None:
     with pytest.raises(AccountingTimeout, match="ran out of memory"):
         workers.call(_allocate, 4096)
     assert workers.call(_allocate, 64) == 64 * 2**20  # the next call gets a fresh child
+
+
+def _burn(seconds: float) -> float:
+    deadline = time.process_time() + seconds
+    while time.process_time() < deadline:
+        pass
+    return seconds
+
+
+def _start_slowly_then_compute(connection: Any) -> None:
+    _burn(1.5)  # a slow start: 1.5 CPU s before the computation
+    _child(connection, (1, 0), _burn, (0.3,), {})
+
+
+def test_the_cpu_limit_counts_the_computation_not_the_childs_start() -> None:
+    """multiprocessing re-runs the main module in each child before the computation; on a busy node that start
+    once took the whole 1 s limit of a plan that needed 0.1 s (the flaky bypass e2e test)."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_start_slowly_then_compute, args=(sender,))
+    process.start()
+    sender.close()
+    try:
+        assert receiver.poll(30)
+        assert receiver.recv() == (True, 0.3)
+    finally:
+        process.join(10)
+
+
+def test_the_console_script_imports_nothing_heavy() -> None:
+    """Each accounting child re-runs the script: it must not import the operator (kopf: ~0.8 CPU s per child)."""
+    code = "import sys, dptrain_operator._entry; print(sorted({'kopf', 'kubernetes', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

@@ -49,7 +49,12 @@ def _child(
     kwargs: dict[str, Any],
 ) -> None:
     cpu_seconds, memory_bytes = limits
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU at the soft limit
+    # RLIMIT_CPU counts the process's whole CPU time: the limit is what the computation may use on top of what
+    # starting the child took (multiprocessing re-runs the main module in every child: the console script, kept
+    # light by dptrain_operator._entry), so that a slow start can never fail a plan that fits.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + cpu_seconds
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))  # SIGXCPU at the soft limit
     if memory_bytes > 0:
         limit = _address_space() + memory_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # allocations beyond fail with MemoryError
