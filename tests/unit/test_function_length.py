@@ -26,7 +26,7 @@ ALLOWED: dict[str, str] = {
     "api/src/dptrain_accounting/_calibration.py:calibrate_noise_multiplier": "argument checks, cache and search in the "
     "order an auditor reads them",
     "api/src/dptrain_accounting/_calibration.py:_search": "one bracketing-then-bisection loop over shared state",
-    "trainer-image/src/dptrain/cli.py:build_parser": "one argparse declaration per command, read top to bottom",
+    "trainer-image/src/dptrain/cli/parser.py:build_parser": "one argparse declaration per command, read top to bottom",
     "operator/src/dptrain_operator/render/federation.py:supernode_pod": "one pod manifest, as the YAML it makes",
     "trainer-image/src/dptrain/clipping/_api.py:make_private": "the façade's documented keyword arguments and checks",
     "trainer-image/src/dptrain/clipping/_attention.py:_attend": "one fused attention kernel (mask, causal, GQA)",
