@@ -15,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dptrain.cli.audit import audit_settings
-from dptrain.cli.common import logger, program
+from dptrain.cli.common import attempt_number, logger, program
 from dptrain.cli.manifest import LoadedManifest, example_count_source, load_job_manifest
 from dptrain.console import ConsoleProgress, print_summary
 from dptrain.errors import ConfigurationError, TrainingInterrupted
@@ -122,7 +122,7 @@ class _RunCommand:
                 plan,
                 workdir=output_dir,
                 dataset=loaded.dataset,
-                expect_journal=_attempt() > 1,
+                expect_journal=attempt_number() > 1,
                 observers=observers,
                 stop_event=self.stop,
                 stop_exit_code=ExitCode.TERMINATED,
@@ -201,15 +201,6 @@ class _RunCommand:
     def close(self) -> None:
         if self.exporter is not None:
             self.exporter.close()
-
-
-def _attempt() -> int:
-    """The operator's attempt number (1 outside a pod): a retry must find the journal of the earlier attempts."""
-    text = os.environ.get(PodEnv.ATTEMPT, "").strip()
-    try:
-        return int(text) if text else 1
-    except ValueError:
-        raise ConfigurationError(f"{PodEnv.ATTEMPT}={text!r} is not an attempt number") from None
 
 
 def _check_admitted_identity(loaded: LoadedManifest) -> None:

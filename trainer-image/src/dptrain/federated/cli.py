@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dptrain.cli.common import attempt_number
 from dptrain.errors import ConfigurationError
 from dptrain_api import (
     SUPERNODE_RUNTIME_PORT,
@@ -90,14 +91,6 @@ def _termination_path(args: argparse.Namespace) -> Path | None:
     from dptrain.report import default_termination_path
 
     return Path(args.termination_message_path) if args.termination_message_path else default_termination_path()
-
-
-def _attempt() -> int:
-    text = os.environ.get(PodEnv.ATTEMPT, "").strip()
-    try:
-        return int(text) if text else 1
-    except ValueError:
-        raise ConfigurationError(f"{PodEnv.ATTEMPT}={text!r} is not an attempt number") from None
 
 
 # --- commands -------------------------------------------------------------------------------------------------------
@@ -205,7 +198,7 @@ def _site(args: argparse.Namespace, stop: threading.Event) -> int:
         tls=tls,
         runtime_host=args.runtime_host,
         runtime_port=args.runtime_port,
-        attempt=_attempt(),
+        attempt=attempt_number(),
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         termination_path=_termination_path(args),
